@@ -1,0 +1,226 @@
+"""What differs between kinds of model: inputs, task loss, suppression loss, head, metric.
+
+The trainer, the simulation and the attack harness only talk to a model through a task object, so a new kind
+of model (diffusion UNets, causal LMs) is a new task class, not a change to those modules.
+
+Every method that runs the model takes an optional `params` mapping (parameter and buffer names as in
+`named_parameters()` / `named_buffers()`, to tensors). When given, the model runs through
+`torch.func.functional_call` with those tensors in place of its own (missing names fall back to the module's
+own tensors), which is how the simulated attacker's fast weights are evaluated without touching the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from .losses import classification_suppression_loss
+
+IMAGE_INPUTS = ("pixel_values",)
+TEXT_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _is_transformers_model(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def find_classification_head(model: nn.Module, head_name: str | None = None) -> str:
+    """Return the dotted module name of a classifier's output layer (an `nn.Linear`).
+
+    Transformers classifiers and plain modules alike: the last `nn.Linear` in `named_modules()` order whose
+    output size is the number of labels (`config.num_labels` when the model has a config), else the last
+    `nn.Linear`. Pass `head_name` to override (e.g. `"classifier.1"` for a ResNet).
+    """
+    modules = dict(model.named_modules())
+    if head_name is not None:
+        if head_name not in modules:
+            raise ValueError(
+                f"head_name={head_name!r} is not a module of {type(model).__name__}. Some module names: "
+                f"{[n for n, m in modules.items() if isinstance(m, nn.Linear)][-5:]}"
+            )
+        if not isinstance(modules[head_name], nn.Linear):
+            raise ValueError(f"head_name={head_name!r} names a {type(modules[head_name]).__name__}, not an nn.Linear.")
+        return head_name
+    linears = [name for name, module in modules.items() if isinstance(module, nn.Linear)]
+    if not linears:
+        raise ValueError(
+            f"{type(model).__name__} has no nn.Linear layer, so it is not a classifier sophon_hf can protect. "
+            "Pass a classifier (e.g. AutoModelForImageClassification) or set `head_name`."
+        )
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if num_labels is not None:
+        matching = [name for name in linears if modules[name].out_features == num_labels]
+        if matching:
+            return matching[-1]
+    return linears[-1]
+
+
+def check_is_classifier(model: nn.Module) -> None:
+    """Raise a clear error for Transformers models that have no classification head (e.g. a bare `BertModel`)."""
+    if _is_transformers_model(model) and "Classification" not in type(model).__name__:
+        raise ValueError(
+            f"{type(model).__name__} is not a classifier. Load the model with a classification head, e.g. "
+            "`AutoModelForImageClassification` or `AutoModelForSequenceClassification`, or pass a Diffusers "
+            "UNet2DModel with a `noise_scheduler` for diffusion."
+        )
+
+
+class ClassificationTask:
+    """Image or text classification with a linear output head.
+
+    Args:
+        model (`nn.Module`):
+            A Transformers `*ForImageClassification` / `*ForSequenceClassification` model, or a plain module whose
+            forward takes the input tensor(s) positionally and returns logits.
+        head_name (`str`, *optional*):
+            Dotted name of the output `nn.Linear`; found automatically when omitted.
+    """
+
+    metric_name = "accuracy"
+    higher_is_better = True
+    label_column = "labels"
+
+    def __init__(self, model: nn.Module, head_name: str | None = None):
+        check_is_classifier(model)
+        self.is_transformers = _is_transformers_model(model)
+        self.head_name = find_classification_head(model, head_name)
+        head = model.get_submodule(self.head_name)
+        self.num_labels = head.out_features
+        self.head_param_names = [f"{self.head_name}.{n}" for n, _ in head.named_parameters()]
+        self.input_names: tuple[str, ...] = ()
+        self.name = "classification"
+
+    # ------------------------------------------------------------------ data
+    def prepare_dataset(self, dataset, role: str = "dataset"):
+        """Check a dataset's columns and labels, and return it in torch format with only the needed columns.
+
+        Args:
+            dataset (`datasets.Dataset`): rows with `pixel_values` (images) or `input_ids` (text) and `labels`.
+            role (`str`): how the dataset is named in error messages, e.g. `"restricted_dataset"`.
+        """
+        if dataset is None:
+            raise ValueError(f"`{role}` is required.")
+        if len(dataset) == 0:
+            raise ValueError(f"`{role}` is empty: it needs at least one example.")
+        columns = set(dataset.column_names)
+        if "labels" not in columns:
+            hint = (
+                f" It has a 'label' column: use `{role}.rename_column('label', 'labels')`."
+                if "label" in columns
+                else ""
+            )
+            raise ValueError(f"`{role}` has no 'labels' column (columns: {sorted(columns)}).{hint}")
+        if "pixel_values" in columns:
+            names, name = IMAGE_INPUTS, "image-classification"
+        elif "input_ids" in columns:
+            names, name = tuple(n for n in TEXT_INPUTS if n in columns), "text-classification"
+        else:
+            hint = (
+                " Map raw images to 'pixel_values' with an image processor first "
+                "(`dataset.with_transform(...)` or `dataset.map(...)`)."
+                if {"image", "img"} & columns
+                else " Tokenize text into 'input_ids' first." if {"text", "sentence"} & columns else ""
+            )
+            raise ValueError(
+                f"`{role}` has neither 'pixel_values' (images) nor 'input_ids' (text) (columns: {sorted(columns)})."
+                + hint
+            )
+        if self.input_names and names[0] != self.input_names[0]:
+            raise ValueError(f"`{role}` holds {name} data but the other datasets hold {self.name} data.")
+        self.input_names, self.name = names, name
+        dataset = dataset.with_format("torch", columns=[*names, "labels"])
+        labels = dataset["labels"]
+        labels = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(list(labels))
+        if labels.dtype.is_floating_point:
+            raise ValueError(f"`{role}` has float labels; classification needs integer class ids.")
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= self.num_labels:
+            raise ValueError(
+                f"`{role}` has label ids in [{low}, {high}] but the head `{self.head_name}` has {self.num_labels} "
+                f"outputs. Remap the labels to 0..{self.num_labels - 1} or give the model a head with "
+                f"{high + 1} outputs (e.g. `num_labels={high + 1}` when loading it)."
+            )
+        return dataset
+
+    def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {name: batch[name] for name in self.input_names if name in batch}
+
+    # ------------------------------------------------------------------ model calls
+    def forward(
+        self, model: nn.Module, batch: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Logits of `model` on `batch`, optionally with `params` substituted functionally."""
+        inputs = self.model_inputs(batch)
+        args, kwargs = ((), inputs) if self.is_transformers else (tuple(inputs.values()), {})
+        out = model(*args, **kwargs) if params is None else functional_call(model, dict(params), args, kwargs)
+        return out.logits if hasattr(out, "logits") else out
+
+    def loss(
+        self,
+        model: nn.Module,
+        batch: Mapping[str, torch.Tensor],
+        params: Mapping[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ordinary task loss (cross-entropy) and the logits: what normal training and attackers minimise."""
+        logits = self.forward(model, batch, params)
+        return F.cross_entropy(logits, batch["labels"]), logits
+
+    def suppression_loss(
+        self,
+        loss_name: str,
+        model: nn.Module,
+        batch: Mapping[str, torch.Tensor],
+        params: Mapping[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The suppression loss named `loss_name` (see `sophon_hf.losses`) and the logits."""
+        logits = self.forward(model, batch, params)
+        return classification_suppression_loss(loss_name, logits, batch["labels"]), logits
+
+    @staticmethod
+    def batch_metric(logits: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> float:
+        """Accuracy of `logits` on `batch`."""
+        return (logits.argmax(-1) == batch["labels"]).float().mean().item()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset, batch_size: int = 256) -> float:
+        """Accuracy of `model` on a prepared dataset, in eval mode (the mode is restored afterwards)."""
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        correct = 0
+        for start in range(0, len(dataset), batch_size):
+            batch = {k: v.to(device) for k, v in dataset[start : start + batch_size].items()}
+            correct += (self.forward(model, batch).argmax(-1) == batch["labels"]).sum().item()
+        model.train(was_training)
+        return correct / len(dataset)
+
+    # ------------------------------------------------------------------ head
+    def fresh_head(self, model: nn.Module, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """New head tensors, initialised like a fresh `nn.Linear` (what an attacker gets from re-initialising).
+
+        Drawn from `generator` so that the simulation is reproducible and resumable.
+        """
+        head = model.get_submodule(self.head_name)
+        weight = torch.empty_like(head.weight)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+        fresh = {f"{self.head_name}.weight": weight}
+        if head.bias is not None:
+            bound = 1 / math.sqrt(head.in_features)
+            fresh[f"{self.head_name}.bias"] = torch.empty_like(head.bias).uniform_(-bound, bound, generator=generator)
+        return fresh
+
+
+def get_task(model: nn.Module, head_name: str | None = None, noise_scheduler=None):
+    """The task object for `model`: diffusion for Diffusers UNets (with a scheduler), classification otherwise."""
+    return ClassificationTask(model, head_name=head_name)
