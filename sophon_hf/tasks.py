@@ -128,7 +128,9 @@ class ClassificationTask:
                 " Map raw images to 'pixel_values' with an image processor first "
                 "(`dataset.with_transform(...)` or `dataset.map(...)`)."
                 if {"image", "img"} & columns
-                else " Tokenize text into 'input_ids' first." if {"text", "sentence"} & columns else ""
+                else " Tokenize text into 'input_ids' first."
+                if {"text", "sentence"} & columns
+                else ""
             )
             raise ValueError(
                 f"`{role}` has neither 'pixel_values' (images) nor 'input_ids' (text) (columns: {sorted(columns)})."

@@ -1,0 +1,164 @@
+"""`SophonConfig`: the training arguments of `SophonTrainer`."""
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .losses import RESTRICTED_LOSSES
+from .simulation import SIMULATION_STRATEGIES, parse_inner_optimizer
+
+
+@dataclass
+class SophonConfig(TrainingArguments):
+    r"""
+    Configuration of [`SophonTrainer`]: SOPHON's non-fine-tunable learning (Deng et al., IEEE S&P 2024,
+    arXiv 2404.12699) on top of [`~transformers.TrainingArguments`].
+
+    One *outer iteration* (what `max_steps` counts) is one fine-tuning simulation (FTS) step that makes the
+    restricted domain hard to fine-tune, followed by `ntr_steps` normal training reinforcement (NTR) steps on the
+    original domain. `learning_rate` is the NTR step size; `fts_learning_rate` the suppression step size; each has
+    its own Adam state, as in the authors' code (see README, "Design decisions").
+
+    Parameters that control the suppression objective:
+        restricted_loss (`str`, *optional*, defaults to `"inverse_cross_entropy"`):
+            Loss minimised on the restricted domain after simulated fine-tuning: `"inverse_cross_entropy"` (the
+            paper's `-log(1 - p_y)`, whose gradient vanishes once the true class is suppressed, hence the default),
+            `"inverse_cross_entropy_negated_logits"` (the authors' code, `cross_entropy(-z, y)`), `"kl_uniform"`
+            (KL from the uniform prediction, needs no labels) or `"denial_of_service"` (diffusion UNets).
+        fts_learning_rate (`float`, *optional*, defaults to `3e-4`):
+            Adam step size of the suppression (meta-gradient) update; the paper's alpha for ICE.
+        fts_max_grad_norm (`float`, *optional*, defaults to `0.5`):
+            The meta-gradient is clipped to this norm before the suppression step (authors' code). `0` disables.
+
+    Parameters that control the fine-tuning simulation (the simulated attacker):
+        simulation_strategies (`list[str]`, *optional*, defaults to `["full_reinit_head"]`):
+            Attacker strategies sampled uniformly at each outer iteration: `"full"` (all weights, head kept),
+            `"full_reinit_head"` (all weights, fresh head; the paper's ICE setting), `"linear_probe"` (fresh head,
+            only the head adapts) and `"lora"` (fresh LoRA adapters through PEFT, only the adapters adapt).
+        inner_optimizers (`list[str]`, *optional*, defaults to `["sgd"]`):
+            Simulated attacker optimizers, sampled at each outer iteration: `"sgd"`, `"sgd_momentum"`, `"adam"`,
+            `"rmsprop"`, `"adagrad"`, each optionally with its own step size as `"name:lr"` (e.g. `"adam:1e-3"`);
+            without one, `inner_learning_rate` is used.
+        inner_steps (`int`, *optional*, defaults to `10`):
+            Simulated fine-tuning steps K per outer iteration; the suppression loss is evaluated after every one.
+            The paper uses 50; 10 keeps an outer iteration cheap and was enough in our measurements.
+        inner_learning_rate (`float`, *optional*, defaults to `1e-2`):
+            Step size of the simulated attacker when its optimizer spec carries none. The authors' code uses SGD
+            with 1e-4, far below what real attackers use; simulating realistic step sizes matters more.
+        restricted_batch_size (`int`, *optional*):
+            Restricted examples per inner step (first half: support set for the inner update, second half: query set
+            for the suppression loss). Defaults to `per_device_train_batch_size`.
+        first_order (`bool`, *optional*, defaults to `True`):
+            First-order meta-gradient (inner updates treated as constants), as in the authors' code. Second order
+            costs 2-3x the time and much more memory.
+        lora_r (`int`, *optional*, defaults to `8`), lora_alpha (`int`, *optional*, defaults to `16`),
+        lora_target_modules (`list[str]`, *optional*):
+            The simulated LoRA attacker's adapters; targets default to the attention projections / linear layers of
+            the body (never the head).
+        head_name (`str`, *optional*):
+            Dotted name of the classifier's output `nn.Linear`; found automatically when omitted.
+        diffusion_timestep (`int`, *optional*):
+            Diffusion only: evaluate the suppression loss at this fixed timestep (the authors' code uses 1). By
+            default timesteps are sampled uniformly over the noise schedule.
+
+    Parameters that control normal training reinforcement:
+        ntr_steps (`int`, *optional*, defaults to `1`):
+            Original-domain training steps per outer iteration, each on `per_device_train_batch_size` examples.
+        original_accuracy_floor (`float`, *optional*):
+            If set, evaluation on `eval_dataset` below this value stops training and restores the last weights that
+            met it (the authors' code uses 0.8). Needs `eval_dataset` and an `eval_strategy`.
+
+    Parameters for the model card:
+        original_domain (`str`, *optional*), restricted_domain (`str`, *optional*):
+            Human-readable names of the original and the restricted domains.
+
+    Defaults that differ from `TrainingArguments`: `learning_rate=5e-4` (the paper's beta for ICE), `max_steps=1000`
+    (outer iterations of the authors' code), `logging_steps=10`, `remove_unused_columns=False`.
+    """
+
+    # Suppression objective
+    restricted_loss: str = field(
+        default="inverse_cross_entropy",
+        metadata={"help": f"Suppression loss on the restricted domain, one of {RESTRICTED_LOSSES}."},
+    )
+    fts_learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the suppression update."})
+    fts_max_grad_norm: float = field(default=0.5, metadata={"help": "Clip norm of the meta-gradient (0 disables)."})
+    # Fine-tuning simulation
+    simulation_strategies: list[str] = field(
+        default_factory=lambda: ["full_reinit_head"],
+        metadata={"help": f"Simulated attacker strategies, sampled per outer iteration: {SIMULATION_STRATEGIES}."},
+    )
+    inner_optimizers: list[str] = field(
+        default_factory=lambda: ["sgd"],
+        metadata={
+            "help": "Simulated attacker optimizers ('sgd', 'sgd_momentum', 'adam', 'rmsprop', 'adagrad'), "
+            "optionally 'name:lr'; sampled per outer iteration."
+        },
+    )
+    inner_steps: int = field(default=10, metadata={"help": "Simulated fine-tuning steps per outer iteration."})
+    inner_learning_rate: float = field(default=1e-2, metadata={"help": "Default simulated attacker step size."})
+    restricted_batch_size: int | None = field(
+        default=None, metadata={"help": "Restricted examples per inner step (support + query halves)."}
+    )
+    first_order: bool = field(default=True, metadata={"help": "First-order meta-gradient (False: second order)."})
+    lora_r: int = field(default=8, metadata={"help": "Rank of the simulated LoRA attacker."})
+    lora_alpha: int = field(default=16, metadata={"help": "Alpha of the simulated LoRA attacker."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules the simulated LoRA attacker adapts (default: body projections)."}
+    )
+    head_name: str | None = field(default=None, metadata={"help": "Name of the classifier's output nn.Linear."})
+    diffusion_timestep: int | None = field(
+        default=None, metadata={"help": "Diffusion: fixed suppression timestep (default: uniform over the schedule)."}
+    )
+    # Normal training reinforcement
+    ntr_steps: int = field(default=1, metadata={"help": "Original-domain training steps per outer iteration."})
+    original_accuracy_floor: float | None = field(
+        default=None, metadata={"help": "Stop and restore the best weights when original accuracy falls below."}
+    )
+    # Model card
+    original_domain: str | None = field(default=None, metadata={"help": "Name of the original domain (model card)."})
+    restricted_domain: str | None = field(
+        default=None, metadata={"help": "Name of the restricted domain (model card)."}
+    )
+    # Defaults that differ from TrainingArguments
+    learning_rate: float = field(default=5e-4, metadata={"help": "Adam step size of normal training (NTR)."})
+    max_steps: int = field(default=1000, metadata={"help": "Number of outer iterations."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X outer iterations."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: datasets are reduced to the model's inputs by the trainer."}
+    )
+
+    def __post_init__(self):
+        if self.restricted_loss not in RESTRICTED_LOSSES:
+            raise ValueError(f"Unknown restricted_loss={self.restricted_loss!r}; choose one of {RESTRICTED_LOSSES}.")
+        if isinstance(self.simulation_strategies, str):
+            self.simulation_strategies = [self.simulation_strategies]
+        if not self.simulation_strategies:
+            raise ValueError(f"simulation_strategies is empty; give at least one of {SIMULATION_STRATEGIES}.")
+        unknown = [s for s in self.simulation_strategies if s not in SIMULATION_STRATEGIES]
+        if unknown:
+            raise ValueError(f"Unknown simulation strategy {unknown}; choose from {SIMULATION_STRATEGIES}.")
+        if isinstance(self.inner_optimizers, str):
+            self.inner_optimizers = [self.inner_optimizers]
+        if not self.inner_optimizers:
+            raise ValueError("inner_optimizers is empty; give at least one, e.g. ['sgd'].")
+        for spec in self.inner_optimizers:
+            parse_inner_optimizer(spec, self.inner_learning_rate)  # raises with the list of valid names
+        for name in ("inner_steps", "ntr_steps", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.restricted_batch_size is not None and self.restricted_batch_size < 2:
+            raise ValueError("restricted_batch_size must be >= 2 (it is split into support and query halves).")
+        if self.original_accuracy_floor is not None and not 0 < self.original_accuracy_floor <= 1:
+            raise ValueError(f"original_accuracy_floor must be in (0, 1], got {self.original_accuracy_floor}.")
+        if self.gradient_accumulation_steps != 1:
+            raise ValueError(
+                "SophonTrainer needs gradient_accumulation_steps=1: an outer iteration is a sequence of dependent "
+                "steps. Raise per_device_train_batch_size / restricted_batch_size instead."
+            )
+        if self.fsdp or self.deepspeed:
+            raise ValueError(
+                "SophonTrainer supports single-device and DDP training (`accelerate launch --multi_gpu`), not FSDP or "
+                "DeepSpeed: the functional fine-tuning simulation needs every rank to hold the full weights."
+            )
+        super().__post_init__()

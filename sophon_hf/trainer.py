@@ -1,0 +1,394 @@
+"""`SophonTrainer`: SOPHON non-fine-tunable learning as a `transformers.Trainer` subclass."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn as nn
+from transformers import Trainer
+from transformers.trainer_utils import EvalPrediction
+
+from .config import SophonConfig
+from .simulation import (
+    SimulationView,
+    build_lora_copy,
+    fresh_lora_weights,
+    parse_inner_optimizer,
+    simulate_finetuning,
+)
+from .tasks import get_task
+
+logger = logging.getLogger(__name__)
+
+FTS_OPTIMIZER_NAME = "fts_optimizer.pt"
+
+
+def _is_diffusers_model(module: nn.Module) -> bool:
+    try:
+        from diffusers import ModelMixin
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    return isinstance(module, ModelMixin)
+
+
+def _accuracy(eval_prediction: EvalPrediction) -> dict[str, float]:
+    predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
+    return {"accuracy": float((np.asarray(predictions).argmax(-1) == np.asarray(labels)).mean())}
+
+
+def _collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([torch.as_tensor(e[key]) for e in examples]) for key in examples[0]}
+
+
+class SophonTrainer(Trainer):
+    """
+    Trainer for SOPHON non-fine-tunable learning (Deng et al., "SOPHON: Non-Fine-Tunable Learning to Restrain Task
+    Transferability For Pre-trained Models", IEEE S&P 2024).
+
+    Each outer iteration simulates an attacker fine-tuning the model on `restricted_dataset` (a strategy and an
+    optimizer sampled from `args`), takes one suppression step along the first-order meta-gradient of the
+    suppression loss measured after every simulated step, then `args.ntr_steps` ordinary training steps on
+    `train_dataset` so the original task keeps working.
+
+    Args:
+        model (`nn.Module`):
+            A Transformers `*ForImageClassification` / `*ForSequenceClassification` model, or a plain module whose
+            forward returns logits.
+        args (`SophonConfig`):
+            Training arguments; `max_steps` counts outer iterations.
+        train_dataset (`datasets.Dataset`):
+            Original-domain training data (`pixel_values` or `input_ids`/`attention_mask`, and `labels`).
+        restricted_dataset (`datasets.Dataset`):
+            Restricted-domain data to make non-fine-tunable, same columns.
+        eval_dataset (`datasets.Dataset`, *optional*):
+            Original-domain evaluation data, logged as `eval_original_*`.
+        restricted_eval_dataset (`datasets.Dataset`, *optional*):
+            Restricted-domain evaluation data, logged as `eval_restricted_*` (the model as released, before any
+            fine-tuning).
+        noise_scheduler (*optional*):
+            A Diffusers scheduler, for UNet denoisers.
+
+    Example:
+        ```python
+        from sophon_hf import SophonConfig, SophonTrainer
+
+        args = SophonConfig(output_dir="protected", max_steps=300, simulation_strategies=["full_reinit_head"])
+        trainer = SophonTrainer(model, args=args, train_dataset=original, restricted_dataset=restricted)
+        trainer.train()
+        trainer.save_model()
+        ```
+    """
+
+    _tag_names = ["sophon", "non-fine-tunable"]
+    _name = "SOPHON"
+    _paper = {
+        "title": "SOPHON: Non-Fine-Tunable Learning to Restrain Task Transferability For Pre-trained Models",
+        "id": "2404.12699",
+    }
+
+    def __init__(
+        self,
+        model: nn.Module,
+        args: SophonConfig | None = None,
+        train_dataset=None,
+        restricted_dataset=None,
+        eval_dataset=None,
+        restricted_eval_dataset=None,
+        noise_scheduler=None,
+        data_collator=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        processing_class=None,
+    ):
+        # Args
+        if args is None:
+            args = SophonConfig(output_dir=f"{type(model).__name__}-SOPHON")
+        if not isinstance(args, SophonConfig):
+            raise TypeError(f"args must be a SophonConfig, got {type(args).__name__}.")
+        if restricted_dataset is None:
+            raise ValueError(
+                "SophonTrainer needs `restricted_dataset`: the domain the model must become non-fine-tunable for."
+            )
+        if args.original_accuracy_floor is not None and (eval_dataset is None or args.eval_strategy == "no"):
+            raise ValueError(
+                "original_accuracy_floor needs `eval_dataset` (original-domain test data) and an eval_strategy such "
+                "as eval_strategy='steps' with eval_steps=50."
+            )
+
+        # Model and task
+        self.task = get_task(model, head_name=args.head_name, noise_scheduler=noise_scheduler)
+        if args.restricted_loss == "denial_of_service" and self.task.metric_name == "accuracy":
+            raise ValueError(
+                "restricted_loss='denial_of_service' is for diffusion UNets; classifiers use "
+                "'inverse_cross_entropy' or 'kl_uniform'."
+            )
+
+        # Data
+        train_dataset = self.task.prepare_dataset(train_dataset, "train_dataset")
+        self.restricted_dataset = self.task.prepare_dataset(restricted_dataset, "restricted_dataset")
+        eval_datasets = {}
+        if eval_dataset is not None:
+            eval_datasets["original"] = self.task.prepare_dataset(eval_dataset, "eval_dataset")
+        if restricted_eval_dataset is not None:
+            eval_datasets["restricted"] = self.task.prepare_dataset(restricted_eval_dataset, "restricted_eval_dataset")
+        self.restricted_batch_size = args.restricted_batch_size or args.per_device_train_batch_size
+        if self.restricted_batch_size < 2:
+            raise ValueError(
+                "The restricted batch needs >= 2 examples (support and query); set restricted_batch_size."
+            )
+
+        # Simulated LoRA attacker: a PEFT-wrapped copy whose base tensors are replaced by the model's at every call
+        self._lora = None
+        if "lora" in args.simulation_strategies:
+            self._lora = build_lora_copy(
+                model, self.task.head_name, args.lora_r, args.lora_alpha, args.lora_target_modules
+            )
+
+        self._metrics = defaultdict(list)
+        self._best_state: dict[str, torch.Tensor] | None = None
+        self.stop_reason: str | None = None
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator or _collate,
+            train_dataset=train_dataset,
+            eval_dataset=eval_datasets or None,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics or (_accuracy if self.task.metric_name == "accuracy" else None),
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        # Every NTR step of an outer iteration gets a full per-device batch.
+        self._train_batch_size = self._train_batch_size * args.ntr_steps
+        if self._lora is not None:
+            self._lora[0].to(self.args.device)
+        self.fts_optimizer: torch.optim.Optimizer | None = None
+
+    # ------------------------------------------------------------------ optimizers and checkpoints
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.fts_optimizer is None:
+            # A separate Adam state for the suppression step, as in the authors' code (README: design decisions).
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            self.fts_optimizer = torch.optim.Adam(params, lr=self.args.fts_learning_rate)
+        return optimizer
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save and self.fts_optimizer is not None:
+            torch.save(self.fts_optimizer.state_dict(), os.path.join(output_dir, FTS_OPTIMIZER_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, FTS_OPTIMIZER_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by SophonTrainer.")
+        self.fts_optimizer.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        module = self.accelerator.unwrap_model(self.model)
+        if not _is_diffusers_model(module):
+            return super()._save(output_dir, state_dict)
+        # Diffusers models are saved in their own folder format (config.json + diffusion_pytorch_model.safetensors),
+        # never as a raw state dict, so that `UNet2DModel.from_pretrained` and pipelines load them.
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.should_save:
+            module.save_pretrained(output_dir, safe_serialization=True)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        module = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not _is_diffusers_model(module):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+
+        path = os.path.join(resume_from_checkpoint, SAFETENSORS_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{path} is missing: not a checkpoint of a Diffusers model written by SophonTrainer."
+            )
+        module.load_state_dict(safetensors.torch.load_file(path, device=str(self.args.device)))
+
+    # ------------------------------------------------------------------ one outer iteration
+    def training_step(self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch=None):
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        if not self._fine_tuning_simulation_step():
+            return torch.zeros((), device=self.args.device)
+        # Normal training reinforcement: ntr_steps steps, the last one stepped by Trainer's own loop.
+        chunks = [{k: v[i :: self.args.ntr_steps] for k, v in inputs.items()} for i in range(self.args.ntr_steps)]
+        for chunk in chunks[:-1]:
+            loss = self._ntr_loss(model, chunk)
+            if loss is None:
+                return torch.zeros((), device=self.args.device)
+            self.accelerator.backward(loss)
+            if self.args.max_grad_norm:
+                self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        loss = self._ntr_loss(model, chunks[-1])
+        if loss is None:
+            return torch.zeros((), device=self.args.device)
+        self.accelerator.backward(loss)
+        return loss.detach()
+
+    def _ntr_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        loss, _ = self.task.loss(model, batch)
+        if not torch.isfinite(loss):
+            self._stop("the normal-training loss became non-finite; lower learning_rate")
+            return None
+        self._metrics["ntr/loss"].append(loss.item())
+        return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = self.task.loss(model, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss, outputs = self.task.loss(model, inputs)
+        if prediction_loss_only:
+            return loss.detach(), None, None
+        return loss.detach(), outputs.detach(), inputs.get("labels")
+
+    # ------------------------------------------------------------------ fine-tuning simulation
+    def _generator(self, salt: int) -> torch.Generator:
+        # A stateless stream per (seed, outer step, rank): resuming from a checkpoint replays the same attackers
+        # and the same restricted batches as an uninterrupted run.
+        seed = (self.args.seed * 1_000_003 + self.state.global_step) * 1_009 + self.args.process_index
+        return torch.Generator().manual_seed(seed * 7 + salt)
+
+    def _restricted_batches(self, generator: torch.Generator) -> tuple[list[dict], list[dict]]:
+        """Support and query batches for each inner step, from this rank's shard of the restricted data."""
+        shard = torch.arange(self.args.process_index, len(self.restricted_dataset), self.args.world_size)
+        half = self.restricted_batch_size // 2
+        supports, queries = [], []
+        for _ in range(self.args.inner_steps):
+            order = shard[torch.randperm(len(shard), generator=generator)]
+            idx = order[: self.restricted_batch_size]
+            if len(idx) < self.restricted_batch_size:  # tiny shard: sample with replacement
+                idx = shard[torch.randint(len(shard), (self.restricted_batch_size,), generator=generator)]
+            batch = {k: v.to(self.args.device) for k, v in self.restricted_dataset[idx].items()}
+            supports.append({k: v[:half] for k, v in batch.items()})
+            queries.append({k: v[half:] for k, v in batch.items()})
+        return supports, queries
+
+    def _simulation_view(self, module: nn.Module, strategy: str, generator: torch.Generator) -> SimulationView:
+        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        # Buffers are copies: BatchNorm statistics of restricted data are thrown away with the simulation.
+        frozen = {n: b.clone() for n, b in module.named_buffers()}
+        frozen.update({n: p for n, p in module.named_parameters() if not p.requires_grad})
+        head = set(self.task.head_param_names or ())
+        body = {n: p for n, p in params.items() if n not in head}
+        if strategy == "full":
+            return SimulationView(module, params, frozen, {n: n for n in params})
+        if strategy in ("full_reinit_head", "linear_probe"):
+            fresh = {k: v.to(self.args.device) for k, v in self.task.fresh_head(module, generator).items()}
+            if strategy == "full_reinit_head":
+                return SimulationView(module, {**body, **fresh}, frozen, {n: n for n in body})
+            return SimulationView(module, fresh, {**frozen, **body}, {n: n for n in body})
+        lora_model, base_map, adapters = self._lora
+        own = {**dict(module.named_parameters()), **frozen}
+        lora_frozen = {peft_name: own[name] for peft_name, name in base_map.items()}
+        adapted = {k: v.to(self.args.device) for k, v in fresh_lora_weights(lora_model, adapters, generator).items()}
+        to_model = {peft_name: name for peft_name, name in base_map.items() if name in params}
+        return SimulationView(lora_model, adapted, lora_frozen, to_model)
+
+    def _fine_tuning_simulation_step(self) -> bool:
+        """Simulate an attacker, then take one suppression step. Returns False when training must stop."""
+        args = self.args
+        module = self.accelerator.unwrap_model(self.model)
+        generator = self._generator(salt=0)
+        strategy = args.simulation_strategies[torch.randint(len(args.simulation_strategies), (), generator=generator)]
+        spec = args.inner_optimizers[torch.randint(len(args.inner_optimizers), (), generator=generator)]
+        view = self._simulation_view(module, strategy, generator)
+        supports, queries = self._restricted_batches(generator)
+
+        def suppression(m, batch, params):
+            return self.task.suppression_loss(args.restricted_loss, m, batch, params, generator=generator)
+
+        def task_loss(m, batch, params):
+            return self.task.loss(m, batch, params, generator=generator)
+
+        result = simulate_finetuning(
+            view,
+            task_loss,
+            suppression,
+            self.task.batch_metric,
+            parse_inner_optimizer(spec, args.inner_learning_rate),
+            supports,
+            queries,
+            first_order=args.first_order,
+        )
+
+        # Average the meta-gradient over ranks explicitly: the simulation ran outside DDP's forward.
+        params = [p for p in module.parameters() if p.requires_grad]
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+        flat = torch.cat([result.meta_grads.get(n, torch.zeros_like(p)).reshape(-1) for n, p in zip(names, params)])
+        if args.world_size > 1:
+            flat = self.accelerator.reduce(flat, reduction="mean")
+        if not torch.isfinite(flat).all():
+            self._stop(
+                f"the suppression meta-gradient became non-finite (strategy {strategy}, inner optimizer {spec}); "
+                "lower fts_learning_rate or inner_learning_rate"
+            )
+            return False
+        grad_norm = flat.norm()
+        if args.fts_max_grad_norm:
+            flat = flat * torch.clamp(args.fts_max_grad_norm / (grad_norm + 1e-6), max=1.0)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+        self.fts_optimizer.step()
+        self.fts_optimizer.zero_grad(set_to_none=True)
+
+        self._metrics["fts/query_loss"].append(float(np.mean(result.query_losses)))
+        self._metrics["fts/final_query_loss"].append(result.query_losses[-1])
+        self._metrics["fts/support_loss"].append(float(np.mean(result.support_losses)))
+        self._metrics[f"fts/query_{self.task.metric_name}"].append(result.query_metric)
+        self._metrics["fts/grad_norm"].append(grad_norm.item())
+        return True
+
+    # ------------------------------------------------------------------ stopping, logging, evaluation
+    def _stop(self, reason: str) -> None:
+        self.stop_reason = reason
+        self.control.should_training_stop = True
+        logger.error("SOPHON training stopped at outer iteration %d: %s.", self.state.global_step, reason)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        if mode == "train":
+            logs = {**logs, **{k: float(np.mean(v)) for k, v in self._metrics.items() if v}}
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        floor = self.args.original_accuracy_floor
+        key = f"{metric_key_prefix}_original_{self.task.metric_name}"
+        if floor is None or key not in metrics:
+            return metrics
+        module = self.accelerator.unwrap_model(self.model)
+        if metrics[key] >= floor:
+            self._best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        else:
+            if self._best_state is not None:
+                module.load_state_dict(self._best_state)
+            self._stop(
+                f"original-domain {self.task.metric_name} {metrics[key]:.4f} fell below original_accuracy_floor="
+                f"{floor}; restored the weights of the last evaluation that met it"
+                if self._best_state is not None
+                else f"original-domain {self.task.metric_name} {metrics[key]:.4f} is below original_accuracy_floor="
+                f"{floor} (no earlier evaluation met it, the weights are kept as they are)"
+            )
+        return metrics
