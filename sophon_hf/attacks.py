@@ -1,0 +1,735 @@
+"""Real fine-tuning attacks against a protected model, compared with the unprotected original and with scratch.
+
+A protection is only worth what it was measured against. `evaluate_finetuning_resistance` fine-tunes deep copies
+of the protected model (and of an optional unprotected reference) the way attackers do - full fine-tuning with the
+head kept or re-initialised, linear probes, LoRA; eight optimizers, learning rates, schedules, budgets, seeds - and
+trains the same architecture from scratch with a from-scratch recipe, so the report can say whether the release
+gives an attacker any head start.
+
+The harness only talks to models through the task object of `sophon_hf.tasks` (`loss`, `evaluate`,
+`prepare_dataset`, `head_name`, `fresh_head`), so classifiers and diffusion models share it unchanged.
+
+Throughput: every (attack, starting point) pair and every distinct scratch run is an independent unit of work.
+Units are spread round-robin over the processes of an `accelerate launch` / `torchrun` job and gathered on all
+ranks; the main process writes the report. Scratch runs depend only on the budget, batch size, evaluation interval
+and seed, so attacks that share those reuse one scratch run instead of retraining it.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .report import ResistanceReport
+from .tasks import get_task
+from .utils import model_fingerprint
+
+STRATEGIES = ("full", "full_reinit_head", "linear_probe", "lora")
+OPTIMIZERS = ("sgd", "sgd_momentum", "sgd_nesterov", "adam", "adamw", "adagrad", "adadelta", "rmsprop")
+SCHEDULES = ("constant", "warmup_cosine")
+# Strategies that throw the head away: they may resize it to the restricted label count.
+HEAD_REINIT_STRATEGIES = ("full_reinit_head", "linear_probe")
+# LoRA targets of common architectures, tried in order; the first set whose names all occur in the model wins.
+# transformers 5 names ViT/CLIP/LLaMA-style attention `q_proj`/`v_proj`; BERT-style models keep `query`/`value`.
+LORA_DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"), ("q_lin", "v_lin"), ("c_attn",), ("qkv",))
+# What someone training the architecture from scratch would do (not a fine-tuning learning rate that cripples it).
+SCRATCH_SEED_OFFSET = 1_000_003
+DEFAULT_SCRATCH_RECIPE = {"optimizer": "adam", "learning_rate": 1e-3, "weight_decay": 0.0, "schedule": "constant"}
+
+
+@dataclass
+class AttackSpec:
+    """One fine-tuning attack: what is trained, with which optimizer, for how long.
+
+    Batches are drawn without replacement in epochs: each epoch is one `torch.randperm(len(dataset), generator=g)`
+    with `g = torch.Generator().manual_seed(seed)`, cut into consecutive batches (the last one may be smaller) -
+    the order a `DataLoader(shuffle=True, generator=g)` gives. The same seed also initialises a fresh head and the
+    global RNG (dropout) inside the run, so two starting points see exactly the same batches.
+
+    Parameters that choose the attack:
+        strategy (`str`, *optional*, defaults to `"full"`):
+            `"full"` (all weights, head kept), `"full_reinit_head"` (all weights, fresh head), `"linear_probe"`
+            (fresh head only, body frozen and in eval mode) or `"lora"` (PEFT LoRA adapters plus the head).
+        optimizer (`str`, *optional*, defaults to `"adam"`):
+            One of `sgd`, `sgd_momentum`, `sgd_nesterov` (momentum 0.9), `adam`, `adamw`, `adagrad`, `adadelta`,
+            `rmsprop` (PyTorch defaults otherwise).
+        learning_rate (`float`, *optional*, defaults to `1e-3`):
+            Peak learning rate.
+        steps (`int`, *optional*, defaults to `300`):
+            Budget in optimizer steps.
+        batch_size (`int`, *optional*, defaults to `32`):
+            Examples per step.
+        weight_decay (`float`, *optional*, defaults to `0.0`):
+            Passed to the optimizer (decoupled for AdamW).
+        max_grad_norm (`float`, *optional*):
+            Clip the gradient norm to this value before each step.
+        schedule (`str`, *optional*, defaults to `"constant"`):
+            `"constant"` or `"warmup_cosine"` (linear warmup then cosine decay to zero).
+        warmup_ratio (`float`, *optional*, defaults to `0.1`):
+            Fraction of `steps` spent warming up under `"warmup_cosine"`.
+        eval_interval (`int`, *optional*):
+            Evaluate every this many steps (and always at step 0 and at the end); `max(1, steps // 10)` if unset.
+        seed (`int`, *optional*, defaults to `0`):
+            Seeds the batch order, the fresh head and dropout.
+
+    Parameters of the `"lora"` strategy:
+        lora_rank (`int`, *optional*, defaults to `8`), lora_alpha (`float`, *optional*, defaults to `16`),
+        lora_dropout (`float`, *optional*, defaults to `0.0`):
+            Passed to `peft.LoraConfig`.
+        lora_target_modules (`list[str]`, *optional*):
+            Module names (suffixes) to adapt. Default: the attention query/value projections of common
+            architectures, else every `nn.Linear`/`nn.Conv2d` except the head.
+
+    Example:
+        >>> AttackSpec(strategy="full", optimizer="adam", learning_rate=1e-3, steps=300).name
+        'full-adam-lr0.001'
+        >>> AttackSpec(strategy="lora", optimizer="sgd_momentum", learning_rate=1e-2, schedule="warmup_cosine").name
+        'lora-sgd_momentum-lr0.01-warmup_cosine'
+    """
+
+    strategy: str = field(default="full", metadata={"help": f"One of {STRATEGIES}."})
+    optimizer: str = field(default="adam", metadata={"help": f"One of {OPTIMIZERS}."})
+    learning_rate: float = field(default=1e-3, metadata={"help": "Peak learning rate."})
+    steps: int = field(default=300, metadata={"help": "Budget in optimizer steps."})
+    batch_size: int = field(default=32, metadata={"help": "Examples per optimizer step."})
+    weight_decay: float = field(default=0.0, metadata={"help": "Weight decay passed to the optimizer."})
+    max_grad_norm: float | None = field(default=None, metadata={"help": "Gradient norm clipping; None = off."})
+    schedule: str = field(default="constant", metadata={"help": f"One of {SCHEDULES}."})
+    warmup_ratio: float = field(default=0.1, metadata={"help": "Warmup fraction of `steps` for warmup_cosine."})
+    eval_interval: int | None = field(
+        default=None, metadata={"help": "Steps between evaluations; max(1, steps // 10) when unset."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seeds batch order, fresh head and dropout."})
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank (strategy 'lora')."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (strategy 'lora')."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (strategy 'lora')."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Module names to adapt (strategy 'lora'); architecture default when unset."}
+    )
+
+    def __post_init__(self):
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"Unknown attack strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"Unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"Unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+        for name in ("steps", "batch_size", "lora_rank"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.eval_interval is not None and self.eval_interval < 1:
+            raise ValueError(f"eval_interval must be at least 1 (or None), got {self.eval_interval}.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+
+    @property
+    def name(self) -> str:
+        """Unique, deterministic name: strategy-optimizer-lr, plus a suffix for every non-default setting."""
+        parts = [self.strategy, self.optimizer, f"lr{self.learning_rate:g}"]
+        defaults = AttackSpec()
+        suffixes = (
+            ("steps", f"steps{self.steps}"),
+            ("batch_size", f"bs{self.batch_size}"),
+            ("weight_decay", f"wd{self.weight_decay:g}"),
+            ("max_grad_norm", f"clip{self.max_grad_norm:g}" if self.max_grad_norm is not None else ""),
+            ("schedule", self.schedule),
+            ("warmup_ratio", f"warmup{self.warmup_ratio:g}"),
+            ("eval_interval", f"eval{self.eval_interval}"),
+            ("seed", f"seed{self.seed}"),
+        )
+        if self.strategy == "lora":
+            targets = "+".join(self.lora_target_modules or [])
+            suffixes += (
+                ("lora_rank", f"r{self.lora_rank}"),
+                ("lora_alpha", f"alpha{self.lora_alpha:g}"),
+                ("lora_dropout", f"drop{self.lora_dropout:g}"),
+                ("lora_target_modules", f"targets-{targets}"),
+            )
+        parts += [text for key, text in suffixes if getattr(self, key) != getattr(defaults, key)]
+        return "-".join(parts)
+
+    @property
+    def resolved_eval_interval(self) -> int:
+        return self.eval_interval or max(1, self.steps // 10)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AttackSpec:
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)} - {"name"}
+        if unknown:
+            raise ValueError(
+                f"Unknown AttackSpec field(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(cls)]}."
+            )
+        return cls(**{k: v for k, v in data.items() if k != "name"})
+
+    def scaled(self, steps_scale: float) -> AttackSpec:
+        """The same attack with its budget (and evaluation interval) multiplied by `steps_scale`."""
+        if steps_scale == 1:
+            return self
+        steps = max(1, round(self.steps * steps_scale))
+        interval = None if self.eval_interval is None else max(1, round(self.eval_interval * steps_scale))
+        return dataclasses.replace(self, steps=steps, eval_interval=interval)
+
+
+def resolve_attacks(attacks: str | AttackSpec | dict | list, steps_scale: float = 1.0) -> list[AttackSpec]:
+    """Turn a suite name, a spec, a dict or a list of those into a list of `AttackSpec` with unique names."""
+    if isinstance(attacks, str):
+        from .suites import get_suite
+
+        attacks = get_suite(attacks)
+    if isinstance(attacks, AttackSpec | dict):
+        attacks = [attacks]
+    specs = [a if isinstance(a, AttackSpec) else AttackSpec.from_dict(a) for a in attacks]
+    specs = [spec.scaled(steps_scale) for spec in specs]
+    if not specs:
+        raise ValueError("No attacks given.")
+    names = [spec.name for spec in specs]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"Duplicate attacks {duplicates}: every attack must differ in at least one setting.")
+    return specs
+
+
+def scratch_spec(attack: AttackSpec, recipe: dict[str, Any] | None = None) -> AttackSpec:
+    """The from-scratch run compared with `attack`: full training with `recipe`, same budget, batch size and seed."""
+    recipe = {**DEFAULT_SCRATCH_RECIPE, **(recipe or {})}
+    return AttackSpec(
+        strategy="full",
+        steps=attack.steps,
+        batch_size=attack.batch_size,
+        eval_interval=attack.resolved_eval_interval,
+        seed=attack.seed,
+        **recipe,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- models
+def _replace_head(model: nn.Module, head_name: str, num_labels: int) -> None:
+    """Swap the output layer for a new `nn.Linear` with `num_labels` outputs (what an attacker with other labels does)."""
+    old = model.get_submodule(head_name)
+    parent_name, _, child = head_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    new = nn.Linear(old.in_features, num_labels, bias=old.bias is not None)
+    setattr(parent, child, new.to(device=old.weight.device, dtype=old.weight.dtype))
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "num_labels"):
+        config.num_labels = num_labels
+
+
+def build_scratch_model(model: nn.Module, num_labels: int | None = None, seed: int = 0) -> nn.Module:
+    """The architecture of `model`, freshly initialised (seeded by `seed`); `model` itself is not touched.
+
+    Transformers models are rebuilt from their config (`type(model)(config)`), Diffusers models with
+    `from_config`, plain modules are deep-copied and every submodule's `reset_parameters()` is called.
+    `num_labels` resizes a classifier head (for restricted data with another label count).
+
+    Example:
+        >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> fresh = build_scratch_model(mlp, seed=1)
+        >>> bool((fresh[0].weight != mlp[0].weight).all())
+        True
+    """
+    from .tasks import _is_transformers_model
+
+    reference = next(model.parameters())
+    with torch.random.fork_rng(devices=[]):
+        # Offset so that a user's own `torch.manual_seed(0)` + model construction is not recreated as "scratch".
+        torch.manual_seed(SCRATCH_SEED_OFFSET + seed)
+        if _is_transformers_model(model):
+            config = copy.deepcopy(model.config)
+            if num_labels is not None:
+                config.num_labels = num_labels
+            scratch = type(model)(config)
+        elif hasattr(model, "from_config") and hasattr(model, "config"):  # Diffusers ModelMixin
+            scratch = type(model).from_config(model.config)
+        else:
+            scratch = copy.deepcopy(model)
+            stale = []
+            for name, module in scratch.named_modules():
+                if hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+                elif any(True for _ in module.parameters(recurse=False)):
+                    stale.append(name or type(module).__name__)
+            if stale:
+                raise ValueError(
+                    f"Cannot re-initialise {stale} for the scratch baseline: these modules own parameters but have no "
+                    "`reset_parameters()`. Add one, or pass `include_scratch=False`."
+                )
+    return scratch.to(device=reference.device, dtype=reference.dtype)
+
+
+def default_lora_targets(model: nn.Module, head_name: str | None) -> list[str]:
+    """Attention query/value projections of common architectures, else every Linear/Conv2d except the head."""
+    leaf_names = {name.rpartition(".")[2] for name, _ in model.named_modules()}
+    for targets in LORA_DEFAULT_TARGETS:
+        if all(t in leaf_names for t in targets):
+            return list(targets)
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear | nn.Conv2d) and name != head_name and not name.startswith(f"{head_name}.")
+    ]
+
+
+def _lora_targets(model: nn.Module, spec: AttackSpec, head_name: str | None) -> list[str]:
+    targets = spec.lora_target_modules or default_lora_targets(model, head_name)
+    names = [name for name, _ in model.named_modules() if name]
+    matched = [t for t in targets if any(n == t or n.endswith(f".{t}") for n in names)]
+    if not targets or not matched:
+        layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
+        raise ValueError(
+            f"LoRA target modules {targets} match no module of {type(model).__name__}. Set `lora_target_modules` to "
+            f"names (or name suffixes) of its layers, e.g. {layers[:6]}."
+        )
+    return targets
+
+
+def _prepare_model(start: nn.Module, task, spec: AttackSpec, num_labels: int | None, device: torch.device):
+    """A trainable copy of `start` set up for `spec` (head re-initialised, parameters frozen, LoRA wrapped)."""
+    model = copy.deepcopy(start)
+    head_name = task.head_name
+    if spec.strategy in HEAD_REINIT_STRATEGIES:
+        head = model.get_submodule(head_name)
+        if num_labels is not None and head.out_features != num_labels:
+            _replace_head(model, head_name, num_labels)
+        head = model.get_submodule(head_name)
+        generator = torch.Generator(device=head.weight.device).manual_seed(spec.seed)
+        with torch.no_grad():
+            for name, tensor in task.fresh_head(model, generator).items():
+                model.get_parameter(name).copy_(tensor)
+    for param in model.parameters():
+        param.requires_grad_(spec.strategy != "linear_probe")
+    if spec.strategy == "linear_probe":
+        for param in model.get_submodule(head_name).parameters():
+            param.requires_grad_(True)
+    elif spec.strategy == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = _lora_targets(model, spec, head_name)
+        config = LoraConfig(
+            r=spec.lora_rank,
+            lora_alpha=spec.lora_alpha,
+            lora_dropout=spec.lora_dropout,
+            target_modules=targets,
+            # The attacker also trains the head (kept, not re-initialised); PEFT copies it, so the base stays intact.
+            modules_to_save=[head_name] if head_name else None,
+        )
+        model = get_peft_model(model, config)
+    return model.to(device)
+
+
+def _build_optimizer(params: list[torch.nn.Parameter], spec: AttackSpec) -> torch.optim.Optimizer:
+    lr, wd = spec.learning_rate, spec.weight_decay
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
+    if spec.optimizer in ("sgd_momentum", "sgd_nesterov"):
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=spec.optimizer == "sgd_nesterov", weight_decay=wd)
+    optimizer_class = {
+        "adam": torch.optim.Adam,
+        "adamw": torch.optim.AdamW,
+        "adagrad": torch.optim.Adagrad,
+        "adadelta": torch.optim.Adadelta,
+        "rmsprop": torch.optim.RMSprop,
+    }[spec.optimizer]
+    return optimizer_class(params, lr=lr, weight_decay=wd)
+
+
+def _lr_lambda(spec: AttackSpec):
+    warmup = math.ceil(spec.warmup_ratio * spec.steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, spec.steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+class BatchSampler:
+    """Index batches in shuffled epochs from a seeded generator (the order of `DataLoader(shuffle=True)`)."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        self.num_examples, self.batch_size = num_examples, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.position = torch.empty(0, dtype=torch.long), 0
+
+    def next(self) -> torch.Tensor:
+        if self.position >= len(self.order):
+            self.order, self.position = torch.randperm(self.num_examples, generator=self.generator), 0
+        batch = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------- one run
+def run_attack(
+    start: nn.Module,
+    task,
+    train_columns: dict[str, torch.Tensor],
+    test_dataset,
+    spec: AttackSpec,
+    num_labels: int | None = None,
+    device: torch.device | str = "cpu",
+    progress=None,
+) -> dict[str, Any]:
+    """Fine-tune a copy of `start` with `spec` and return its curve; `start` is never modified.
+
+    Args:
+        start (`nn.Module`): the starting weights (protected, unprotected or a fresh scratch model).
+        task: the `sophon_hf.tasks` object of the model.
+        train_columns (`dict[str, torch.Tensor]`): the prepared restricted training set, one tensor per column.
+        test_dataset: the prepared restricted test set (passed to `task.evaluate`).
+        spec (`AttackSpec`): the attack.
+        num_labels (`int`, *optional*): restricted label count; a re-initialised head gets this many outputs.
+        device: where to train.
+        progress (`tqdm`, *optional*): a bar advanced once per step.
+
+    Returns:
+        `dict` with `curve` (`[[step, metric], ...]`, from step 0), `diverged` (`bool`), `diverged_at` (the step at
+        which a non-finite loss or metric was detected, or `None`) and `seconds`.
+    """
+    device = torch.device(device)
+    began = time.perf_counter()
+    curve: list[list[float]] = []
+    diverged_at = None
+    # Everything random in the run (LoRA init, dropout, diffusion noise) draws from the global RNG seeded here, in a
+    # forked state so the caller's RNG is untouched and every start sees the same draws.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(spec.seed)
+        model = _prepare_model(start, task, spec, num_labels, device)
+        # A linear probe trains a head on frozen features: the body keeps its eval-mode behaviour (BatchNorm, dropout).
+        model.train(spec.strategy != "linear_probe")
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = _build_optimizer(params, spec)
+        scheduler = (
+            torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(spec))
+            if spec.schedule == "warmup_cosine"
+            else None
+        )
+        columns = {k: v.to(device) for k, v in train_columns.items()}
+        sampler = BatchSampler(len(next(iter(columns.values()))), spec.batch_size, spec.seed)
+        interval = spec.resolved_eval_interval
+        # Non-finite losses are accumulated on the device and checked at evaluation points only: a per-step `.item()`
+        # would synchronise a GPU every step.
+        nonfinite = torch.zeros((), dtype=torch.bool, device=device)
+        curve.append([0, task.evaluate(model, test_dataset)])
+        for step in range(1, spec.steps + 1):
+            index = sampler.next().to(device)
+            batch = {k: v[index] for k, v in columns.items()}
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = task.loss(model, batch)
+            loss.backward()
+            nonfinite |= ~torch.isfinite(loss.detach())
+            if spec.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if progress is not None:
+                progress.update(1)
+            if step % interval == 0 or step == spec.steps:
+                if bool(nonfinite):
+                    diverged_at = step
+                    break
+                metric = task.evaluate(model, test_dataset)
+                if not math.isfinite(metric):
+                    diverged_at = step
+                    break
+                curve.append([step, metric])
+    if progress is not None and diverged_at is not None:
+        progress.update(spec.steps - diverged_at)
+    return {
+        "curve": curve,
+        "diverged": diverged_at is not None,
+        "diverged_at": diverged_at,
+        "seconds": time.perf_counter() - began,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- harness
+def _restricted_label_count(task, datasets, num_labels: int | None) -> int | None:
+    """Label count of the restricted data: `num_labels`, a `ClassLabel` feature, else the largest label id + 1."""
+    if task.head_name is None or getattr(task, "label_column", None) is None:
+        return None
+    if num_labels is not None:
+        return num_labels
+    column = task.label_column
+    counts = []
+    for dataset in datasets:
+        if column not in dataset.column_names:
+            return None  # prepare_dataset reports the missing column with a hint
+        feature = dataset.features.get(column)
+        if getattr(feature, "num_classes", None):
+            counts.append(feature.num_classes)
+        else:
+            labels = dataset.with_format("torch", columns=[column])[column]
+            counts.append(int(torch.as_tensor(labels).max()) + 1)
+    return max(counts)
+
+
+def _materialise(dataset) -> dict[str, torch.Tensor]:
+    """All columns of a torch-format dataset as stacked tensors: per-step batches become tensor indexing."""
+    columns = dataset[:]
+    for name, value in columns.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"Column {name!r} does not stack into one tensor (ragged rows?). Pad it to a fixed length first, "
+                "e.g. tokenize with `padding='max_length'`."
+            )
+    return columns
+
+
+def _data_fingerprint(*column_sets: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for columns in column_sets:
+        for name, tensor in sorted(columns.items()):
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _distributed_state():
+    """(rank, world size, state) of an `accelerate launch` / `torchrun` job; (0, 1, None) for a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        return 0, 1, None
+    from accelerate import PartialState
+
+    # On CPU a plain state under `--multi_gpu` would run unconnected copies; cpu=True makes them gloo ranks.
+    state = PartialState(cpu=not torch.cuda.is_available())
+    return state.process_index, state.num_processes, state
+
+
+def _check_output_dir(output_dir: str, fingerprints: dict[str, str | None]) -> None:
+    path = os.path.join(output_dir, "report.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        previous = json.load(f).get("fingerprints", {})
+    for start in ("protected", "reference"):
+        if previous.get(start) != fingerprints.get(start):
+            raise ValueError(
+                f"{output_dir} already holds a report for a different {start} model (fingerprint "
+                f"{str(previous.get(start))[:12]} != {str(fingerprints.get(start))[:12]}). Refusing to mix results: "
+                "choose another output folder or delete this one."
+            )
+
+
+def _load_run(path: str, expected: dict[str, Any]) -> dict[str, Any] | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        run = json.load(f)
+    for key in ("fingerprint", "data"):
+        if run.get(key) != expected[key]:
+            what = "model" if key == "fingerprint" else "restricted data"
+            raise ValueError(
+                f"{path} was produced with a different {what}. Refusing to mix results: choose another output folder "
+                "or delete this one."
+            )
+    return run if run.get("spec") == expected["spec"] else None
+
+
+def _save_run(path: str, run: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(run, f)
+    os.replace(tmp, path)  # atomic: an interrupted job never leaves a half-written run that resume would trust
+
+
+def evaluate_finetuning_resistance(
+    model: nn.Module,
+    restricted_train,
+    restricted_test,
+    attacks: str | list[AttackSpec | dict] | AttackSpec = "quick",
+    reference_model: nn.Module | None = None,
+    include_scratch: bool = True,
+    *,
+    scratch_recipe: dict[str, Any] | None = None,
+    steps_scale: float = 1.0,
+    num_labels: int | None = None,
+    head_name: str | None = None,
+    noise_scheduler=None,
+    output_dir: str | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> ResistanceReport:
+    """Fine-tune the protected model (and the unprotected reference, and scratch) with each attack; report the curves.
+
+    Every attack trains deep copies; `model` and `reference_model` are never modified. Under `accelerate launch`
+    (or `torchrun`) with several processes, the runs are split across ranks and every rank returns the full report;
+    only the main process writes `output_dir`.
+
+    Args:
+        model (`nn.Module`): the protected model.
+        restricted_train (`datasets.Dataset`): the attacker's restricted-domain training data.
+        restricted_test (`datasets.Dataset`): held-out restricted data the metric is computed on.
+        attacks (`str` or `list[AttackSpec]`, *optional*, defaults to `"quick"`):
+            A suite name (`"quick"`, `"standard"`, `"full"`, see `sophon_hf.suites`) or specs (dicts allowed).
+        reference_model (`nn.Module`, *optional*): the unprotected original ("unprotected" curves).
+        include_scratch (`bool`, *optional*, defaults to `True`): also train the architecture from scratch.
+        scratch_recipe (`dict`, *optional*):
+            Overrides of the from-scratch recipe (`optimizer`, `learning_rate`, `weight_decay`, `schedule`);
+            defaults to Adam at 1e-3. Budget, batch size and seed follow each attack.
+        steps_scale (`float`, *optional*, defaults to `1.0`): multiply every budget (e.g. 0.1 on tiny data).
+        num_labels (`int`, *optional*):
+            Restricted label count; inferred from a `ClassLabel` feature or the largest label otherwise.
+        head_name (`str`, *optional*): the output layer's module name, when it cannot be found automatically.
+        noise_scheduler (*optional*): a Diffusers scheduler, for diffusion models.
+        output_dir (`str`, *optional*):
+            Save the report here, and keep finished runs in `output_dir/runs` so that a rerun resumes. A folder
+            holding results of a different model or different data is refused.
+        device (`str` or `torch.device`, *optional*): defaults to the process's accelerator device, else CUDA if
+            available, else CPU.
+        progress (`bool`, *optional*, defaults to `False`): show tqdm bars over runs and steps.
+
+    Returns:
+        [`~sophon_hf.report.ResistanceReport`]
+
+    Example:
+        >>> from sophon_hf.attacks import AttackSpec, evaluate_finetuning_resistance
+        >>> report = evaluate_finetuning_resistance(  # doctest: +SKIP
+        ...     protected, restricted_train, restricted_test,
+        ...     attacks=[AttackSpec(strategy="full", optimizer="adam", learning_rate=1e-3, steps=300)],
+        ...     reference_model=unprotected, include_scratch=True)
+        >>> report.summary["worst_attack"], report.save("report_dir")  # doctest: +SKIP
+    """
+    specs = resolve_attacks(attacks, steps_scale)
+    task = get_task(model, head_name=head_name, noise_scheduler=noise_scheduler)
+    restricted_labels = _restricted_label_count(task, (restricted_train, restricted_test), num_labels)
+    head_size = getattr(task, "num_labels", None)
+    resize = restricted_labels is not None and head_size is not None and restricted_labels != head_size
+
+    # Validate everything before training anything: a bad spec should not surface after an hour of attacks.
+    for spec in specs:
+        if spec.strategy != "full" and spec.strategy != "lora" and task.head_name is None:
+            raise ValueError(
+                f"Attack {spec.name!r} re-initialises the head, but a {type(model).__name__} has no classification "
+                "head. Use strategy 'full' or 'lora'."
+            )
+        if resize and spec.strategy not in HEAD_REINIT_STRATEGIES:
+            raise ValueError(
+                f"Attack {spec.name!r} keeps the head, which has {head_size} outputs, but the restricted data has "
+                f"{restricted_labels} labels. Use a strategy that re-initialises the head ('full_reinit_head', "
+                f"'linear_probe'), or remap the labels to the model's {head_size} classes."
+            )
+        if spec.strategy == "lora":
+            _lora_targets(model, spec, task.head_name)
+
+    # The datasets are checked against a head of the restricted size (a resized scratch-like template when needed).
+    data_task = get_task(build_scratch_model(model, restricted_labels), head_name=head_name) if resize else task
+    task = data_task
+    train_dataset = task.prepare_dataset(restricted_train, "restricted_train")
+    test_dataset = task.prepare_dataset(restricted_test, "restricted_test")
+    train_columns = {k: v.cpu() for k, v in _materialise(train_dataset).items()}
+    data_fingerprint = _data_fingerprint(train_columns, _materialise(test_dataset))
+
+    rank, world, state = _distributed_state()
+    if device is None:
+        device = state.device if state is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+
+    fingerprints = {
+        "protected": model_fingerprint(model),
+        "reference": model_fingerprint(reference_model) if reference_model is not None else None,
+    }
+    recipe = {**DEFAULT_SCRATCH_RECIPE, **(scratch_recipe or {})}
+    if output_dir is not None:
+        _check_output_dir(output_dir, fingerprints)
+        os.makedirs(os.path.join(output_dir, "runs"), exist_ok=True)
+
+    # Units of work: every (attack, start) pair, plus each distinct scratch run once.
+    starts = {"protected": model, **({"unprotected": reference_model} if reference_model is not None else {})}
+    units: list[tuple[str, str, AttackSpec]] = []
+    for spec in specs:
+        units += [(f"{spec.name}--{start}", start, spec) for start in starts]
+    if include_scratch:
+        scratch_specs = {scratch_spec(spec, recipe).name: scratch_spec(spec, recipe) for spec in specs}
+        units += [(f"scratch--{name}", "scratch", s) for name, s in scratch_specs.items()]
+    # Long runs first, round-robin: balances ranks better than a contiguous split.
+    units.sort(key=lambda unit: -unit[2].steps)
+    mine = units[rank::world]
+
+    from tqdm.auto import tqdm
+
+    results: dict[str, dict[str, Any]] = {}
+    show = progress and rank == 0  # bars of several processes would overwrite each other
+    runs_bar = tqdm(total=len(mine), desc=f"attacks (rank {rank})" if world > 1 else "attacks", disable=not show)
+    for unit_id, start, spec in mine:
+        start_fingerprint = fingerprints["reference" if start == "unprotected" else "protected"]
+        expected = {"fingerprint": start_fingerprint, "data": data_fingerprint, "spec": spec.to_dict()}
+        path = os.path.join(output_dir, "runs", f"{unit_id}.json") if output_dir is not None else None
+        run = _load_run(path, expected) if path is not None else None
+        if run is None:
+            start_model = (
+                build_scratch_model(model, restricted_labels, seed=spec.seed) if start == "scratch" else starts[start]
+            )
+            with tqdm(total=spec.steps, desc=unit_id, leave=False, disable=not show, position=1) as bar:
+                run = run_attack(start_model, task, train_columns, test_dataset, spec, restricted_labels, device, bar)
+            run = {**expected, "unit": unit_id, "start": start, **run}
+            if path is not None:
+                _save_run(path, run)
+        results[unit_id] = run
+        runs_bar.update(1)
+    runs_bar.close()
+
+    if state is not None:
+        from accelerate.utils import gather_object
+
+        gathered: dict[str, dict[str, Any]] = {}
+        for part in gather_object([results]):
+            gathered.update(part)
+        results = gathered
+
+    attack_records = []
+    for spec in specs:
+        record = {"name": spec.name, "spec": spec.to_dict(), "curves": {}, "diverged": {}, "diverged_at": {}}
+        for start in starts:
+            run = results[f"{spec.name}--{start}"]
+            record["curves"][start], record["diverged"][start] = run["curve"], run["diverged"]
+            record["diverged_at"][start] = run["diverged_at"]
+        if include_scratch:
+            run = results[f"scratch--{scratch_spec(spec, recipe).name}"]
+            record["curves"]["scratch"], record["diverged"]["scratch"] = run["curve"], run["diverged"]
+            record["diverged_at"]["scratch"] = run["diverged_at"]
+        attack_records.append(record)
+
+    report = ResistanceReport(
+        task=getattr(task, "name", type(task).__name__),
+        metric=task.metric_name,
+        higher_is_better=task.higher_is_better,
+        attacks=attack_records,
+        scratch_recipe=(
+            {
+                "strategy": "full",
+                **recipe,
+                "initialisation": "fresh, from the model's config",
+                "steps_batch_size_seed": "same as each attack",
+            }
+            if include_scratch
+            else None
+        ),
+        fingerprints=fingerprints,
+    )
+    if output_dir is not None and rank == 0:
+        report.save(output_dir)
+    if state is not None:
+        state.wait_for_everyone()
+    return report

@@ -1,0 +1,314 @@
+"""The fine-tuning resistance report: curves per attack and start, per-attack summary, worst case, files on disk.
+
+The report keeps the raw curves; every derived number (final metric, area under the curve, steps to a threshold,
+head start over scratch, verdicts, worst attack) is computed from them, so a report loaded from `report.json`
+summarises exactly like the one that wrote it. Nothing here assumes accuracy: `higher_is_better=False` metrics
+(e.g. a diffusion model's denoising error) flip every comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+# Plot order and colours: the protected model is what the report is about, scratch is the bar to stay under.
+START_STYLES = {
+    "protected": {"color": "tab:red", "linestyle": "-"},
+    "unprotected": {"color": "tab:blue", "linestyle": "-"},
+    "scratch": {"color": "tab:gray", "linestyle": "--"},
+}
+MAX_PLOTTED_ATTACKS = 24
+
+
+def area_under_curve(curve: list[list[float]]) -> float | None:
+    """Trapezoidal area under `[[step, value], ...]` divided by the steps covered: the mean metric over training."""
+    if not curve:
+        return None
+    if len(curve) == 1:
+        return float(curve[0][1])
+    area = sum((s1 - s0) * (v0 + v1) / 2 for (s0, v0), (s1, v1) in zip(curve, curve[1:]))
+    return area / (curve[-1][0] - curve[0][0])
+
+
+@dataclass
+class ResistanceReport:
+    """Result of `evaluate_finetuning_resistance`: curves of every attack from every start, and their summary.
+
+    Args:
+        task (`str`): e.g. `"image-classification"`.
+        metric (`str`): e.g. `"accuracy"`.
+        higher_is_better (`bool`): whether a larger metric means a more successful attacker.
+        attacks (`list[dict]`):
+            One record per attack: `name`, `spec` (the `AttackSpec` as a dict), `curves` (start -> `[[step, value],
+            ...]` from step 0; starts are `protected`, `unprotected` and `scratch`), `diverged` (start -> `bool`) and
+            `diverged_at` (start -> step or `None`).
+        scratch_recipe (`dict`, *optional*): how the scratch baseline was trained.
+        fingerprints (`dict`, *optional*): `model_fingerprint` of the `protected` and `reference` models.
+        original (`dict`, *optional*): original-domain metric of `unprotected` and `protected` (set by the demo).
+        threshold_fraction (`float`, *optional*, defaults to `0.9`):
+            Steps-to-threshold counts the steps until a curve gets `threshold_fraction` of the way from the
+            baseline's step-0 value to its final value (baseline: scratch, else unprotected, else protected).
+        tolerance (`float`, *optional*, defaults to `0.0`):
+            A protected model better than scratch by at most this much is reported as "no head start".
+
+    A run that diverged (non-finite loss or metric) has `final` `None`; comparisons use its best value before
+    divergence instead (an attacker keeps the last good checkpoint), and the verdict says so.
+
+    Example:
+        >>> report = ResistanceReport.load("report_dir")  # doctest: +SKIP
+        >>> report.summary["worst_attack"], report.summary["worst_protected_minus_scratch"]  # doctest: +SKIP
+        ('full_reinit_head-adam-lr0.001', 0.02)
+    """
+
+    task: str
+    metric: str
+    higher_is_better: bool
+    attacks: list[dict[str, Any]]
+    scratch_recipe: dict[str, Any] | None = None
+    fingerprints: dict[str, str | None] = field(default_factory=dict)
+    original: dict[str, float] | None = None
+    threshold_fraction: float = 0.9
+    tolerance: float = 0.0
+
+    # ------------------------------------------------------------------------------------------------ derived
+    @property
+    def _sign(self) -> int:
+        return 1 if self.higher_is_better else -1
+
+    def _best(self, values: list[float]) -> float:
+        return max(values) if self.higher_is_better else min(values)
+
+    def _effective_final(self, curve: list[list[float]], diverged: bool) -> float | None:
+        if not curve:
+            return None
+        return self._best([v for _, v in curve]) if diverged else curve[-1][1]
+
+    def _steps_to(self, curve: list[list[float]], threshold: float | None) -> int | None:
+        if threshold is None:
+            return None
+        for step, value in curve:
+            if self._sign * (value - threshold) >= 0:
+                return int(step)
+        return None
+
+    def attack_summary(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Final metric, effective final, AUC and steps-to-threshold per start, head start over scratch, verdict."""
+        curves, diverged = record["curves"], record.get("diverged", {})
+        diverged_at = record.get("diverged_at", {})
+        final = {s: (None if diverged.get(s) or not c else c[-1][1]) for s, c in curves.items()}
+        effective = {s: self._effective_final(c, bool(diverged.get(s))) for s, c in curves.items()}
+        baseline = next((s for s in ("scratch", "unprotected", "protected") if curves.get(s)), None)
+        threshold = None
+        if baseline is not None and effective[baseline] is not None:
+            start_value = curves[baseline][0][1]
+            threshold = start_value + self.threshold_fraction * (effective[baseline] - start_value)
+        out: dict[str, Any] = {
+            "final": final,
+            "effective_final": effective,
+            "auc": {s: area_under_curve(c) for s, c in curves.items()},
+            "threshold": threshold,
+            "steps_to_threshold": {s: self._steps_to(c, threshold) for s, c in curves.items()},
+            "protected_minus_scratch": None,
+            "head_start": None,
+        }
+        notes = [
+            f"{s} run diverged at step {diverged_at.get(s)}, best value before it used"
+            for s in curves
+            if diverged.get(s)
+        ]
+        if effective.get("scratch") is None or effective.get("protected") is None:
+            verdict = "no scratch baseline"
+        else:
+            out["protected_minus_scratch"] = effective["protected"] - effective["scratch"]
+            out["head_start"] = self._sign * out["protected_minus_scratch"]
+            verdict = (
+                f"head start of {out['head_start']:.3g} {self.metric} over scratch"
+                if out["head_start"] > self.tolerance
+                else "no head start over scratch"
+            )
+        out["verdict"] = verdict + (f" ({'; '.join(notes)})" if notes else "")
+        return out
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        """The worst attack (largest head start over scratch, or best protected result without scratch) and counts."""
+        summaries = {a["name"]: self.attack_summary(a) for a in self.attacks}
+        with_scratch = {n: s for n, s in summaries.items() if s["head_start"] is not None}
+        if with_scratch:
+            worst = max(with_scratch, key=lambda n: with_scratch[n]["head_start"])
+        else:
+            scored = {n: s["effective_final"].get("protected") for n, s in summaries.items()}
+            scored = {n: v for n, v in scored.items() if v is not None}
+            worst = max(scored, key=lambda n: self._sign * scored[n]) if scored else None
+        head_starts = [n for n, s in with_scratch.items() if s["head_start"] > self.tolerance]
+        diverged = [a["name"] for a in self.attacks if any(a.get("diverged", {}).values())]
+        if not with_scratch:
+            verdict = "no scratch baseline: head start not measured"
+        elif head_starts:
+            verdict = (
+                f"head start over scratch in {len(head_starts)} of {len(with_scratch)} attacks; worst: {worst} "
+                f"(+{with_scratch[worst]['head_start']:.3g} {self.metric})"
+            )
+        else:
+            verdict = f"no head start over scratch in any of {len(with_scratch)} attacks"
+        return {
+            "worst_attack": worst,
+            "worst_protected_minus_scratch": with_scratch[worst]["protected_minus_scratch"] if with_scratch else None,
+            "worst_protected_final": summaries[worst]["effective_final"].get("protected") if worst else None,
+            "num_attacks": len(self.attacks),
+            "attacks_with_head_start": head_starts,
+            "diverged_attacks": diverged,
+            "verdict": verdict,
+        }
+
+    # ------------------------------------------------------------------------------------------------ (de)serialise
+    def to_dict(self) -> dict[str, Any]:
+        """The report.json content (see DESIGN.md), with per-attack summaries and the overall summary."""
+        out: dict[str, Any] = {"task": self.task, "metric": self.metric, "higher_is_better": self.higher_is_better}
+        if self.original is not None:
+            out["original"] = dict(self.original)
+        out["scratch_recipe"] = self.scratch_recipe
+        out["fingerprints"] = dict(self.fingerprints)
+        out["threshold_fraction"] = self.threshold_fraction
+        out["tolerance"] = self.tolerance
+        out["attacks"] = [
+            {
+                "name": a["name"],
+                "spec": a["spec"],
+                "curves": a["curves"],
+                "diverged": a.get("diverged", {}),
+                "diverged_at": a.get("diverged_at", {}),
+                **self.attack_summary(a),
+            }
+            for a in self.attacks
+        ]
+        out["summary"] = self.summary
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ResistanceReport:
+        raw_keys = ("name", "spec", "curves", "diverged", "diverged_at")
+        return cls(
+            task=data["task"],
+            metric=data["metric"],
+            higher_is_better=data["higher_is_better"],
+            attacks=[{k: a[k] for k in raw_keys if k in a} for a in data["attacks"]],
+            scratch_recipe=data.get("scratch_recipe"),
+            fingerprints=data.get("fingerprints", {}),
+            original=data.get("original"),
+            threshold_fraction=data.get("threshold_fraction", 0.9),
+            tolerance=data.get("tolerance", 0.0),
+        )
+
+    def save(self, output_dir: str) -> list[str]:
+        """Write `report.json`, `report.md` and `attack_curves.png` into `output_dir`; return their paths."""
+        os.makedirs(output_dir, exist_ok=True)
+        paths = [os.path.join(output_dir, n) for n in ("report.json", "report.md", "attack_curves.png")]
+        with open(paths[0], "w") as f:
+            json.dump(self.to_dict(), f, indent=2, allow_nan=False)
+        with open(paths[1], "w") as f:
+            f.write(self.to_markdown())
+        self.plot(paths[2])
+        return paths
+
+    @classmethod
+    def load(cls, path: str) -> ResistanceReport:
+        """Read a report from a folder written by `save` or from a `report.json` path."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "report.json")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    # ------------------------------------------------------------------------------------------------ rendering
+    def _starts(self) -> list[str]:
+        present = {s for a in self.attacks for s in a["curves"]}
+        return [s for s in START_STYLES if s in present]
+
+    def _worst_first(self) -> list[dict[str, Any]]:
+        def key(record):
+            summary = self.attack_summary(record)
+            value = summary["head_start"]
+            if value is None:
+                protected = summary["effective_final"].get("protected")
+                value = self._sign * protected if protected is not None else -math.inf
+            return -value
+
+        return sorted(self.attacks, key=key)
+
+    def to_markdown(self) -> str:
+        """A readable report: verdict, provenance and one table row per attack."""
+        summary = self.summary
+        starts = self._starts()
+        fmt = lambda v: "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))  # noqa: E731
+        direction = "higher" if self.higher_is_better else "lower"
+        lines = [
+            "# Fine-tuning resistance report",
+            "",
+            f"**Verdict: {summary['verdict']}.**",
+            "",
+            f"- Task: {self.task}; metric: {self.metric} ({direction} is better for the attacker)",
+        ]
+        if self.original:
+            lines.append(
+                "- Original-domain "
+                + self.metric
+                + ": "
+                + ", ".join(f"{k} {fmt(v)}" for k, v in self.original.items())
+            )
+        if self.scratch_recipe:
+            lines.append("- Scratch baseline: " + ", ".join(f"{k}={v}" for k, v in self.scratch_recipe.items()))
+        for name, value in self.fingerprints.items():
+            if value:
+                lines.append(f"- {name} model fingerprint: `{value[:16]}`")
+        lines += [
+            f"- Steps to threshold: first evaluated step reaching {self.threshold_fraction:g} of the way from the "
+            "baseline's (scratch, else unprotected) start value to its final value.",
+            "- Diverged runs (non-finite loss or metric) are compared by their best value before divergence.",
+            "",
+        ]
+        header = ["attack"] + [f"final {s}" for s in starts] + ["protected - scratch"]
+        header += [f"AUC {s}" for s in starts] + [f"steps to thr. {s}" for s in starts] + ["verdict"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for record in self._worst_first():
+            s = self.attack_summary(record)
+            final = [fmt(s["final"].get(x)) if not record.get("diverged", {}).get(x) else "diverged" for x in starts]
+            row = [f"`{record['name']}`", *final, fmt(s["protected_minus_scratch"])]
+            row += [fmt(s["auc"].get(x)) for x in starts] + [fmt(s["steps_to_threshold"].get(x)) for x in starts]
+            lines.append("| " + " | ".join(row + [s["verdict"]]) + " |")
+        if len(self.attacks) > MAX_PLOTTED_ATTACKS:
+            lines += ["", f"`attack_curves.png` shows the {MAX_PLOTTED_ATTACKS} worst attacks (rows above, first)."]
+        return "\n".join(lines) + "\n"
+
+    def plot(self, path: str) -> str:
+        """Draw the curves of every start, one panel per attack (worst first), into a PNG at `path`."""
+        # The object-oriented API with an explicit Agg canvas: no pyplot, no global backend switch for the caller.
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        records = self._worst_first()[:MAX_PLOTTED_ATTACKS]
+        columns = min(4, max(1, len(records)))
+        rows = max(1, math.ceil(len(records) / columns))
+        figure = Figure(figsize=(4.2 * columns, 3.2 * rows), layout="constrained")
+        FigureCanvasAgg(figure)
+        for index, record in enumerate(records):
+            axis = figure.add_subplot(rows, columns, index + 1)
+            for start in self._starts():
+                curve = record["curves"].get(start)
+                if not curve:
+                    continue
+                steps, values = zip(*curve)
+                axis.plot(steps, values, label=start, marker=".", **START_STYLES[start])
+                if record.get("diverged", {}).get(start):
+                    axis.plot(steps[-1], values[-1], marker="x", markersize=10, color=START_STYLES[start]["color"])
+            axis.set_title(record["name"], fontsize=8)
+            axis.set_xlabel("optimizer step", fontsize=8)
+            axis.set_ylabel(self.metric, fontsize=8)
+            axis.tick_params(labelsize=7)
+            axis.grid(alpha=0.3)
+            if index == 0:
+                axis.legend(fontsize=7)
+        figure.savefig(path, dpi=100)
+        return path
