@@ -223,6 +223,39 @@ class ClassificationTask:
         return fresh
 
 
-def get_task(model: nn.Module, head_name: str | None = None, noise_scheduler=None):
-    """The task object for `model`: diffusion for Diffusers UNets (with a scheduler), classification otherwise."""
+def _is_diffusers_model(model: nn.Module) -> bool:
+    try:
+        from diffusers import ModelMixin
+    except ImportError:  # pragma: no cover - diffusers is a dependency
+        return False
+    return isinstance(model, ModelMixin)
+
+
+def get_task(
+    model: nn.Module, head_name: str | None = None, noise_scheduler=None, diffusion_timestep: int | None = None
+):
+    """The task object for `model`: diffusion for Diffusers UNets (with a scheduler), classification otherwise.
+
+    Args:
+        model (`nn.Module`): a classifier, or a Diffusers `UNet2DModel` denoiser.
+        head_name (`str`, *optional*): classifiers only, the output layer's dotted name.
+        noise_scheduler (*optional*): denoisers only (required there), e.g. a `DDPMScheduler`.
+        diffusion_timestep (`int`, *optional*): denoisers only, a fixed timestep for the suppression loss.
+    """
+    if _is_diffusers_model(model):
+        if noise_scheduler is None:
+            raise ValueError(
+                f"{type(model).__name__} is a Diffusers denoiser: pass its noise scheduler, e.g. "
+                "`noise_scheduler=DDPMScheduler.from_pretrained(repo_id, subfolder='scheduler')`."
+            )
+        if head_name is not None:
+            raise ValueError(f"head_name={head_name!r} is for classifiers; {type(model).__name__} has no head.")
+        from .diffusion import DiffusionTask
+
+        return DiffusionTask(model, noise_scheduler, timestep=diffusion_timestep)
+    if noise_scheduler is not None:
+        raise ValueError(
+            f"noise_scheduler is for Diffusers denoisers (UNet2DModel), but {type(model).__name__} is not one; "
+            "drop noise_scheduler for classifiers."
+        )
     return ClassificationTask(model, head_name=head_name)

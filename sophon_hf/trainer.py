@@ -122,11 +122,27 @@ class SophonTrainer(Trainer):
             )
 
         # Model and task
-        self.task = get_task(model, head_name=args.head_name, noise_scheduler=noise_scheduler)
-        if args.restricted_loss == "denial_of_service" and self.task.metric_name == "accuracy":
+        self.task = get_task(
+            model,
+            head_name=args.head_name,
+            noise_scheduler=noise_scheduler,
+            diffusion_timestep=args.diffusion_timestep,
+        )
+        is_denoiser = self.task.name == "unconditional-image-generation"
+        if args.restricted_loss == "denial_of_service" and not is_denoiser:
             raise ValueError(
                 "restricted_loss='denial_of_service' is for diffusion UNets; classifiers use "
                 "'inverse_cross_entropy' or 'kl_uniform'."
+            )
+        if is_denoiser and args.restricted_loss != "denial_of_service":
+            raise ValueError(
+                f"restricted_loss={args.restricted_loss!r} is a classification loss; diffusion UNets use "
+                "restricted_loss='denial_of_service'."
+            )
+        if is_denoiser and {"full_reinit_head", "linear_probe"} & set(args.simulation_strategies):
+            raise ValueError(
+                f"simulation_strategies={args.simulation_strategies} includes head strategies, but a diffusion UNet "
+                "has no head: use ['full'] or ['full', 'lora']."
             )
 
         # Data
