@@ -1,12 +1,86 @@
-"""`sophon-hf push` (not implemented yet)."""
+"""`sophon-hf push`: publish a protected model folder (weights, card, report, plots) to the Hub.
+
+    sophon-hf push --model out --repo-id my-name/vit-sophon-protected [--private] [--revision REV] [--token T]
+
+The card (`README.md`) is written when the folder has none, and rewritten when it no longer matches the folder's
+`report.json` (e.g. the attacks ran after training saved the card); the publisher's own fields (domains,
+hyper-parameters) are kept from `sophon_card.json`.
+"""
 
 import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("push", help="not implemented yet")
+    parser = subparsers.add_parser(
+        "push",
+        help="publish a protected model folder with its card and report to the Hub",
+        description="Upload safetensors weights, configs, the model card, report.json, report.md and plots to a Hub "
+        "model repository in one commit. Pickle files are never uploaded.",
+    )
+    parser.add_argument(
+        "--model", required=True, help="model folder written by `save_pretrained` / `sophon-hf protect`"
+    )
+    parser.add_argument("--repo-id", required=True, help="target repository, 'name' or 'namespace/name'")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", default=None, help="branch to commit to (created if missing)")
+    parser.add_argument(
+        "--token", default=None, help="Hub token with write access (default: HF_TOKEN or `hf auth login`)"
+    )
+    parser.add_argument("--commit-message", default=None, help="commit message")
+    parser.add_argument("--original-domain", default=None, help="what the model is for (model card)")
+    parser.add_argument("--restricted-domain", default=None, help="what the model is protected against (model card)")
+    parser.add_argument("--base-model", default=None, help="Hub id of the unprotected model (model card)")
+    parser.add_argument(
+        "--dataset", action="append", default=None, help="Hub dataset id used (model card; repeatable)"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("sophon-hf push is not implemented yet")
+    import json
+    import logging
+    from pathlib import Path
+
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from ..hub import HubPublishError, check_report_matches, push_folder
+    from ..model_card import card_report_mismatches, write_model_card
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    folder = Path(args.model)
+    try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError as error:
+        raise SystemExit(f"error: {args.repo_id!r} is not a valid Hub repo id: {error}") from error
+    try:
+        # A card is only (re)written for a report that belongs to these weights: check that first.
+        check_report_matches(folder)
+        card_path = folder / "README.md"
+        report_path = folder / "report.json"
+        overrides = {
+            "original_domain": args.original_domain,
+            "restricted_domain": args.restricted_domain,
+            "base_model": args.base_model,
+            "datasets": args.dataset,
+        }
+        stale = card_path.is_file() and card_report_mismatches(
+            ModelCard.load(card_path),
+            json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None,
+        )
+        if not card_path.is_file() or stale or any(value is not None for value in overrides.values()):
+            reason = "missing" if not card_path.is_file() else "out of date" if stale else "given new details"
+            print(f"Model card {reason}: writing {card_path}")
+            write_model_card(folder, repo_id=args.repo_id, **overrides)
+        url = push_folder(
+            folder,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            token=args.token,
+            commit_message=args.commit_message,
+        )
+    except (ValueError, FileNotFoundError, HubPublishError) as error:
+        raise SystemExit(f"error: {error}") from error
+    print(f"Published {folder} to {url}")
+    return 0

@@ -1,0 +1,319 @@
+"""Publishing: what arrives on a (local, patched) Hub, and every way a push must refuse or fail cleanly.
+
+There is no local Hub server, so the four `HfApi` methods `push_folder` calls are patched to commit into a temp
+folder (one sub-folder per repo and branch), applying commit operations atomically as the Hub does.
+"""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.hf_api import CommitInfo, RepoUrl
+from test_model_card import classification_report, tiny_unet, tiny_vit
+from transformers import ViTForImageClassification
+
+from sophon_hf.cli import main as cli_main
+from sophon_hf.hub import HubPublishError, push_folder, select_files
+from sophon_hf.model_card import card_report_mismatches, final_metrics, write_model_card
+from sophon_hf.utils import model_fingerprint
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+
+
+class FakeHub:
+    """Remote repositories as folders: `root/<namespace>/<name>/<branch>/...`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.calls: list[str] = []
+        self.fail_next_commit: Exception | None = None
+        self.private: dict[str, bool] = {}
+
+    def branch_dir(self, repo_id: str, revision: str | None = None) -> Path:
+        return self.root / repo_id / (revision or "main")
+
+    def files(self, repo_id: str, revision: str | None = None) -> list[str]:
+        base = self.branch_dir(repo_id, revision)
+        return sorted(p.relative_to(base).as_posix() for p in base.rglob("*") if p.is_file())
+
+    def install(self, monkeypatch):
+        hub = self
+
+        def create_repo(api, repo_id, *, private=False, exist_ok=False, repo_type=None, **kwargs):
+            hub.calls.append("create_repo")
+            repo_id = repo_id if "/" in repo_id else f"me/{repo_id}"
+            hub.branch_dir(repo_id).mkdir(parents=True, exist_ok=True)
+            hub.private.setdefault(repo_id, private)
+            return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def create_branch(api, repo_id, *, branch, exist_ok=False, **kwargs):
+            hub.calls.append("create_branch")
+            if not hub.branch_dir(repo_id, branch).exists():
+                shutil.copytree(hub.branch_dir(repo_id), hub.branch_dir(repo_id, branch))
+
+        def list_repo_files(api, repo_id, *, revision=None, **kwargs):
+            hub.calls.append("list_repo_files")
+            return hub.files(repo_id, revision)
+
+        def create_commit(api, repo_id, operations, *, commit_message, revision=None, **kwargs):
+            hub.calls.append("create_commit")
+            if hub.fail_next_commit is not None:
+                # The Hub applies a commit all at once or not at all: a failure leaves the branch as it was.
+                error, hub.fail_next_commit = hub.fail_next_commit, None
+                raise error
+            base = hub.branch_dir(repo_id, revision)
+            for op in operations:
+                if isinstance(op, CommitOperationDelete):
+                    (base / op.path_in_repo).unlink()
+                else:
+                    assert isinstance(op, CommitOperationAdd)
+                    (base / op.path_in_repo).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(op.path_or_fileobj, base / op.path_in_repo)
+            return CommitInfo(
+                commit_url=f"https://huggingface.co/{repo_id}/commit/{len(hub.calls):040d}",
+                commit_message=commit_message,
+                commit_description="",
+                oid=f"{len(hub.calls):040d}",
+            )
+
+        for name, function in [
+            ("create_repo", create_repo),
+            ("create_branch", create_branch),
+            ("list_repo_files", list_repo_files),
+            ("create_commit", create_commit),
+        ]:
+            monkeypatch.setattr(HfApi, name, function)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    fake = FakeHub(tmp_path / "remote")
+    fake.install(monkeypatch)
+    return fake
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every local file and its content hash: a push must leave this unchanged."""
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def protected_folder(path: Path, model=None, with_report: bool = True) -> Path:
+    """A Trainer-like output folder: weights, card, report, plus pickles and a checkpoint that must stay local."""
+    model = model if model is not None else tiny_vit()
+    model.save_pretrained(path)
+    if with_report:
+        classification_report(model).save(str(path))
+    write_model_card(path, restricted_domain="digits 5-9", original_domain="digits 0-4")
+    torch.save({"lr": 1e-3}, path / "training_args.bin")
+    (path / "checkpoint-10").mkdir()
+    torch.save({}, path / "checkpoint-10" / "optimizer.pt")
+    (path / "checkpoint-10" / "config.json").write_text("{}")
+    return path
+
+
+def test_push_transformers_folder_arrives_loadable_without_pickles(tmp_path, hub):
+    model = tiny_vit()
+    folder = protected_folder(tmp_path / "out", model)
+    before = snapshot(folder)
+
+    url = push_folder(folder, "me/vit-sophon")
+
+    assert url.startswith("https://huggingface.co/me/vit-sophon/commit/")
+    arrived = hub.files("me/vit-sophon")
+    assert arrived == sorted(
+        [
+            "README.md",
+            "attack_curves.png",
+            "config.json",
+            "model.safetensors",
+            "report.json",
+            "report.md",
+            "sophon_card.json",
+        ]
+    )
+    assert not [name for name in arrived if name.endswith(PICKLE_SUFFIXES)]
+    remote = hub.branch_dir("me/vit-sophon")
+    reloaded = ViTForImageClassification.from_pretrained(remote)
+    assert model_fingerprint(reloaded) == model_fingerprint(model)
+
+    card = ModelCard.load(remote / "README.md")
+    report = json.loads((remote / "report.json").read_text())
+    assert card_report_mismatches(card, report) == []
+    by_key = {(r.metric_args.get("attack"), r.metric_args["start"]): r.metric_value for r in card.data.eval_results}
+    for attack in report["attacks"]:
+        for start, value in final_metrics(attack).items():
+            assert by_key[(attack["name"], start)] == pytest.approx(value)
+    assert report["summary"]["worst_attack"] in card.text and "scratch" in card.text
+    assert snapshot(folder) == before
+
+
+def test_push_diffusers_unet_folder(tmp_path, hub):
+    unet = tiny_unet()
+    folder = tmp_path / "unet"
+    unet.save_pretrained(folder)
+    write_model_card(folder, restricted_domain="faces")
+
+    push_folder(folder, "me/unet-sophon", private=True)
+
+    assert hub.files("me/unet-sophon") == [
+        "README.md",
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "sophon_card.json",
+    ]
+    assert hub.private["me/unet-sophon"] is True
+    reloaded = UNet2DModel.from_pretrained(hub.branch_dir("me/unet-sophon"))
+    assert model_fingerprint(reloaded) == model_fingerprint(unet)
+    card = ModelCard.load(hub.branch_dir("me/unet-sophon") / "README.md")
+    assert card.data.library_name == "diffusers" and "not been measured yet" in card.text
+
+
+def test_push_to_a_revision_and_stale_weights_of_an_earlier_push_are_removed(tmp_path, hub):
+    folder = protected_folder(tmp_path / "out")
+    remote = hub.branch_dir("me/vit-sophon")
+    remote.mkdir(parents=True)
+    (remote / "pytorch_model.bin").write_bytes(b"old unprotected weights")
+    (remote / "logo.png").write_bytes(b"kept")
+
+    push_folder(folder, "me/vit-sophon", revision="v1")
+
+    assert "create_branch" in hub.calls
+    assert "pytorch_model.bin" not in hub.files("me/vit-sophon", "v1")
+    assert "logo.png" in hub.files("me/vit-sophon", "v1")  # only files a push owns are replaced
+    assert "pytorch_model.bin" in hub.files("me/vit-sophon")  # main untouched
+
+
+def test_no_token_is_a_clear_error_and_nothing_is_sent(tmp_path, hub, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    folder = protected_folder(tmp_path / "out")
+    before = snapshot(folder)
+
+    with pytest.raises(HubPublishError, match=r"No Hugging Face token.*hf auth login.*HF_TOKEN"):
+        push_folder(folder, "me/vit-sophon")
+    assert hub.calls == []
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize(
+    "status, message",
+    [(401, r"rejected the token.*hf auth login"), (403, r"may not write to 'other/vit'.*write access")],
+)
+def test_no_permission_is_a_clear_error_and_local_files_are_intact(tmp_path, hub, status, message):
+    folder = protected_folder(tmp_path / "out")
+    before = snapshot(folder)
+    # A stand-in for the HTTP response object (its class depends on the huggingface_hub version).
+    response = SimpleNamespace(status_code=status, headers={}, request=None)
+    hub.fail_next_commit = HfHubHTTPError("denied", response=response)
+
+    with pytest.raises(HubPublishError, match=message):
+        push_folder(folder, "other/vit")
+    assert snapshot(folder) == before
+    assert hub.files("other/vit") == []
+
+
+def test_failure_half_way_loses_nothing_and_a_rerun_completes(tmp_path, hub):
+    folder = protected_folder(tmp_path / "out")
+    before = snapshot(folder)
+    hub.fail_next_commit = ConnectionResetError("connection reset by peer")
+
+    with pytest.raises(HubPublishError, match="run the same push again"):
+        push_folder(folder, "me/vit-sophon")
+    assert snapshot(folder) == before
+    assert hub.files("me/vit-sophon") == []  # no half-published model: weights never arrive without their card
+
+    push_folder(folder, "me/vit-sophon")
+    assert "model.safetensors" in hub.files("me/vit-sophon") and "README.md" in hub.files("me/vit-sophon")
+    assert snapshot(folder) == before
+
+
+@pytest.mark.parametrize("repo_id", ["bad//id", "-leading-dash/x", "me/" + "x" * 100, "me/has space", ""])
+def test_malformed_repo_id_is_refused_before_anything_happens(tmp_path, hub, repo_id):
+    folder = protected_folder(tmp_path / "out")
+    with pytest.raises(ValueError, match="not a valid Hub repo id.*namespace/name"):
+        push_folder(folder, repo_id)
+    assert hub.calls == []
+
+
+def test_report_of_another_model_is_refused(tmp_path, hub):
+    folder = protected_folder(tmp_path / "out", tiny_vit(seed=0))
+    tiny_vit(seed=1).save_pretrained(folder)  # new weights, old report
+    with pytest.raises(ValueError, match="measured on other weights"):
+        push_folder(folder, "me/vit-sophon")
+    assert hub.calls == []
+
+    report = json.loads((folder / "report.json").read_text())
+    del report["fingerprints"]
+    (folder / "report.json").write_text(json.dumps(report))
+    with pytest.raises(ValueError, match="records no fingerprint"):
+        push_folder(folder, "me/vit-sophon")
+
+
+def test_card_that_predates_the_report_is_refused(tmp_path, hub):
+    model = tiny_vit()
+    folder = tmp_path / "out"
+    model.save_pretrained(folder)
+    write_model_card(folder)  # "not measured yet"
+    classification_report(model).save(str(folder))  # then the attacks ran
+    with pytest.raises(ValueError, match="does not match its report.json"):
+        push_folder(folder, "me/vit-sophon")
+    (folder / "README.md").unlink()
+    with pytest.raises(ValueError, match="has no model card"):
+        push_folder(folder, "me/vit-sophon")
+    assert hub.calls == []
+
+
+def test_pickle_only_weights_are_refused_with_the_fix(tmp_path, hub):
+    folder = tmp_path / "out"
+    tiny_vit().save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save({}, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pickle weights \(pytorch_model.bin\).*save_pretrained"):
+        push_folder(folder, "me/vit-sophon")
+
+
+def test_select_files_keeps_pickles_checkpoints_and_logs_local(tmp_path):
+    folder = protected_folder(tmp_path / "out")
+    (folder / "runs").mkdir()
+    (folder / "runs" / "events.json").write_text("{}")
+    upload, skipped = select_files(folder)
+    assert "model.safetensors" in upload and "report.json" in upload
+    assert set(skipped) == {
+        "training_args.bin",
+        "checkpoint-10/optimizer.pt",
+        "checkpoint-10/config.json",
+        "runs/events.json",
+    }
+
+
+def test_cli_push_writes_a_missing_or_stale_card_then_publishes(tmp_path, hub, capsys):
+    model = tiny_vit()
+    folder = tmp_path / "out"
+    model.save_pretrained(folder)
+    write_model_card(folder, original_domain="digits 0-4")  # saved by the trainer before the attacks ran
+    classification_report(model).save(str(folder))
+
+    code = cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon", "--restricted-domain", "5-9"])
+
+    assert code == 0
+    assert "Published" in capsys.readouterr().out
+    card = ModelCard.load(hub.branch_dir("me/vit-sophon") / "README.md")
+    assert "digits 0-4" in card.text and "5-9" in card.text  # the trainer's words survive the rewrite
+    assert card_report_mismatches(card, json.loads((folder / "report.json").read_text())) == []
+    assert "me/vit-sophon" in card.text
+
+    with pytest.raises(SystemExit, match="not a valid Hub repo id"):
+        cli_main(["push", "--model", str(folder), "--repo-id", "not//valid"])

@@ -1,0 +1,316 @@
+"""Model cards: metadata round trip, honest text, folder reading, and the template shipped in the wheel."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+
+from sophon_hf.model_card import (
+    CARD_METADATA_FILE,
+    card_report_mismatches,
+    final_metrics,
+    generate_model_card,
+    write_model_card,
+)
+from sophon_hf.report import ResistanceReport
+from sophon_hf.utils import model_fingerprint
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_vit(seed: int = 0):
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        num_labels=5,
+    )
+    return ViTForImageClassification(config)
+
+
+def tiny_unet(seed: int = 0):
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+
+
+def classification_report(model=None, with_head_start: bool = True) -> ResistanceReport:
+    """A report in the harness's own class: three attacks, one of which beats scratch, one diverged."""
+
+    def curve(*values):
+        return [[10 * i, v] for i, v in enumerate(values)]
+
+    attacks = [
+        {
+            "name": "full-sgd_momentum-lr0.01",
+            "spec": {"strategy": "full", "optimizer": "sgd_momentum", "learning_rate": 0.01, "steps": 20},
+            "curves": {
+                "protected": curve(0.2, 0.21, 0.22),
+                "unprotected": curve(0.3, 0.8, 0.9),
+                "scratch": curve(0.2, 0.5, 0.7),
+            },
+        },
+        {
+            "name": "full_reinit_head-adam-lr0.001",
+            "spec": {"strategy": "full_reinit_head", "optimizer": "adam", "learning_rate": 0.001, "steps": 20},
+            "curves": {
+                "protected": curve(0.2, 0.6, 0.8 if with_head_start else 0.6),
+                "unprotected": curve(0.2, 0.85, 0.95),
+                "scratch": curve(0.2, 0.5, 0.7),
+            },
+        },
+        {
+            "name": "linear_probe-rmsprop-lr0.01",
+            "spec": {"strategy": "linear_probe", "optimizer": "rmsprop", "learning_rate": 0.01, "steps": 20},
+            "curves": {
+                "protected": curve(0.2, 0.45, 0.1),
+                "unprotected": curve(0.2, 0.7, 0.75),
+                "scratch": curve(0.2, 0.5, 0.7),
+            },
+            "diverged": {"protected": True, "unprotected": False, "scratch": False},
+            "diverged_at": {"protected": 20, "unprotected": None, "scratch": None},
+        },
+    ]
+    return ResistanceReport(
+        task="image-classification",
+        metric="accuracy",
+        higher_is_better=True,
+        attacks=attacks,
+        scratch_recipe={"optimizer": "adam", "learning_rate": 1e-3},
+        fingerprints={"protected": model_fingerprint(model) if model is not None else "0" * 64, "reference": None},
+        original={"unprotected": 0.98, "protected": 0.97},
+    )
+
+
+SOPHON_CONFIG = {
+    "restricted_loss": "kl_uniform",
+    "simulation_strategies": ["full_reinit_head", "linear_probe"],
+    "inner_optimizers": ["sgd", "adam:1e-3"],
+    "inner_steps": 10,
+    "fts_learning_rate": 1e-4,
+    "learning_rate": 1e-4,
+    "ntr_steps": 5,
+    "max_steps": 600,
+    "hub_token": "<HUB_TOKEN>",  # TrainingArguments.to_dict() noise: must not reach the card
+}
+
+
+def published(card: ModelCard) -> dict[tuple[str, str], float]:
+    return {
+        (r.metric_args.get("attack", "original"), r.metric_args["start"]): r.metric_value
+        for r in card.data.eval_results
+    }
+
+
+def test_card_eval_results_round_trip_and_match_report(tmp_path):
+    report = classification_report().to_dict()
+    card = generate_model_card(
+        model_name="vit-sophon",
+        base_model="google/vit-base-patch16-224",
+        task="image-classification",
+        library_name="transformers",
+        original_domain="MNIST digits 0-4",
+        restricted_domain="MNIST digits 5-9",
+        sophon_config=SOPHON_CONFIG,
+        report=report,
+        datasets=["ylecun/mnist"],
+        repo_id="me/vit-sophon",
+        tags=["mnist"],
+    )
+    card.save(tmp_path / "README.md")
+    loaded = ModelCard.load(tmp_path / "README.md")
+
+    assert {"sophon", "non-fine-tunable", "image-classification", "mnist"} <= set(loaded.data.tags)
+    assert loaded.data.base_model == "google/vit-base-patch16-224"
+    assert loaded.data.library_name == "transformers"
+    assert loaded.data.datasets == ["ylecun/mnist"]
+    numbers = published(loaded)
+    expected = {(a["name"], s): v for a in report["attacks"] for s, v in final_metrics(a).items() if v is not None}
+    expected.update({("original", s): v for s, v in report["original"].items()})
+    assert numbers == pytest.approx(expected)
+    # The diverged protected run is published with its best value before divergence, as the harness compares it.
+    assert numbers[("linear_probe-rmsprop-lr0.01", "protected")] == pytest.approx(0.45)
+    assert card_report_mismatches(loaded, report) == []
+
+
+def test_card_text_names_scratch_worst_attack_and_verdicts():
+    report = classification_report().to_dict()
+    text = generate_model_card(restricted_domain="MNIST digits 5-9", report=report, sophon_config=SOPHON_CONFIG).text
+    worst = report["summary"]["worst_attack"]
+    assert worst == "full_reinit_head-adam-lr0.001"
+    assert f"**Worst case:** `{worst}`" in text
+    assert "scratch" in text and "0.7000" in text and "0.8000" in text
+    assert "head start of 0.1 accuracy over scratch" in text  # the harness's own verdict for the broken attack
+    assert "1 of 3 measured attacks beat training from scratch" in text
+    assert "diverged; best before" in text
+    assert "Resistance is measured, not proven" in text
+    assert "sophon-hf verify --model" in text and "@inproceedings{deng2024sophon" in text
+    assert "`kl_uniform`" not in text and "| `restricted_loss` | kl_uniform |" in text
+    assert "HUB_TOKEN" not in text
+
+
+def test_card_lists_what_was_not_tested():
+    text = generate_model_card(report=classification_report().to_dict()).text
+    untested = text.split("## What was not tested")[1].split("## Limitations")[0]
+    assert "`lora`" in untested  # strategy absent from the report
+    for optimizer in ("`adadelta`", "`adagrad`", "`adamw`", "`sgd_nesterov`"):
+        assert optimizer in untested
+    assert "`warmup_cosine`" in untested
+    assert "budgets longer than 20 steps" in untested
+    assert "more than one seed" in untested
+    assert "prefix or prompt tuning" in untested  # a family the harness never runs
+
+
+def test_unmeasured_card_says_so_and_claims_nothing(tmp_path):
+    card = generate_model_card(model_name="vit-sophon", restricted_domain="faces")
+    assert "Resistance has not been measured yet" in card.text
+    assert "not measured yet" in card.text.split("## How to use")[0]
+    assert not card.data.eval_results
+    assert "## Measured resistance" in card.text and "| attack |" not in card.text
+
+
+def test_write_model_card_reads_the_folder_and_keeps_publisher_fields(tmp_path):
+    model = tiny_vit()
+    model.save_pretrained(tmp_path)
+    write_model_card(
+        tmp_path, restricted_domain="digits 5-9", original_domain="digits 0-4", sophon_config=SOPHON_CONFIG
+    )
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.pipeline_tag == "image-classification" and card.data.library_name == "transformers"
+    assert "ViTForImageClassification" in card.text
+    assert "Resistance has not been measured yet" in card.text
+    assert "hub_token" not in (tmp_path / CARD_METADATA_FILE).read_text()
+
+    # The attacks ran afterwards: the regenerated card picks up the report, plots and the publisher's words.
+    classification_report(model).save(str(tmp_path))
+    write_model_card(tmp_path)
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "](attack_curves.png)" in card.text and "(report.md)" in card.text
+    assert "digits 5-9" in card.text and "| `ntr_steps` | 5 |" in card.text
+    assert model_fingerprint(model) in card.text
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert card_report_mismatches(card, report) == []
+
+
+def test_diffusion_card_for_a_unet_folder(tmp_path):
+    tiny_unet().save_pretrained(tmp_path)
+    report = {
+        "task": "unconditional-image-generation",
+        "metric": "denoising_mse",
+        "higher_is_better": False,
+        "attacks": [
+            {
+                "name": "full-adam-lr0.0001",
+                "spec": {"strategy": "full", "optimizer": "adam", "learning_rate": 1e-4, "steps": 50},
+                "final": {"protected": 0.705, "unprotected": 0.445, "scratch": 0.479},
+            }
+        ],
+        "summary": {"worst_attack": "full-adam-lr0.0001"},
+    }
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    write_model_card(tmp_path, restricted_domain="CelebA faces", original_domain="CIFAR-100")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "diffusers"
+    assert card.data.pipeline_tag == "unconditional-image-generation"
+    assert "UNet2DModel.from_pretrained" in card.text and "DDPMPipeline" in card.text
+    # Lower is better for the attacker: 0.705 against 0.479 from scratch is no head start (-0.226).
+    assert "-0.2260" in card.text and "no head start over scratch" in card.text
+    assert "lower is better for the attacker" in card.text
+    assert published(card)[("full-adam-lr0.0001", "scratch")] == pytest.approx(0.479)
+
+
+def test_card_report_mismatches_catch_a_stale_or_edited_card():
+    report = classification_report().to_dict()
+    card = generate_model_card(report=report)
+    edited = json.loads(json.dumps(report))
+    edited["attacks"][0]["effective_final"]["protected"] = 0.99
+    assert any("card says 0.22" in problem for problem in card_report_mismatches(card, edited))
+    unmeasured = generate_model_card()
+    assert card_report_mismatches(unmeasured, report)  # the report's numbers are not on the card
+    assert card_report_mismatches(card, None) == ["the card publishes resistance numbers but there is no report.json"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"task": "object-detection"}, "task='object-detection' is not supported"),
+        ({"library_name": "timm"}, "library_name='timm' is not supported"),
+        ({"task": "text-classification", "report": {"task": "image-classification"}}, "pass the report"),
+    ],
+)
+def test_bad_card_inputs(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        generate_model_card(**kwargs)
+
+
+def test_write_model_card_needs_a_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="save_pretrained"):
+        write_model_card(tmp_path)
+
+
+def test_template_ships_in_the_wheel_and_renders_from_an_install(tmp_path):
+    # Build from a copy: an in-tree build writes build/ into the repository other processes are using.
+    source = tmp_path / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for name in ("sophon_hf", "trainers", "model_cards"):
+        shutil.copytree(REPO_ROOT / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path],
+        check=True,
+        capture_output=True,
+    )
+    wheel = next(tmp_path.glob("sophon_hf-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "sophon_hf/model_cards/sophon_model_card.md.jinja" in names
+    assert "sophon_hf/trainers/__init__.py" in names
+    # Every shipped recipe and accelerate config travels with the package, like the template.
+    for recipe in [*source.glob("trainers/configs/*.yaml"), *source.glob("trainers/accelerate_configs/*.yaml")]:
+        assert f"sophon_hf/{recipe.relative_to(source).as_posix()}" in names
+
+    # The installed copy (not this checkout) finds its template through importlib.resources. `-S` skips the
+    # .pth files, among them the editable install's finder, which would otherwise import this checkout instead.
+    target = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(target)
+    path = os.pathsep.join([str(target), sysconfig.get_paths()["purelib"]])
+    script = (
+        "import sophon_hf.model_card as m, sys; "
+        f"assert m.__file__.startswith({str(target)!r}), m.__file__; "
+        "print(m.generate_model_card(model_name='x').text.splitlines()[-1])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", script],
+        env={"PYTHONPATH": path},
+        cwd=tmp_path,  # `python -c` puts the working directory first on sys.path: not the checkout
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "```"
