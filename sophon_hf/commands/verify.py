@@ -1,12 +1,232 @@
-"""`sophon-hf verify` (not implemented yet)."""
+"""`sophon-hf verify`: re-run a published model's attacks and check that its claim still holds.
+
+Usage:
+    sophon-hf verify --model my-name/vit-sophon-protected --restricted-test restricted_dir [--restricted-train DIR] \\
+        [--reference-model original_dir] [--tolerance 0.05] [--output verify_dir]
+
+The model (a Hub id or a local folder) must publish a `report.json` (written by `sophon-hf attack` and uploaded by
+`sophon-hf push`). Verification checks, in order:
+1. the report was measured on exactly these weights (its fingerprint) and the card publishes the report's numbers;
+2. every attack of the report, re-run with the same specs on your data, ends within `--tolerance` of the published
+   final metric for the protected start (and for scratch, and for the unprotected start when you pass
+   `--reference-model`);
+3. where the report claims "no head start over scratch", the re-run shows none beyond `--tolerance` either.
+The exit code is 0 when everything holds and 1 otherwise. Attacks are seeded, so the same data on the same kind of
+machine reproduces the numbers closely; other data or hardware needs a looser tolerance.
+"""
+
+from __future__ import annotations
 
 import argparse
+import os
+from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("verify", help="not implemented yet")
+    parser = subparsers.add_parser(
+        "verify",
+        help="re-run a published model's attacks and check its resistance claim",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="the published model: a Hub id or a local folder")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model")
+    parser.add_argument("--token", default=None, help="Hub token, for private models")
+    parser.add_argument(
+        "--restricted-test", required=True, help="held-out restricted data (save_to_disk folder or Hub)"
+    )
+    parser.add_argument(
+        "--restricted-train",
+        default=None,
+        help="attacker's training data (default: --train-split of --restricted-test)",
+    )
+    parser.add_argument("--train-split", default="train", help="split of --restricted-train (default: train)")
+    parser.add_argument("--test-split", default="test", help="split of --restricted-test (default: test)")
+    parser.add_argument("--label-column", default=None, help="column holding the labels (renamed to 'labels')")
+    parser.add_argument("--input-column", default=None, help="column holding images (renamed to 'pixel_values')")
+    parser.add_argument(
+        "--reference-model", default=None, help="the unprotected original, to re-check its numbers too"
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=0.05, help="largest accepted difference in the metric (default: 0.05)"
+    )
+    parser.add_argument("--attack", action="append", default=None, help="verify only this attack (repeatable)")
+    parser.add_argument("--output", default=None, help="keep the re-run's report (and resumable runs) here")
+    parser.add_argument(
+        "--head-name", default=None, help="module name of the output layer, if not found automatically"
+    )
+    parser.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: automatic)")
     parser.set_defaults(func=run)
 
 
+def compare_reports(published: dict[str, Any], reproduced: dict[str, Any], tolerance: float) -> list[dict[str, Any]]:
+    """Per attack: does the re-run reproduce the published numbers and the published verdict?
+
+    Args:
+        published (`dict`): the model's `report.json`.
+        reproduced (`dict`): the re-run's report (`ResistanceReport.to_dict()`), same attacks.
+        tolerance (`float`): largest accepted difference of a final metric, and of a head start over scratch.
+
+    Returns:
+        `list[dict]`: one entry per published attack with `name`, `checks` (start -> (published, reproduced,
+        holds)), `head_start` (published, reproduced), `holds` and a `reason` when it does not.
+
+    Example:
+    ```python
+    >>> rows = compare_reports(report, rerun.to_dict(), tolerance=0.05)
+    >>> all(row["holds"] for row in rows)
+    True
+    ```
+    """
+    from ..model_card import attack_advantage, final_metrics
+
+    higher_is_better = bool(published.get("higher_is_better", True))
+    published_tolerance = float(published.get("tolerance") or 0.0)
+    reran = {attack["name"]: attack for attack in reproduced.get("attacks", [])}
+    rows = []
+    for attack in published.get("attacks", []):
+        name = attack["name"]
+        if name not in reran:
+            continue
+        before, after = final_metrics(attack), final_metrics(reran[name])
+        checks, reasons = {}, []
+        for start in ("protected", "unprotected", "scratch"):
+            if before[start] is None or after[start] is None:
+                continue
+            holds = abs(after[start] - before[start]) <= tolerance
+            checks[start] = (before[start], after[start], holds)
+            if not holds:
+                reasons.append(f"{start} ended at {after[start]:.4g}, published {before[start]:.4g}")
+        head_before = attack_advantage(attack, higher_is_better)
+        head_after = attack_advantage(reran[name], higher_is_better)
+        if head_before is not None and head_after is not None and head_before <= published_tolerance:
+            # The published claim is "no head start": the re-run must not show one beyond the tolerance.
+            if head_after > published_tolerance + tolerance:
+                reasons.append(f"published no head start over scratch, re-run shows {head_after:+.4g}")
+        if "protected" not in checks:
+            reasons.append("the protected run has no final metric to compare (diverged or missing)")
+        rows.append(
+            {
+                "name": name,
+                "checks": checks,
+                "head_start": (head_before, head_after),
+                "holds": not reasons,
+                "reason": "; ".join(reasons),
+            }
+        )
+    return rows
+
+
+def _load_scheduler(folder):
+    import json
+
+    import diffusers
+
+    for config in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"):
+        if config.is_file():
+            class_name = json.loads(config.read_text(encoding="utf-8")).get("_class_name", "DDPMScheduler")
+            return getattr(diffusers, class_name).from_pretrained(config.parent)
+    print("No scheduler_config.json next to the UNet: using DDPMScheduler() with its defaults (1000 steps, linear).")
+    return diffusers.DDPMScheduler()
+
+
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("sophon-hf verify is not implemented yet")
+    import json
+    from pathlib import Path
+
+    from huggingface_hub import ModelCard
+
+    from ..attacks import DEFAULT_SCRATCH_RECIPE, AttackSpec, evaluate_finetuning_resistance
+    from ..hub import download_model, load_pretrained_model
+    from ..model_card import card_report_mismatches, detect_model_folder
+    from ..utils import model_fingerprint
+    from .attack import load_restricted
+
+    if args.tolerance < 0:
+        raise SystemExit(f"--tolerance must be non-negative, got {args.tolerance}.")
+    folder = Path(args.model) if os.path.isdir(args.model) else download_model(args.model, args.revision, args.token)
+    report_path = folder / "report.json"
+    if not report_path.is_file():
+        raise SystemExit(
+            f"{args.model} publishes no report.json, so it makes no measured claim to verify. Measure it yourself with "
+            f"`sophon-hf attack --model {args.model} ...`; publishers add the report with `sophon-hf attack --output "
+            "<model folder>` and `sophon-hf push`."
+        )
+    published = json.loads(report_path.read_text(encoding="utf-8"))
+    failures: list[str] = []
+
+    # 1. The claim belongs to these weights, and the card says what the report says.
+    model = load_pretrained_model(folder)
+    recorded = (published.get("fingerprints") or {}).get("protected")
+    if recorded != model_fingerprint(model):
+        failures.append(
+            "report.json was not measured on these weights (fingerprint "
+            + (f"{recorded[:12]}... recorded, {model_fingerprint(model)[:12]}... found)" if recorded else "missing)")
+        )
+    if (folder / "README.md").is_file():
+        failures += [
+            f"card: {problem}" for problem in card_report_mismatches(ModelCard.load(folder / "README.md"), published)
+        ]
+
+    # 2. Re-run the published attacks with the same specs.
+    attacks = [a for a in published.get("attacks", []) if args.attack is None or a["name"] in args.attack]
+    unknown = sorted(set(args.attack or []) - {a["name"] for a in attacks})
+    if unknown:
+        raise SystemExit(
+            f"{args.model}'s report has no attack(s) {unknown}; it has {[a['name'] for a in published['attacks']]}."
+        )
+    if not attacks:
+        raise SystemExit(f"{args.model}'s report.json lists no attacks: there is nothing to re-run.")
+    test = load_restricted(args.restricted_test, args.test_split, args.label_column, args.input_column)
+    train = load_restricted(
+        args.restricted_train or args.restricted_test, args.train_split, args.label_column, args.input_column
+    )
+    reference = None
+    if args.reference_model:
+        local = os.path.isdir(args.reference_model)
+        reference = load_pretrained_model(
+            args.reference_model if local else download_model(args.reference_model, token=args.token)
+        )
+    include_scratch = any("scratch" in a.get("curves", a.get("final", {})) for a in attacks)
+    recipe = {k: v for k, v in (published.get("scratch_recipe") or {}).items() if k in DEFAULT_SCRATCH_RECIPE}
+    noise_scheduler = _load_scheduler(folder) if detect_model_folder(folder)["library_name"] == "diffusers" else None
+    print(f"Re-running {len(attacks)} attack(s) of {args.model} ...")
+    try:
+        rerun = evaluate_finetuning_resistance(
+            model,
+            train,
+            test,
+            attacks=[AttackSpec.from_dict(a["spec"]) for a in attacks],
+            reference_model=reference,
+            include_scratch=include_scratch,
+            scratch_recipe=recipe or None,
+            head_name=args.head_name,
+            noise_scheduler=noise_scheduler,
+            output_dir=args.output,
+            device=args.device,
+            progress=True,
+        )
+    except ValueError as error:
+        raise SystemExit(f"sophon-hf verify: {error}") from None
+    rows = compare_reports({**published, "attacks": attacks}, rerun.to_dict(), args.tolerance)
+
+    # 3. Say, per attack, whether the claim holds.
+    metric = published.get("metric", "metric")
+    print(f"\n{metric}: published -> re-run (tolerance {args.tolerance:g})")
+    for row in rows:
+        numbers = ", ".join(
+            f"{start} {before:.4g} -> {after:.4g}" for start, (before, after, _) in row["checks"].items()
+        )
+        status = "HOLDS" if row["holds"] else "DOES NOT HOLD"
+        print(f"  {status:13s} {row['name']}: {numbers}" + (f" ({row['reason']})" if row["reason"] else ""))
+        if not row["holds"]:
+            failures.append(f"{row['name']}: {row['reason']}")
+    if reference is None and any("unprotected" in a.get("curves", {}) for a in attacks):
+        print("  (unprotected numbers not re-checked: pass --reference-model to re-run them too)")
+    if failures:
+        print(f"\nThe published claim does NOT hold ({len(failures)} problem(s)):")
+        for failure in failures:
+            print(f"  - {failure}")
+        return 1
+    print(f"\nThe published claim holds: {len(rows)} attack(s) reproduced within {args.tolerance:g}.")
+    return 0

@@ -1,0 +1,150 @@
+"""`sophon-hf verify`: a published claim is re-run with the real harness and holds, or is caught when it does not."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from datasets import Dataset, DatasetDict
+from test_model_card import tiny_vit
+
+from sophon_hf.attacks import AttackSpec, evaluate_finetuning_resistance
+from sophon_hf.cli import main as cli_main
+from sophon_hf.commands.verify import compare_reports
+from sophon_hf.model_card import write_model_card
+
+ATTACKS = [
+    AttackSpec(strategy="full", optimizer="adam", learning_rate=1e-2, steps=2, batch_size=8, eval_interval=2),
+    AttackSpec(strategy="linear_probe", optimizer="sgd", learning_rate=1e-1, steps=2, batch_size=8, eval_interval=2),
+]
+
+
+def restricted_data(n: int, seed: int) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(5, (n,), generator=g)
+    pixels = torch.rand(n, 1, 8, 8, generator=g) * 0.5 + labels.view(-1, 1, 1, 1) / 5
+    return Dataset.from_dict({"pixel_values": pixels.numpy(), "labels": labels.numpy()})
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """A model folder as `sophon-hf attack --output` + the card leave it, and its restricted data on disk."""
+    root = tmp_path_factory.mktemp("published")
+    data = DatasetDict({"train": restricted_data(24, seed=0), "test": restricted_data(16, seed=1)})
+    data_dir = root / "restricted"
+    data.save_to_disk(str(data_dir))
+    folder = root / "model"
+    model = tiny_vit()
+    model.save_pretrained(folder)
+    report = evaluate_finetuning_resistance(model, data["train"], data["test"], attacks=ATTACKS)
+    report.save(str(folder))
+    write_model_card(folder, restricted_domain="bright digits")
+    return folder, data_dir
+
+
+@pytest.fixture
+def published(measured, tmp_path):
+    """A fresh copy per test (tests edit the folder); measuring once keeps the file fast."""
+    folder, data_dir = measured
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy)
+    return copy, data_dir
+
+
+def test_verify_reproduces_a_published_claim(published, capsys):
+    folder, data_dir = published
+    assert cli_main(["verify", "--model", str(folder), "--restricted-test", str(data_dir), "--tolerance", "1e-6"]) == 0
+    out = capsys.readouterr().out
+    for spec in ATTACKS:
+        assert f"HOLDS         {spec.name}" in out
+    assert "The published claim holds: 2 attack(s)" in out
+
+
+def test_verify_catches_numbers_that_do_not_reproduce(published, capsys):
+    folder, data_dir = published
+    report = json.loads((folder / "report.json").read_text())
+    attack = report["attacks"][0]
+    # An optimistic publisher: the protected run "ended" much lower than it really does.
+    attack["curves"]["protected"][-1][1] -= 0.5
+    attack["final"]["protected"] -= 0.5
+    attack["effective_final"]["protected"] -= 0.5
+    (folder / "report.json").write_text(json.dumps(report))
+    write_model_card(folder)  # the card agrees with the edited report: only the re-run can catch it
+
+    assert cli_main(["verify", "--model", str(folder), "--restricted-test", str(data_dir)]) == 1
+    out = capsys.readouterr().out
+    assert f"DOES NOT HOLD {ATTACKS[0].name}" in out
+    assert f"HOLDS         {ATTACKS[1].name}" in out
+    assert "The published claim does NOT hold (1 problem(s))" in out
+
+
+def test_verify_catches_a_report_of_other_weights_and_a_stale_card(published, capsys):
+    folder, data_dir = published
+    tiny_vit(seed=1).save_pretrained(folder)
+    report = json.loads((folder / "report.json").read_text())
+    report["attacks"][1]["effective_final"]["scratch"] = 0.123  # the card now publishes other numbers
+    (folder / "report.json").write_text(json.dumps(report))
+    code = cli_main(
+        ["verify", "--model", str(folder), "--restricted-test", str(data_dir), "--attack", ATTACKS[0].name]
+    )
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "report.json was not measured on these weights" in out
+    assert "card: scratch result of" in out and "report.json says 0.123" in out
+
+
+def test_verify_without_a_report_or_with_unknown_attacks(published):
+    folder, data_dir = published
+    with pytest.raises(SystemExit, match="has no attack"):
+        cli_main(["verify", "--model", str(folder), "--restricted-test", str(data_dir), "--attack", "nope"])
+    (folder / "report.json").unlink()
+    with pytest.raises(SystemExit, match="publishes no report.json"):
+        cli_main(["verify", "--model", str(folder), "--restricted-test", str(data_dir)])
+
+
+def _attack(name, protected, scratch, unprotected=None):
+    final = {"protected": protected, "scratch": scratch}
+    if unprotected is not None:
+        final["unprotected"] = unprotected
+    return {"name": name, "spec": {}, "final": final}
+
+
+@pytest.mark.parametrize(
+    "higher_is_better, published, reproduced, holds",
+    [
+        (True, (0.30, 0.80), (0.33, 0.78), True),  # within tolerance, still far below scratch
+        (True, (0.30, 0.80), (0.40, 0.80), False),  # protected drifted by 0.10
+        (True, (0.78, 0.80), (0.82, 0.76), False),  # each within 0.05, but now a head start of +0.06
+        (False, (0.70, 0.48), (0.69, 0.47), True),  # denoising error: higher protected error is the claim
+        (False, (0.70, 0.48), (0.45, 0.48), False),
+    ],
+)
+def test_compare_reports(higher_is_better, published, reproduced, holds):
+    before = {"higher_is_better": higher_is_better, "attacks": [_attack("a", *published)]}
+    after = {"higher_is_better": higher_is_better, "attacks": [_attack("a", *reproduced)]}
+    (row,) = compare_reports(before, after, tolerance=0.05)
+    assert row["holds"] is holds, row
+
+
+def test_verify_a_pushed_model_by_its_hub_id(published, tmp_path, monkeypatch, capsys):
+    from test_hub import FakeHub
+
+    from sophon_hf.hub import push_folder
+
+    folder, data_dir = published
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    hub = FakeHub(tmp_path / "remote")
+    hub.install(monkeypatch)
+    push_folder(folder, "me/vit-sophon")
+    requested = {}
+
+    def snapshot_download(repo_id, *, revision=None, allow_patterns=None, **kwargs):
+        # The download side of the fake Hub: what a user gets, filtered the way the Hub filters.
+        requested["allow_patterns"] = allow_patterns
+        return str(hub.branch_dir(repo_id, revision))
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    assert cli_main(["verify", "--model", "me/vit-sophon", "--restricted-test", str(data_dir)]) == 0
+    assert "The published claim holds: 2 attack(s)" in capsys.readouterr().out
+    assert "*.safetensors" in requested["allow_patterns"]
+    assert not any(pattern.endswith((".bin", ".pt", ".pkl")) for pattern in requested["allow_patterns"])
