@@ -1,0 +1,445 @@
+"""Diffusers UNet denoisers: DiffusionTask maths, simulation, saving, generation, bad input, end to end on digits."""
+
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from conftest import SmallCNN, image_dataset
+from datasets import Dataset
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from PIL import Image
+
+from sophon_hf import SophonConfig, SophonTrainer, denial_of_service
+from sophon_hf.diffusion import (
+    DiffusionTask,
+    generate_samples,
+    images_to_pixel_values,
+    load_digits_and_photo_patches,
+    save_sample_grid,
+)
+from sophon_hf.simulation import (
+    SimulationView,
+    build_lora_copy,
+    default_lora_targets,
+    fresh_lora_weights,
+    parse_inner_optimizer,
+    simulate_finetuning,
+)
+from sophon_hf.tasks import get_task
+
+
+def tiny_unet(seed: int = 0, size: int = 16, channels: int = 1) -> UNet2DModel:
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+    )
+
+
+def scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=100)
+
+
+def pixels_dataset(n: int = 16, seed: int = 0, size: int = 16, channels: int = 1, low=-1.0, high=1.0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(n, channels, size, size, generator=g) * (high - low) + low
+    return Dataset.from_dict({"pixel_values": pixels.numpy()})
+
+
+def config(output_dir, **overrides) -> SophonConfig:
+    defaults = dict(
+        output_dir=output_dir,
+        max_steps=2,
+        per_device_train_batch_size=4,
+        inner_steps=2,
+        restricted_loss="denial_of_service",
+        simulation_strategies=["full"],
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return SophonConfig(**{**defaults, **overrides})
+
+
+# ---------------------------------------------------------------------- losses and task maths
+def test_denial_of_service_value():
+    predicted = torch.tensor([[1.0, -2.0], [0.5, 0.0]])
+    assert denial_of_service(predicted).item() == pytest.approx((1 + 4 + 0.25 + 0) / 4)
+
+
+@pytest.mark.parametrize("timestep", [None, 1, 57])
+def test_losses_match_hand_computed_ddpm(timestep):
+    unet, sched = tiny_unet(), scheduler()
+    task = DiffusionTask(unet, sched, timestep=timestep)
+    batch = {"pixel_values": torch.rand(4, 1, 16, 16) * 2 - 1}
+    mse, _ = task.loss(unet, batch, generator=torch.Generator().manual_seed(3))
+    dos, _ = task.suppression_loss("denial_of_service", unet, batch, generator=torch.Generator().manual_seed(3))
+
+    # By hand: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, with the draws in the documented order.
+    def by_hand(fixed):
+        g = torch.Generator().manual_seed(3)
+        noise = torch.randn(batch["pixel_values"].shape, generator=g)
+        t = torch.full((4,), fixed) if fixed is not None else torch.randint(0, 100, (4,), generator=g)
+        abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = abar.sqrt() * batch["pixel_values"] + (1 - abar).sqrt() * noise
+        return unet(noisy, t).sample, noise
+
+    prediction, noise = by_hand(None)
+    assert mse.item() == pytest.approx(F.mse_loss(prediction, noise).item(), rel=1e-5)
+    prediction, _ = by_hand(timestep)
+    assert dos.item() == pytest.approx(prediction.pow(2).mean().item(), rel=1e-5)
+
+
+def test_functional_params_are_used():
+    unet = tiny_unet()
+    task = DiffusionTask(unet, scheduler())
+    batch = {"pixel_values": torch.rand(2, 1, 16, 16) * 2 - 1}
+    params = {n: torch.zeros_like(p) for n, p in unet.named_parameters()}
+    loss, prediction = task.suppression_loss("denial_of_service", unet, batch, params, torch.Generator())
+    # All-zero weights predict exactly zero noise: the loss is 0, while the real weights give a positive value.
+    assert loss.item() == 0 and torch.count_nonzero(prediction) == 0
+    assert task.suppression_loss("denial_of_service", unet, batch, None, torch.Generator())[0].item() > 0
+
+
+def test_evaluate_is_fixed_and_batch_size_independent():
+    unet, other = tiny_unet(0), tiny_unet(1)
+    task = DiffusionTask(unet, scheduler())
+    dataset = task.prepare_dataset(pixels_dataset(12), "dataset")
+    first = task.evaluate(unet, dataset, batch_size=256)
+    torch.manual_seed(123)  # the global RNG must not matter
+    assert task.evaluate(unet, dataset, batch_size=30) == pytest.approx(first, rel=1e-6)
+    assert task.evaluate(other, dataset) != pytest.approx(first, rel=1e-3)
+    assert unet.training  # mode restored
+    assert task.batch_metric(torch.full((2, 1, 4, 4), 0.5), {}) == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------------- the simulation
+def test_simulation_equals_hand_written_finetuning():
+    unet, sched = tiny_unet(), scheduler()
+    task = DiffusionTask(unet, sched)
+    g = torch.Generator().manual_seed(0)
+    supports = [{"pixel_values": torch.rand(3, 1, 16, 16, generator=g) * 2 - 1} for _ in range(2)]
+    queries = [{"pixel_values": torch.rand(3, 1, 16, 16, generator=g) * 2 - 1} for _ in range(2)]
+    params = dict(unet.named_parameters())
+    view = SimulationView(unet, params, {n: b for n, b in unet.named_buffers()}, {n: n for n in params})
+    gen = torch.Generator().manual_seed(7)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    result = simulate_finetuning(
+        view,
+        lambda m, b, p: task.loss(m, b, p, generator=gen),
+        lambda m, b, p: task.suppression_loss("denial_of_service", m, b, p, generator=gen),
+        task.batch_metric,
+        parse_inner_optimizer("sgd", 0.05),
+        supports,
+        queries,
+    )
+    assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())  # the model itself is untouched
+
+    # The same attacker, written by hand on a deepcopy: SGD on the DDPM loss, DoS gradient after every step.
+    attacker = copy.deepcopy(unet)
+    gen = torch.Generator().manual_seed(7)
+    expected = {n: torch.zeros_like(p) for n, p in attacker.named_parameters()}
+    query_losses = []
+    for support, query in zip(supports, queries):
+        attacker.zero_grad()
+        task.loss(attacker, support, generator=gen)[0].backward()
+        with torch.no_grad():
+            for p in attacker.parameters():
+                p -= 0.05 * p.grad
+        attacker.zero_grad()
+        q_loss, _ = task.suppression_loss("denial_of_service", attacker, query, generator=gen)
+        q_loss.backward()
+        query_losses.append(q_loss.item())
+        for n, p in attacker.named_parameters():
+            expected[n] += p.grad
+    assert result.query_losses == pytest.approx(query_losses, rel=1e-5)
+    for name, grad in expected.items():
+        torch.testing.assert_close(result.meta_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_simulated_lora_adapts_attention_and_leaves_the_base_untouched():
+    unet, task = tiny_unet(), None
+    assert default_lora_targets(unet, None) == ["to_k", "to_out.0", "to_q", "to_v"]
+    task = DiffusionTask(unet, scheduler())
+    lora_model, base_map, adapters = build_lora_copy(unet, None, r=4, alpha=8)
+    assert adapters and all(".to_" in name for name in adapters)
+    own = dict(unet.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    view = SimulationView(
+        lora_model,
+        fresh_lora_weights(lora_model, adapters, gen),
+        {peft: own[name] if name in own else dict(unet.named_buffers())[name] for peft, name in base_map.items()},
+        {peft: name for peft, name in base_map.items() if name in own},
+    )
+    before = {n: p.detach().clone() for n, p in unet.named_parameters()}
+    batches = [{"pixel_values": torch.rand(2, 1, 16, 16) * 2 - 1} for _ in range(2)]
+    result = simulate_finetuning(
+        view,
+        lambda m, b, p: task.loss(m, b, p, generator=gen),
+        lambda m, b, p: task.suppression_loss("denial_of_service", m, b, p, generator=gen),
+        task.batch_metric,
+        parse_inner_optimizer("adam", 1e-2),
+        batches,
+        batches,
+    )
+    assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())
+    # The base weights receive the (exact) meta-gradient through the adapted forward; adapters are not model weights.
+    assert set(result.meta_grads) <= set(own) and "conv_in.weight" in result.meta_grads
+    assert all(torch.isfinite(g).all() for g in result.meta_grads.values())
+
+
+# ---------------------------------------------------------------------- the trainer: saving, resuming, pipelines
+def test_trainer_saves_diffusers_folders_that_resume_and_generate(tmp_path):
+    train, restricted = pixels_dataset(16, seed=1), pixels_dataset(16, seed=2)
+
+    def run(output, resume=None, **overrides):
+        trainer = SophonTrainer(
+            tiny_unet(),
+            args=config(str(output), max_steps=4, save_strategy="steps", save_steps=2, **overrides),
+            train_dataset=train,
+            restricted_dataset=restricted,
+            noise_scheduler=scheduler(),
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    full = run(tmp_path / "a", simulation_strategies=["full", "lora"])
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    files = set(os.listdir(checkpoint))
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "fts_optimizer.pt"} <= files
+    assert not {"model.safetensors", "pytorch_model.bin"} & files  # never a raw state dict in place of the folder
+
+    resumed = run(tmp_path / "a", resume=str(checkpoint), simulation_strategies=["full", "lora"])
+    for (name, p), q in zip(full.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, msg=f"{name} differs after resuming")
+
+    full.save_model(str(tmp_path / "final"))
+    loaded = UNet2DModel.from_pretrained(str(tmp_path / "final"))
+    for p, q in zip(full.model.parameters(), loaded.parameters()):
+        assert torch.equal(p, q)
+    pipeline = DDPMPipeline(unet=loaded, scheduler=scheduler())
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(
+        batch_size=2, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np"
+    )
+    assert images.images.shape == (2, 16, 16, 1) and np.isfinite(images.images).all()
+
+
+def test_generate_samples_and_grid(tmp_path):
+    unet = tiny_unet()
+    images = generate_samples(unet, scheduler(), 3, torch.Generator().manual_seed(0), num_inference_steps=5)
+    again = generate_samples(unet, scheduler(), 3, torch.Generator().manual_seed(0), num_inference_steps=5)
+    assert images.shape == (3, 1, 16, 16) and images.min() >= 0 and images.max() <= 1
+    assert torch.equal(images, again)
+    path = save_sample_grid({"protected": images, "unprotected": images.flip(0)}, tmp_path / "grid" / "s.png")
+    with Image.open(path) as png:
+        assert png.format == "PNG" and png.width > png.height
+    with pytest.raises(ValueError, match="C in"):
+        save_sample_grid({"bad": torch.rand(2, 2, 4, 4)}, tmp_path / "bad.png")
+
+
+# ---------------------------------------------------------------------- bad input
+def test_bad_input_errors_name_the_fix(tmp_path):
+    unet, out = tiny_unet(), str(tmp_path / "o")
+    good, ddpm = pixels_dataset(8), scheduler()
+
+    def trainer(model=unet, train=good, noise_scheduler=ddpm, **overrides):
+        return SophonTrainer(
+            model,
+            config(out, **overrides),
+            train_dataset=train,
+            restricted_dataset=good,
+            noise_scheduler=noise_scheduler,
+        )
+
+    with pytest.raises(ValueError, match="noise_scheduler=DDPMScheduler"):
+        trainer(noise_scheduler=None)
+    with pytest.raises(ValueError, match=r"expect \[-1, 1\].*x \* 2 - 1"):
+        trainer(train=pixels_dataset(8, low=0, high=255))
+    with pytest.raises(ValueError, match=r"\(C, H, W\) = \(1, 16, 16\)"):
+        trainer(train=pixels_dataset(8, size=8))
+    with pytest.raises(ValueError, match=r"\(C, H, W\) = \(1, 16, 16\)"):
+        trainer(train=pixels_dataset(8, channels=3))
+    with pytest.raises(ValueError, match="images_to_pixel_values"):
+        trainer(train=Dataset.from_dict({"image": [np.zeros((16, 16), dtype=np.uint8)]}))
+    with pytest.raises(ValueError, match="empty"):
+        trainer(train=good.select([]))
+    with pytest.raises(ValueError, match="restricted_loss='denial_of_service'"):
+        trainer(restricted_loss="kl_uniform")
+    with pytest.raises(ValueError, match=r"\['full'\] or \['full', 'lora'\]"):
+        trainer(simulation_strategies=["full_reinit_head"])
+    with pytest.raises(ValueError, match="outside the schedule"):
+        trainer(diffusion_timestep=100)
+    with pytest.raises(ValueError, match="no classification head"):
+        DiffusionTask(unet, scheduler()).fresh_head(unet)
+    # ... and the other way round: a classifier with the diffusion loss or a scheduler.
+    with pytest.raises(ValueError, match="denial_of_service' is for diffusion UNets"):
+        SophonTrainer(SmallCNN(), config(out), train_dataset=image_dataset(8), restricted_dataset=image_dataset(8))
+    with pytest.raises(ValueError, match="drop noise_scheduler"):
+        get_task(SmallCNN(), noise_scheduler=scheduler())
+
+
+def test_image_columns_of_hub_datasets_map_to_pixel_values():
+    """Tiny stand-ins shaped like `uoft-cs/cifar100` (`img`, 32x32 RGB) and `nielsr/CelebA-faces` (`image`)."""
+    rng = np.random.default_rng(0)
+    cifar = Dataset.from_dict(
+        {
+            "img": [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(3)],
+            "fine_label": [1, 2, 3],
+            "coarse_label": [0, 0, 1],
+        }
+    )
+    celeba = Dataset.from_dict(
+        {"image": [Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)) for _ in range(2)]}
+    )
+    unet = tiny_unet(size=32, channels=3)
+    task = DiffusionTask(unet, scheduler())
+    for raw in (cifar, celeba):
+        prepared = task.prepare_dataset(images_to_pixel_values(raw, image_size=32, num_channels=3), "d")
+        pixels = prepared[:]["pixel_values"]
+        assert pixels.shape == (len(raw), 3, 32, 32) and pixels.min() >= -1 and pixels.max() <= 1
+    # The CIFAR image passes through unchanged (already 32x32): pixel (0, 0) maps exactly.
+    first = np.asarray(cifar[0]["img"], dtype=np.float32)[0, 0] / 127.5 - 1
+    mapped = images_to_pixel_values(cifar, 32, 3).with_format("torch")[0]["pixel_values"][:, 0, 0]
+    np.testing.assert_allclose(mapped.numpy(), first, atol=1e-6)
+    with pytest.raises(ValueError, match="image_column="):
+        images_to_pixel_values(Dataset.from_dict({"x": [1]}), 32, 3)
+
+
+# ---------------------------------------------------------------------- the attack harness on a UNet
+def test_attack_harness_full_and_lora_on_a_unet(tmp_path):
+    from sophon_hf.attacks import AttackSpec, evaluate_finetuning_resistance
+
+    protected, unprotected = tiny_unet(0), tiny_unet(1)
+    before = {n: p.detach().clone() for n, p in protected.named_parameters()}
+    attacks = [
+        AttackSpec(strategy="full", optimizer="adam", learning_rate=1e-3, steps=2, batch_size=4),
+        AttackSpec(
+            strategy="lora",
+            optimizer="adam",
+            learning_rate=1e-3,
+            steps=2,
+            batch_size=4,
+            lora_target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+        ),
+    ]
+    report = evaluate_finetuning_resistance(
+        protected,
+        pixels_dataset(8, seed=1),
+        pixels_dataset(4, seed=2),
+        attacks=attacks,
+        reference_model=unprotected,
+        noise_scheduler=scheduler(),
+    ).to_dict()
+    assert report["metric"] == "denoising_mse" and report["higher_is_better"] is False
+    for record in report["attacks"]:
+        assert set(record["curves"]) == {"protected", "unprotected", "scratch"}
+        assert all(np.isfinite(v) for curve in record["curves"].values() for _, v in curve)
+    assert all(torch.equal(p, before[n]) for n, p in protected.named_parameters())
+
+
+# ---------------------------------------------------------------------- end to end on real digits
+def _finetune(unet, task, pixels, steps, lr, seed):
+    model = copy.deepcopy(unet)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        index = torch.randint(len(pixels), (32,), generator=g)
+        loss, _ = task.loss(model, {"pixel_values": pixels[index]}, generator=g)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+@pytest.mark.slow
+def test_end_to_end_protection_on_real_digits(tmp_path):
+    data = load_digits_and_photo_patches(16, 1000, 200, 300, 100, seed=0)
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    unprotected = tiny_unet()
+    task = DiffusionTask(unprotected, sched)
+    unprotected = _finetune(unprotected, task, data["original_train"][:]["pixel_values"], 400, 2e-3, 0)
+
+    protected = copy.deepcopy(unprotected)
+    args = config(
+        str(tmp_path / "p"),
+        max_steps=60,
+        inner_steps=3,
+        per_device_train_batch_size=32,
+        inner_optimizers=["sgd:1e-3", "adam:1e-3"],
+        fts_learning_rate=1e-4,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+    )
+    SophonTrainer(
+        protected,
+        args,
+        train_dataset=data["original_train"],
+        restricted_dataset=data["restricted_train"],
+        noise_scheduler=sched,
+    ).train()
+
+    original = task.prepare_dataset(data["original_test"], "original_test")
+    restricted = task.prepare_dataset(data["restricted_test"], "restricted_test")
+    assert task.evaluate(protected, original) <= 1.1 * task.evaluate(unprotected, original)
+    pixels = data["restricted_train"][:]["pixel_values"]
+    attacked = {name: _finetune(m, task, pixels, 50, 1e-4, 1) for name, m in [("p", protected), ("u", unprotected)]}
+    assert task.evaluate(attacked["p"], restricted) > 1.5 * task.evaluate(attacked["u"], restricted)
+
+
+# ---------------------------------------------------------------------- the script
+def test_protect_diffusion_script_on_local_standins_of_hub_datasets(tmp_path):
+    """`trainers/protect_diffusion.py` end to end on folders shaped like CIFAR-100 (`img`) and CelebA (`image`)."""
+    from datasets import DatasetDict
+    from diffusers import DDPMScheduler as Scheduler
+
+    from sophon_hf.trainers.protect_diffusion import main, parse_args
+
+    rng = np.random.default_rng(0)
+
+    def images(n, h, w):
+        return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(n)]
+
+    DatasetDict(
+        train=Dataset.from_dict({"img": images(8, 32, 32), "fine_label": list(range(8))}),
+        test=Dataset.from_dict({"img": images(4, 32, 32), "fine_label": list(range(4))}),
+    ).save_to_disk(str(tmp_path / "cifar"))
+    Dataset.from_dict({"image": images(12, 218, 178)}).save_to_disk(str(tmp_path / "celeba"))
+    # The paper recipe with the Hub model dropped (a small UNet is built instead) and local data folders.
+    with open(
+        os.path.join(os.path.dirname(__file__), "..", "trainers", "configs", "diffusion_cifar100_celeba.yaml")
+    ) as f:
+        recipe = yaml.safe_load(f)
+    assert recipe.pop("model_name_or_path") == "google/ddpm-cifar10-32"
+    assert (recipe["original_dataset"], recipe["restricted_dataset"]) == ("uoft-cs/cifar100", "nielsr/CelebA-faces")
+    with open(tmp_path / "recipe.yaml", "w") as f:
+        yaml.safe_dump(recipe, f)
+    output = tmp_path / "protected"
+    script_args, training_args, model_args = parse_args(
+        ["--config", str(tmp_path / "recipe.yaml")]
+        + f"--original_dataset {tmp_path / 'cifar'} --restricted_dataset {tmp_path / 'celeba'} "
+        f"--sample_size 16 --in_channels 3 --block_out_channels 16 32 "
+        f"--num_train_timesteps 50 --pretrain_steps 1 --max_steps 2 --inner_steps 1 --ntr_steps 1 "
+        f"--per_device_train_batch_size 4 --restricted_batch_size 4 --eval_steps 2 --save_strategy no --bf16 false "
+        f"--dataloader_num_workers 0 --use_cpu true --eval_fraction 0.25 --num_sample_images 2 "
+        f"--num_inference_steps 2 --output_dir {output} --disable_tqdm true".split()
+    )
+    assert training_args.restricted_loss == "denial_of_service" and training_args.fts_learning_rate == 5e-6
+    assert script_args.restricted_eval_split is None and training_args.simulation_strategies == ["full", "lora"]
+    main(script_args, training_args, model_args)
+    unet = UNet2DModel.from_pretrained(str(output))
+    assert unet.config.in_channels == 3 and Scheduler.from_pretrained(str(output)).config.num_train_timesteps == 50
+    assert os.path.isfile(output / "samples.png") and os.path.isfile(output / "protected_results.json")
