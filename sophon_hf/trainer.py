@@ -10,7 +10,7 @@ import numpy as np
 import safetensors.torch
 import torch
 import torch.nn as nn
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import EvalPrediction
 
 from .config import SophonConfig
@@ -222,6 +222,12 @@ class SophonTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         module = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if isinstance(module, PreTrainedModel):
+            # Through from_pretrained: transformers 5 saves some architectures (e.g. ViT) under their legacy key
+            # names and only from_pretrained maps them back; Trainer's raw state-dict load would silently skip them.
+            reloaded = type(module).from_pretrained(resume_from_checkpoint, config=module.config)
+            module.load_state_dict(reloaded.state_dict())
+            return
         if not _is_diffusers_model(module):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from diffusers.utils import SAFETENSORS_WEIGHTS_NAME

@@ -1,0 +1,49 @@
+import math
+
+import pytest
+import torch
+
+from sophon_hf.losses import (
+    classification_suppression_loss,
+    denial_of_service,
+    inverse_cross_entropy,
+    inverse_cross_entropy_negated_logits,
+    kl_uniform,
+)
+
+
+def test_inverse_cross_entropy_matches_hand_computation():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = torch.tensor([0, 2])
+    p = torch.softmax(logits, -1)
+    expected = (-torch.log(1 - p[0, 0]) - torch.log(1 - p[1, 2])) / 2
+    assert torch.allclose(inverse_cross_entropy(logits, labels), expected, atol=1e-6)
+    assert math.isclose(inverse_cross_entropy(torch.zeros(1, 2), torch.tensor([1])).item(), math.log(2), rel_tol=1e-6)
+
+
+def test_inverse_cross_entropy_is_stable_when_true_class_dominates():
+    # p_y = 1 - 1e-40 in float32: the naive -log(1 - p_y) is inf, the logsumexp form is exact (= 100).
+    logits = torch.tensor([[100.0, 0.0]])
+    assert torch.isclose(inverse_cross_entropy(logits, torch.tensor([0])), torch.tensor(100.0), atol=1e-4)
+
+
+def test_negated_logits_variant_is_cross_entropy_of_negated_logits():
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    p = torch.softmax(-logits, -1)
+    assert torch.allclose(inverse_cross_entropy_negated_logits(logits, torch.tensor([1])), -torch.log(p[0, 1]))
+
+
+def test_kl_uniform_hand_computed_and_zero_at_uniform():
+    logits = torch.tensor([[0.0, math.log(3.0)]])  # p = (1/4, 3/4)
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    assert math.isclose(kl_uniform(logits).item(), expected, rel_tol=1e-5)
+    assert kl_uniform(torch.full((4, 7), 3.0)).abs().item() < 1e-6
+
+
+def test_denial_of_service_is_mean_squared_prediction():
+    assert denial_of_service(torch.tensor([[1.0, -2.0], [0.0, 3.0]])).item() == pytest.approx((1 + 4 + 0 + 9) / 4)
+
+
+def test_unknown_or_wrong_task_loss_is_refused():
+    with pytest.raises(ValueError, match="denial_of_service"):
+        classification_suppression_loss("denial_of_service", torch.zeros(1, 2), torch.tensor([0]))

@@ -1,0 +1,256 @@
+"""SophonTrainer on tiny models: strategies, state handling, resume, guards and bad input."""
+
+import os
+
+import pytest
+import torch
+from conftest import SmallCNN, image_dataset, text_dataset, tiny_bert, tiny_resnet, tiny_vit
+from datasets import Dataset
+from transformers import TrainerCallback
+
+from sophon_hf import SophonConfig, SophonTrainer
+
+ALL_STRATEGIES = ["full", "full_reinit_head", "linear_probe", "lora"]
+
+
+def _config(tmp_output, **overrides):
+    defaults = dict(
+        output_dir=tmp_output,
+        max_steps=3,
+        per_device_train_batch_size=8,
+        inner_steps=2,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return SophonConfig(**{**defaults, **overrides})
+
+
+def _trainer(model, tmp_output, train=None, restricted=None, **overrides):
+    train = train if train is not None else image_dataset(32, seed=1)
+    restricted = restricted if restricted is not None else image_dataset(32, seed=2, shift=0.3)
+    return SophonTrainer(
+        model, args=_config(tmp_output, **overrides), train_dataset=train, restricted_dataset=restricted
+    )
+
+
+@pytest.mark.parametrize(
+    "make_model, data",
+    [(tiny_vit, "image"), (tiny_resnet, "image"), (tiny_bert, "text"), (SmallCNN, "image")],
+    ids=["vit", "resnet", "bert", "plain-cnn"],
+)
+def test_every_strategy_and_optimizer_trains_every_parameter(make_model, data, tmp_output):
+    model = make_model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    make = image_dataset if data == "image" else text_dataset
+    trainer = _trainer(
+        model,
+        tmp_output,
+        train=make(32, seed=1),
+        restricted=make(32, seed=2),
+        max_steps=8,
+        simulation_strategies=ALL_STRATEGIES,
+        inner_optimizers=["sgd", "sgd_momentum", "adam:1e-3", "rmsprop:1e-3", "adagrad"],
+        restricted_loss="kl_uniform",
+    )
+    trainer.train()
+    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert unchanged == []
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert {"fts/query_loss", "fts/query_accuracy", "fts/grad_norm", "ntr/loss"} <= logged
+
+
+def test_batchnorm_statistics_never_absorb_restricted_data(tmp_output):
+    model = tiny_resnet()
+    trainer = _trainer(model, tmp_output, simulation_strategies=ALL_STRATEGIES)
+    trainer.create_optimizer()
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for step in range(4):  # every strategy, sampled by step
+        trainer.state.global_step = step
+        assert trainer._fine_tuning_simulation_step()
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, buffers[name]), name
+    assert any(not torch.equal(p, weights[n]) for n, p in model.named_parameters())
+
+
+def test_ntr_steps_take_separate_optimizer_steps(tmp_output):
+    model = SmallCNN()
+    trainer = _trainer(model, tmp_output, ntr_steps=3, max_steps=2)
+    trainer.train()
+    # Trainer's own loop steps once per outer iteration; the two extra NTR steps are ours.
+    assert trainer.state.global_step == 2
+    state = trainer.optimizer.state_dict()["state"]
+    assert int(next(iter(state.values()))["step"]) == 2 * 3
+    assert len([v for v in trainer.state.log_history if "ntr/loss" in v]) == 2
+
+
+class _Interrupt(TrainerCallback):
+    def __init__(self, at: int):
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            control.should_training_stop = True
+
+
+def test_resume_from_checkpoint_continues_exactly(tmp_path):
+    def run(output_dir, resume=None, interrupt_at=None):
+        model = tiny_vit(seed=3)
+        trainer = _trainer(
+            model,
+            str(output_dir),
+            max_steps=6,
+            save_strategy="steps",
+            save_steps=3,
+            simulation_strategies=ALL_STRATEGIES,
+            inner_optimizers=["sgd", "adam:1e-3"],
+        )
+        if interrupt_at:
+            trainer.add_callback(_Interrupt(interrupt_at))
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "interrupted", interrupt_at=3)
+    checkpoint = tmp_path / "interrupted" / "checkpoint-3"
+    assert (checkpoint / "fts_optimizer.pt").is_file() and (checkpoint / "model.safetensors").is_file()
+    resumed = run(tmp_path / "interrupted", resume=str(checkpoint))
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_floor_guard_stops_and_restores_last_good_weights(tmp_output):
+    accuracies = iter([0.9, 0.2])
+    snapshots = []
+
+    class Snapshot:
+        def __call__(self, eval_prediction):
+            snapshots.append({n: p.detach().clone() for n, p in model.named_parameters()})
+            return {"accuracy": next(accuracies)}
+
+    model = SmallCNN()
+    config = _config(tmp_output, max_steps=10, eval_strategy="steps", eval_steps=2, original_accuracy_floor=0.8)
+    trainer = SophonTrainer(
+        model,
+        args=config,
+        train_dataset=image_dataset(32, seed=1),
+        restricted_dataset=image_dataset(32, seed=2),
+        eval_dataset=image_dataset(16, seed=3),
+        compute_metrics=Snapshot(),
+    )
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert "original_accuracy_floor" in trainer.stop_reason
+    for name, p in model.named_parameters():
+        assert torch.equal(p, snapshots[0][name])
+        assert not torch.equal(p, snapshots[1][name])
+
+
+def test_non_finite_loss_stops_cleanly_and_keeps_finite_weights(tmp_output):
+    model = SmallCNN()
+    poisoned = image_dataset(32, seed=2).to_dict()
+    poisoned["pixel_values"][0][0][0][0] = float("nan")
+    trainer = _trainer(
+        model, tmp_output, restricted=Dataset.from_dict(poisoned), max_steps=5, restricted_batch_size=32
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert "non-finite" in trainer.stop_reason
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_eval_on_original_and_restricted_is_namespaced(tmp_output):
+    trainer = SophonTrainer(
+        SmallCNN(),
+        args=_config(tmp_output, max_steps=1),
+        train_dataset=image_dataset(32, seed=1),
+        restricted_dataset=image_dataset(32, seed=2),
+        eval_dataset=image_dataset(16, seed=3),
+        restricted_eval_dataset=image_dataset(16, seed=4),
+    )
+    metrics = trainer.evaluate()
+    assert 0 <= metrics["eval_original_accuracy"] <= 1 and 0 <= metrics["eval_restricted_accuracy"] <= 1
+
+
+def test_save_model_writes_safetensors_that_reload(tmp_output):
+    from transformers import ViTForImageClassification
+
+    model = tiny_vit()
+    trainer = _trainer(model, tmp_output, max_steps=1)
+    trainer.train()
+    trainer.save_model()
+    assert os.path.isfile(os.path.join(tmp_output, "model.safetensors"))
+    assert not any(f.endswith((".bin", ".pt", ".pth")) and "training_args" not in f for f in os.listdir(tmp_output))
+    reloaded = ViTForImageClassification.from_pretrained(tmp_output)
+    for (n, a), (_, b) in zip(model.named_parameters(), reloaded.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+# ---------------------------------------------------------------------- bad input
+def test_missing_restricted_dataset(tmp_output):
+    with pytest.raises(ValueError, match="restricted_dataset"):
+        SophonTrainer(SmallCNN(), args=_config(tmp_output), train_dataset=image_dataset())
+
+
+@pytest.mark.parametrize(
+    "dataset, match",
+    [
+        (Dataset.from_dict({"pixel_values": [[[[0.0]]]], "label": [0]}), "rename_column"),
+        (Dataset.from_dict({"image": [[0.0]], "labels": [0]}), "image processor"),
+        (Dataset.from_dict({"pixel_values": [[[[0.0]]]] * 2, "labels": [0, 7]}), r"label ids in \[0, 7\]"),
+        (Dataset.from_dict({"pixel_values": [], "labels": []}), "empty"),
+    ],
+    ids=["label-not-labels", "raw-images", "labels-out-of-range", "empty"],
+)
+def test_bad_restricted_datasets(dataset, match, tmp_output):
+    with pytest.raises(ValueError, match=match):
+        _trainer(SmallCNN(), tmp_output, restricted=dataset)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"simulation_strategies": ["prompt_tuning"]}, "Unknown simulation strategy"),
+        ({"restricted_loss": "gradient_ascent"}, "Unknown restricted_loss"),
+        ({"inner_optimizers": ["lbfgs"]}, "Unknown inner optimizer"),
+        ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=1"),
+        ({"inner_steps": 0}, "inner_steps"),
+    ],
+)
+def test_bad_config(overrides, match, tmp_output):
+    with pytest.raises(ValueError, match=match):
+        _config(tmp_output, **overrides)
+
+
+def test_lora_targets_matching_nothing(tmp_output):
+    with pytest.raises(ValueError, match="match nothing"):
+        _trainer(tiny_vit(), tmp_output, simulation_strategies=["lora"], lora_target_modules=["nope"])
+
+
+def test_model_that_is_not_a_classifier(tmp_output):
+    from transformers import BertConfig, BertModel
+
+    model = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2))
+    with pytest.raises(ValueError, match="not a classifier"):
+        _trainer(model, tmp_output, train=text_dataset(), restricted=text_dataset())
+
+
+def test_diffusion_loss_on_classifier(tmp_output):
+    with pytest.raises(ValueError, match="denial_of_service"):
+        _trainer(SmallCNN(), tmp_output, restricted_loss="denial_of_service")
+
+
+def test_floor_without_eval_dataset(tmp_output):
+    with pytest.raises(ValueError, match="original_accuracy_floor needs"):
+        _trainer(SmallCNN(), tmp_output, original_accuracy_floor=0.8)
+
+
+def test_head_is_found_and_overridable(tmp_output):
+    assert _trainer(tiny_resnet(), tmp_output).task.head_name == "classifier.1"
+    assert _trainer(SmallCNN(), tmp_output).task.head_name == "fc"
+    with pytest.raises(ValueError, match="not a module"):
+        _trainer(SmallCNN(), tmp_output, head_name="classifier")
