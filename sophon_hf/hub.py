@@ -19,7 +19,7 @@ import fnmatch
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch.nn as nn
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, get_token
@@ -46,7 +46,14 @@ PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.j
 EXCLUDED_DIRS = ("checkpoint-*", "runs", ".*", "__pycache__")
 # Files of earlier pushes that would contradict this one if left on the branch: stale weights (pickled ones
 # included, which `from_pretrained` may still pick up), and an old report that describes other weights.
-STALE_REMOTE_PATTERNS = (*PICKLE_PATTERNS, "*.safetensors", "*.safetensors.index.json", "report.json", "report.md")
+STALE_REMOTE_PATTERNS = (
+    *PICKLE_PATTERNS,
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "report.json",
+    "report.md",
+    "attack_curves.png",
+)
 WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
 LOGIN_FIX = "run `hf auth login` (or `huggingface-cli login`), set the HF_TOKEN environment variable, or pass a token"
 
@@ -208,7 +215,7 @@ def check_card_matches(folder: str | Path) -> None:
         raise ValueError(f"The model card in {folder} does not match its report.json: {'; '.join(problems)}. {fix}")
 
 
-def _raise_for_hub_error(error: HfHubHTTPError, repo_id: str, folder: Path) -> None:
+def _raise_for_hub_error(error: HfHubHTTPError, repo_id: str, folder: Path) -> NoReturn:
     status = getattr(getattr(error, "response", None), "status_code", None)
     untouched = f"Nothing in {folder} was changed."
     if status == 401 or (isinstance(error, RepositoryNotFoundError) and status in (None, 401, 404)):
@@ -344,7 +351,7 @@ def push_folder(
         )
     except HfHubHTTPError as error:
         _raise_for_hub_error(error, repo_id, folder)
-    except OSError as error:  # network failures (connection reset, timeout) surface as OSError subclasses
+    except Exception as error:  # connection resets, timeouts, ... (httpx's transport errors are not OSErrors)
         raise HubPublishError(
             f"Uploading {folder} to {repo_id!r} failed: {error}. Nothing in {folder} was changed and the remote "
             "branch keeps its previous commit; run the same push again to continue (files the Hub already holds "

@@ -113,6 +113,14 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
+def _format_setting(value: Any) -> str:
+    if isinstance(value, str):
+        return f"`{value}`"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return _format_value(value)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -441,9 +449,11 @@ def generate_model_card(
         "metric_label": metric,
         "higher_is_better": higher_is_better,
         "hyperparameter_rows": [
-            {"name": name, "value": _format_value(sophon_config[name]), "help": help_text}
+            {"name": name, "value": _format_setting(sophon_config[name]), "help": help_text}
             for name, help_text in CARD_HYPERPARAMETERS.items()
-            if name in sophon_config
+            # Unset options and the LoRA rank of a simulation without LoRA say nothing about this model.
+            if sophon_config.get(name) is not None
+            and (name != "lora_r" or "lora" in (sophon_config.get("simulation_strategies") or []))
         ],
         "report": report,
         "curves_image": curves_image,
@@ -463,6 +473,21 @@ def generate_model_card(
     environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
     content = environment.from_string(template_text).render(**context)
     return ModelCard(re.sub(r"\n{3,}", "\n\n", content).strip() + "\n")
+
+
+def _describe_scratch_recipe(recipe: dict[str, Any] | str) -> str:
+    if not isinstance(recipe, dict):
+        return str(recipe)
+    parts = []
+    if "optimizer" in recipe:
+        parts.append(f"`{recipe['optimizer']}`")
+    if _is_number(recipe.get("learning_rate")):
+        parts.append(f"learning rate {recipe['learning_rate']:g}")
+    if recipe.get("schedule"):
+        parts.append(f"{recipe['schedule']} schedule")
+    if _is_number(recipe.get("weight_decay")):
+        parts.append(f"weight decay {recipe['weight_decay']:g}")
+    return ", ".join(parts) + "; the same steps, batch size and seed as each attack" if parts else ""
 
 
 def _report_context(
@@ -550,9 +575,7 @@ def _report_context(
         "overall_sentence": overall,
         "untested": _untested(report, task) or ["nothing within the harness's families"],
         "fingerprint": fingerprints.get("protected"),
-        "scratch_recipe": ", ".join(f"{key} {value}" for key, value in recipe.items())
-        if isinstance(recipe, dict)
-        else str(recipe),
+        "scratch_recipe": _describe_scratch_recipe(recipe),
         "suite_hint": report.get("suite") or "standard",
     }
 

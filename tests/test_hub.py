@@ -225,10 +225,15 @@ def test_no_permission_is_a_clear_error_and_local_files_are_intact(tmp_path, hub
     assert hub.files("other/vit") == []
 
 
-def test_failure_half_way_loses_nothing_and_a_rerun_completes(tmp_path, hub):
+class TransportError(Exception):
+    """Like httpx's transport errors: not an OSError."""
+
+
+@pytest.mark.parametrize("error", [ConnectionResetError("connection reset by peer"), TransportError("timed out")])
+def test_failure_half_way_loses_nothing_and_a_rerun_completes(tmp_path, hub, error):
     folder = protected_folder(tmp_path / "out")
     before = snapshot(folder)
-    hub.fail_next_commit = ConnectionResetError("connection reset by peer")
+    hub.fail_next_commit = error
 
     with pytest.raises(HubPublishError, match="run the same push again"):
         push_folder(folder, "me/vit-sophon")

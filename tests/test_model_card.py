@@ -170,7 +170,7 @@ def test_card_text_names_scratch_worst_attack_and_verdicts():
     assert "diverged; best before" in text
     assert "Resistance is measured, not proven" in text
     assert "sophon-hf verify --model" in text and "@inproceedings{deng2024sophon" in text
-    assert "`kl_uniform`" not in text and "| `restricted_loss` | kl_uniform |" in text
+    assert "| `restricted_loss` | `kl_uniform` |" in text and "| `fts_learning_rate` | 0.0001 |" in text
     assert "HUB_TOKEN" not in text
 
 
