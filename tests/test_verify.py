@@ -148,3 +148,32 @@ def test_verify_a_pushed_model_by_its_hub_id(published, tmp_path, monkeypatch, c
     assert "The published claim holds: 2 attack(s)" in capsys.readouterr().out
     assert "*.safetensors" in requested["allow_patterns"]
     assert not any(pattern.endswith((".bin", ".pt", ".pkl")) for pattern in requested["allow_patterns"])
+
+
+def test_verify_a_diffusion_unet_with_its_scheduler(tmp_path, capsys):
+    from diffusers import DDPMScheduler
+    from test_model_card import tiny_unet
+
+    g = torch.Generator().manual_seed(0)
+    images = lambda n: Dataset.from_dict({"pixel_values": (torch.rand(n, 1, 16, 16, generator=g) * 2 - 1).numpy()})  # noqa: E731
+    data = DatasetDict(train=images(16), test=images(8))
+    data.save_to_disk(str(tmp_path / "restricted"))
+    folder = tmp_path / "unet"
+    unet = tiny_unet()
+    unet.save_pretrained(folder)
+    # A non-default schedule: verify must use the published one (scheduler_config.json), not DDPMScheduler().
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    scheduler.save_pretrained(folder)
+    attacks = [
+        AttackSpec(strategy="full", optimizer="adam", learning_rate=1e-3, steps=2, batch_size=8, eval_interval=2)
+    ]
+    report = evaluate_finetuning_resistance(
+        unet, data["train"], data["test"], attacks=attacks, noise_scheduler=scheduler
+    )
+    report.save(str(folder))
+    write_model_card(folder, restricted_domain="noise images")
+
+    args = ["verify", "--model", str(folder), "--restricted-test", str(tmp_path / "restricted"), "--tolerance", "1e-6"]
+    assert cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "denoising_mse: published -> re-run" in out and f"HOLDS         {attacks[0].name}" in out
