@@ -576,7 +576,6 @@ def _report_context(
         "untested": _untested(report, task) or ["nothing within the harness's families"],
         "fingerprint": fingerprints.get("protected"),
         "scratch_recipe": _describe_scratch_recipe(recipe),
-        "suite_hint": report.get("suite") or "standard",
     }
 
 
