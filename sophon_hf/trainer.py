@@ -210,15 +210,98 @@ class SophonTrainer(Trainer):
         self.fts_optimizer.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
         module = self.accelerator.unwrap_model(self.model)
-        if not _is_diffusers_model(module):
-            return super()._save(output_dir, state_dict)
+        if _is_diffusers_model(module):
+            self._save_diffusers(module, output_dir)
+        else:
+            super()._save(output_dir, state_dict)
+        # Every saved folder (final model and checkpoints) carries its model card.
+        self.create_model_card(output_dir=output_dir)
+
+    def _save_diffusers(self, module: nn.Module, output_dir: str) -> None:
         # Diffusers models are saved in their own folder format (config.json + diffusion_pytorch_model.safetensors),
         # never as a raw state dict, so that `UNet2DModel.from_pretrained` and pipelines load them.
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
             module.save_pretrained(output_dir, safe_serialization=True)
+            # The scheduler travels with the UNet: denoising numbers (and `sophon-hf verify`) depend on it.
+            self.task.noise_scheduler.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    # ------------------------------------------------------------------ model card and Hub
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | list[str] | None = None,
+        tags: str | list[str] | None = None,
+        output_dir: str | None = None,
+        **kwargs,
+    ) -> None:
+        """Write `README.md` (the SOPHON model card) into `output_dir` (default: `args.output_dir`).
+
+        The card includes the measured resistance when the folder holds a `report.json` (written by
+        `report.save(folder)` or `sophon-hf attack --output folder`), and says plainly that resistance has not been
+        measured otherwise. Only the main process writes.
+        """
+        if not self.is_world_process_zero():
+            return
+        from .model_card import write_model_card
+
+        output_dir = output_dir or self.args.output_dir
+        module = self.accelerator.unwrap_model(self.model)
+        base_model = getattr(getattr(module, "config", None), "_name_or_path", None) or None
+        if base_model is not None and os.path.isdir(base_model):
+            base_model = None  # a local folder is not a Hub reference
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        datasets = [dataset_name] if isinstance(dataset_name, str) else dataset_name
+        write_model_card(
+            output_dir,
+            model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
+            base_model=base_model,
+            task=self.task.name,
+            library_name="diffusers" if _is_diffusers_model(module) else "transformers",
+            model_class=type(module).__name__,
+            original_domain=self.args.original_domain,
+            restricted_domain=self.args.restricted_domain,
+            sophon_config=self.args.to_dict(),
+            datasets=datasets,
+            repo_id=self.args.hub_model_id,
+            tags=[*self._tag_names, *tags],
+        )
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        **kwargs,
+    ) -> str | None:
+        """Save the model and its card, then upload the folder in one commit through `sophon_hf.hub.push_folder`.
+
+        Uploads safetensors weights, configs, the card, and `report.json` with its plots when present; never pickle
+        files. A failed upload leaves every local file in place; rerun to continue.
+        """
+        from .hub import push_folder
+
+        self.save_model()
+        if not self.is_world_process_zero():
+            return None
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        return push_folder(
+            self.args.output_dir,
+            repo_id,
+            private=bool(private if private is not None else self.args.hub_private_repo),
+            revision=revision if revision is not None else self.args.hub_revision,
+            token=token or self.args.hub_token,
+            commit_message=commit_message,
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # Intermediate uploads would bypass the single push_folder path (and publish unmeasured weights);
+        # `trainer.push_to_hub()` publishes the final model.
+        return
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         module = self.accelerator.unwrap_model(model if model is not None else self.model)

@@ -322,3 +322,37 @@ def test_cli_push_writes_a_missing_or_stale_card_then_publishes(tmp_path, hub, c
 
     with pytest.raises(SystemExit, match="not a valid Hub repo id"):
         cli_main(["push", "--model", str(folder), "--repo-id", "not//valid"])
+
+
+def test_trainer_saves_a_card_and_pushes_through_push_folder(tmp_path, hub):
+    from conftest import image_dataset
+
+    from sophon_hf import SophonConfig, SophonTrainer
+
+    model = tiny_vit()
+    args = SophonConfig(
+        output_dir=str(tmp_path / "vit-protected"),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        inner_steps=2,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        hub_model_id="me/vit-protected",
+        restricted_domain="digits 5-9",
+    )
+    trainer = SophonTrainer(
+        model, args=args, train_dataset=image_dataset(16, seed=1), restricted_dataset=image_dataset(16, seed=2)
+    )
+    trainer.train()
+    trainer.save_model()
+    card = ModelCard.load(tmp_path / "vit-protected" / "README.md")
+    assert "sophon" in card.data.tags and "not been measured" in card.text and "digits 5-9" in card.text
+
+    trainer.push_to_hub()
+    arrived = hub.files("me/vit-protected")
+    assert "model.safetensors" in arrived and "README.md" in arrived
+    assert not any(name.endswith(PICKLE_SUFFIXES) for name in arrived)
+    reloaded = ViTForImageClassification.from_pretrained(hub.branch_dir("me/vit-protected"))
+    assert model_fingerprint(reloaded) == model_fingerprint(model)
