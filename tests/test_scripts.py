@@ -1,0 +1,339 @@
+"""`trainers/protect_classifier.py`: every recipe parses, the paper recipes run end to end on local stand-ins with the
+real datasets' column layout (only the download is not exercised), the offline `builtin:mnist` recipe runs, and the
+script runs on 2 CPU processes through `accelerate launch`."""
+
+import glob
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_from_disk
+from PIL import Image as PILImage
+
+from sophon_hf.trainers import protect_classifier as script
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAINERS = os.path.join(REPO, "trainers")
+RECIPES = sorted(glob.glob(os.path.join(TRAINERS, "configs", "*.yaml")))
+CLASSIFIER_RECIPES = [r for r in RECIPES if not os.path.basename(r).startswith("diffusion_")]
+PAPER_RECIPES = [r for r in CLASSIFIER_RECIPES if os.path.basename(r).startswith("imagenette_cifar10_")]
+IMAGENETTE_NAMES = [
+    "tench",
+    "springer",
+    "cassette",
+    "chainsaw",
+    "church",
+    "horn",
+    "truck",
+    "pump",
+    "golf",
+    "parachute",
+]
+CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# Seconds-long runs: outer iterations, batches and pre-training cut down; everything else as in the recipe.
+FAST = [
+    "--max_steps", "2", "--pretrain_steps", "2", "--inner_steps", "2", "--per_device_train_batch_size", "4",
+    "--restricted_batch_size", "4", "--per_device_eval_batch_size", "32", "--dataset_num_proc", "1",
+    "--bf16", "false", "--use_cpu", "true", "--save_strategy", "no", "--logging_steps", "1",
+]  # fmt: skip
+# bf16 recipes are for GPUs: TrainingArguments refuses bf16 on a machine without one, so parse them with it off there.
+NO_GPU = [] if torch.cuda.is_available() else ["--bf16", "false"]
+TINY_VIT_28 = "image_size=28,patch_size=14,num_channels=1,hidden_size=16,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32"
+
+
+@pytest.fixture
+def one_thread():
+    # The test machine's cores are shared: one intra-op thread avoids OpenMP contention (100x slower steps measured).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _images(n: int, labels: np.ndarray, rng: np.random.Generator, size) -> list:
+    images = []
+    for i, label in enumerate(labels):
+        h, w = size if size else rng.integers(10, 20, 2)
+        pixels = (rng.random((h, w, 3)) * 100 + 15 * label).astype(np.uint8)
+        image = PILImage.fromarray(pixels)
+        # Like ImageNette's JPEGs: a few grayscale images among the RGB ones.
+        images.append(image.convert("L") if size is None and i % 5 == 0 else image)
+    return images
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory):
+    """Local data and models with the real ones' layout: ImageNette's parquet export, CIFAR-10, ResNet, ViT."""
+    from transformers import (
+        ResNetConfig,
+        ResNetForImageClassification,
+        ViTConfig,
+        ViTForImageClassification,
+        ViTImageProcessor,
+    )
+
+    root = tmp_path_factory.mktemp("stand_ins")
+    rng = np.random.default_rng(0)
+    # frgfm/imagenette at refs/convert/parquet: <size>/<split>/0000.parquet, columns image (mixed sizes/modes) + label.
+    imagenette = Features({"image": Image(), "label": ClassLabel(names=IMAGENETTE_NAMES)})
+    for size_dir in ("160px", "320px"):
+        for split, n in (("train", 24), ("validation", 12)):
+            labels = rng.integers(0, 10, n)
+            os.makedirs(root / "imagenette" / size_dir / split)
+            data = {"image": _images(n, labels, rng, None), "label": labels.tolist()}
+            Dataset.from_dict(data, features=imagenette).to_parquet(
+                root / "imagenette" / size_dir / split / "0000.parquet"
+            )
+    # uoft-cs/cifar10: splits train/test, columns img (32x32 RGB) + label.
+    cifar = Features({"img": Image(), "label": ClassLabel(names=CIFAR_NAMES)})
+    splits = {}
+    for split, n in (("train", 24), ("test", 12)):
+        labels = rng.integers(0, 10, n)
+        splits[split] = Dataset.from_dict({"img": _images(n, labels, rng, (32, 32)), "label": labels.tolist()}, cifar)
+    DatasetDict(splits).save_to_disk(str(root / "cifar10"))
+    # Pre-trained models with a 7-way head (standing in for ImageNet's 1000) and their image processor.
+    processor = ViTImageProcessor(size={"height": 8, "width": 8})
+    torch.manual_seed(0)
+    models = {
+        "resnet": ResNetForImageClassification(
+            ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=7)
+        ),
+        "vit": ViTForImageClassification(
+            ViTConfig(
+                image_size=8,
+                patch_size=4,
+                num_channels=3,
+                hidden_size=16,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                num_labels=7,
+            )
+        ),
+    }
+    for name, model in models.items():
+        model.save_pretrained(root / name)
+        processor.save_pretrained(root / name)
+    return root
+
+
+# ---------------------------------------------------------------------------------------------------- recipes
+def test_recipes_exist():
+    names = {os.path.basename(r) for r in CLASSIFIER_RECIPES}
+    assert {
+        "imagenette_cifar10_resnet18.yaml",
+        "imagenette_cifar10_resnet50.yaml",
+        "imagenette_cifar10_vit.yaml",
+        "mnist_vit_cpu.yaml",
+    } <= names
+    configs = {os.path.basename(p) for p in glob.glob(os.path.join(TRAINERS, "accelerate_configs", "*.yaml"))}
+    assert {"cpu_2proc.yaml", "single_gpu.yaml", "multi_gpu.yaml"} <= configs
+
+
+@pytest.mark.parametrize("recipe", CLASSIFIER_RECIPES, ids=os.path.basename)
+def test_recipe_parses_into_the_dataclasses(recipe, tmp_path):
+    with open(recipe) as f:
+        values = yaml.safe_load(f)
+    parsed = script.parse_args(["--config", recipe, *NO_GPU])
+    assert len(parsed) == 3  # HfArgumentParser appends a 4th namespace for keys no dataclass owns
+    for key, value in values.items():
+        if key == "report_to" or (NO_GPU and key == "bf16"):  # TrainingArguments turns report_to "none" into []
+            continue
+        owner = next(args for args in parsed if hasattr(args, key))
+        got = getattr(owner, key)
+        got = getattr(got, "value", got)  # enums such as lr_scheduler_type
+        assert got == value or str(got) == str(value), f"{key}: {got!r} != {value!r}"
+    # The command line overrides the recipe.
+    script_args, training_args, _ = script.parse_args(
+        ["--config", recipe, *NO_GPU, "--max_steps", "7", "--max_length", "9"]
+    )
+    assert (training_args.max_steps, script_args.max_length) == (7, 9)
+
+
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r not in CLASSIFIER_RECIPES], ids=os.path.basename)
+def test_diffusion_recipes_parse(recipe):
+    from sophon_hf.trainers.protect_diffusion import parse_args
+
+    assert len(parse_args(["--config", recipe, *NO_GPU])) == 3
+
+
+def test_paper_recipes_name_the_real_hub_data_and_models():
+    expected = {
+        "imagenette_cifar10_resnet18.yaml": "microsoft/resnet-18",
+        "imagenette_cifar10_resnet50.yaml": "microsoft/resnet-50",
+        "imagenette_cifar10_vit.yaml": "google/vit-base-patch16-224",
+    }
+    assert {os.path.basename(r) for r in PAPER_RECIPES} == set(expected)
+    for recipe in PAPER_RECIPES:
+        script_args, training_args, model_args = script.parse_args(["--config", recipe, *NO_GPU])
+        assert model_args.model_name_or_path == expected[os.path.basename(recipe)]
+        assert (script_args.original_dataset, script_args.original_data_dir) == ("frgfm/imagenette", "320px")
+        assert script_args.original_dataset_revision == "refs/convert/parquet"
+        assert (script_args.original_split, script_args.original_eval_split) == ("train", "validation")
+        assert (script_args.restricted_dataset, script_args.restricted_dataset_config) == (
+            "uoft-cs/cifar10",
+            "plain_text",
+        )
+        assert (script_args.restricted_split, script_args.restricted_eval_split) == ("train", "test")
+        assert training_args.restricted_loss == "inverse_cross_entropy"
+
+
+def test_config_names_a_shipped_recipe_and_rejects_unknown_fields(tmp_path):
+    by_name = script.parse_args(["--config", "mnist_vit_cpu"])
+    by_path = script.parse_args([f"--config={os.path.join(TRAINERS, 'configs', 'mnist_vit_cpu.yaml')}"])
+    assert by_name[2] == by_path[2] and by_name[0] == by_path[0]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("original_dataset: builtin:mnist\ninner_step: 3\n")
+    with pytest.raises(ValueError, match=r"\['inner_step'\] are not arguments"):
+        script.parse_args(["--config", str(bad)])
+    with pytest.raises(FileNotFoundError, match="no shipped recipe"):
+        script.parse_args(["--config", "no_such_recipe"])
+
+
+# ---------------------------------------------------------------------------------------------------- column mapping
+def test_column_mapping_on_stand_ins(stand_ins):
+    from transformers import AutoImageProcessor
+
+    script_args, _, _ = script.parse_args(
+        ["--config", PAPER_RECIPES[0], *NO_GPU, "--original_dataset", str(stand_ins / "imagenette"),
+         "--restricted_dataset", str(stand_ins / "cifar10"), "--max_eval_samples", "5"]
+    )  # fmt: skip
+    domains = script.load_datasets(script_args, seed=0)
+    (original_train, original_eval, names), (restricted_train, restricted_eval, _) = (
+        domains["original"],
+        domains["restricted"],
+    )
+    # data_dir picked the 320px folder only (the export's sizes are not mixed), eval capped at 5.
+    assert (len(original_train), len(original_eval), len(restricted_train), len(restricted_eval)) == (24, 5, 24, 5)
+    assert names == IMAGENETTE_NAMES
+    assert original_train.column_names == ["image", "labels"] and restricted_train.column_names == ["img", "labels"]
+    processor = AutoImageProcessor.from_pretrained(stand_ins / "resnet")
+    for raw in (original_train, restricted_train):
+        mapped = script.to_model_inputs(raw, processor, script_args, num_channels=3)
+        assert mapped.column_names == ["pixel_values", "labels"]
+        batch = mapped.with_format("torch")[:]
+        assert batch["pixel_values"].shape == (24, 3, 8, 8) and batch["pixel_values"].dtype == torch.float32
+        assert batch["labels"].tolist() == raw["labels"]
+        # The processor's normalisation was applied: mean 0.5, std 0.5 maps [0, 255] to [-1, 1].
+        assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+        assert batch["pixel_values"].min() < 0
+
+
+def test_class_filtering_renumbers_in_the_given_order(stand_ins):
+    script_args, _, _ = script.parse_args(
+        ["--config", PAPER_RECIPES[0], *NO_GPU, "--original_dataset", str(stand_ins / "imagenette"),
+         "--restricted_dataset", str(stand_ins / "cifar10"), "--restricted_classes", "5", "3"]
+    )  # fmt: skip
+    raw = load_from_disk(str(stand_ins / "cifar10"))["train"]["label"]
+    restricted_train = script.load_datasets(script_args, seed=0)["restricted"][0]
+    assert len(restricted_train) == sum(label in (3, 5) for label in raw)
+    assert sorted(restricted_train["labels"]) == sorted(0 if label == 5 else 1 for label in raw if label in (3, 5))
+
+
+def test_text_columns_are_tokenized_to_a_fixed_length(tmp_path):
+    from transformers import BertTokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film"]))
+    tokenizer = BertTokenizer(str(vocab))
+    script_args = script.ScriptArguments(max_length=6)
+    raw = Dataset.from_dict({"text": ["good film", "bad bad bad bad bad bad film"], "labels": [1, 0]})
+    assert script.modality(raw, script_args) == "text"
+    mapped = script.to_model_inputs(raw, tokenizer, script_args, num_channels=None).with_format("torch")[:]
+    assert mapped["input_ids"].shape == (2, 6) and mapped["attention_mask"][0].tolist() == [1, 1, 1, 1, 0, 0]
+
+
+def test_raw_images_without_a_processor_fail_clearly(stand_ins):
+    raw = load_from_disk(str(stand_ins / "cifar10"))["test"].rename_column("label", "labels")
+    with pytest.raises(ValueError, match="image_processor_name_or_path"):
+        script.to_model_inputs(raw, None, script.ScriptArguments(), num_channels=3)
+
+
+# ---------------------------------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("recipe", PAPER_RECIPES, ids=os.path.basename)
+def test_paper_recipe_end_to_end_on_stand_ins(recipe, stand_ins, tmp_path, one_thread):
+    from transformers import AutoModelForImageClassification
+
+    model_dir = stand_ins / ("vit" if "vit" in os.path.basename(recipe) else "resnet")
+    output_dir = tmp_path / "protected"
+    script_args, training_args, model_args = script.parse_args(
+        ["--config", recipe, *FAST, "--output_dir", str(output_dir), "--original_dataset", str(stand_ins / "imagenette"),
+         "--restricted_dataset", str(stand_ins / "cifar10"), "--model_name_or_path", str(model_dir)]
+    )  # fmt: skip
+    before = AutoModelForImageClassification.from_pretrained(model_dir)
+    metrics = script.main(script_args, training_args, model_args)
+
+    assert {"eval_original_accuracy", "eval_restricted_accuracy"} <= set(metrics)
+    protected = AutoModelForImageClassification.from_pretrained(output_dir)
+    assert protected.config.num_labels == 10  # the 7-way pre-trained head was replaced
+    assert protected.config.id2label[0] == "tench"
+    assert os.path.isfile(output_dir / "preprocessor_config.json")
+    assert os.path.isfile(output_dir / "eval_results.json")
+    changed = [
+        name
+        for name, p in protected.named_parameters()
+        if "classifier" not in name and not torch.equal(p, before.get_parameter(name))
+    ]
+    assert changed, "protection did not change the pre-trained body"
+
+
+def test_builtin_mnist_recipe_end_to_end(tmp_path, one_thread):
+    from transformers import AutoModelForImageClassification
+
+    output_dir = tmp_path / "protected"
+    script_args, training_args, model_args = script.parse_args(
+        ["--config", "mnist_vit_cpu.yaml", *FAST, "--output_dir", str(output_dir), "--config_overrides", TINY_VIT_28,
+         "--max_original_samples", "64", "--max_restricted_samples", "64", "--max_eval_samples", "32"]
+    )  # fmt: skip
+    metrics = script.main(script_args, training_args, model_args)
+    assert 0 <= metrics["eval_original_accuracy"] <= 1 and 0 <= metrics["eval_restricted_accuracy"] <= 1
+    model = AutoModelForImageClassification.from_pretrained(output_dir)
+    assert (model.config.num_labels, model.config.num_channels, model.config.hidden_size) == (5, 1, 16)
+    with torch.no_grad():
+        assert model(pixel_values=torch.rand(2, 1, 28, 28)).logits.shape == (2, 5)
+
+
+def test_builtin_mnist_must_be_both_domains(stand_ins):
+    script_args = script.ScriptArguments(restricted_dataset=str(stand_ins / "cifar10"))
+    with pytest.raises(ValueError, match="set both original_dataset"):
+        script.load_datasets(script_args, seed=0)
+
+
+def test_no_model_fails_clearly():
+    with pytest.raises(ValueError, match="set model_name_or_path"):
+        script.load_model(script.ModelArguments(), "image", num_labels=5, label_names=None)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_accelerate_launch_two_cpu_processes(tmp_path):
+    output_dir = tmp_path / "protected"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", os.path.join(TRAINERS, "accelerate_configs", "cpu_2proc.yaml"),
+        "--main_process_port", str(_free_port()),
+        os.path.join(TRAINERS, "protect_classifier.py"),
+        "--config", os.path.join(TRAINERS, "configs", "mnist_vit_cpu.yaml"), *FAST,
+        "--output_dir", str(output_dir), "--config_overrides", TINY_VIT_28, "--max_original_samples", "64",
+        "--max_restricted_samples", "64", "--max_eval_samples", "32",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert os.path.isfile(output_dir / "model.safetensors")
+    # Two connected ranks trained it (`--cpu --num_processes 2` would have run a single process).
+    training_args = torch.load(output_dir / "training_args.bin", weights_only=False)
+    assert training_args.world_size == 2
+    print(f"accelerate launch, 2 CPU processes: {elapsed:.1f} s")

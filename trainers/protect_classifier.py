@@ -1,0 +1,483 @@
+"""Protect an image or text classifier with SOPHON: it keeps its original task, and fine-tuning it on a restricted
+domain gives no head start over training from scratch.
+
+The output folder holds the protected model (`config.json` + `model.safetensors`, loads with
+`AutoModelForImageClassification.from_pretrained` / `AutoModelForSequenceClassification.from_pretrained`), its image
+processor or tokenizer, and `eval_results.json` with the original-domain and restricted-domain accuracy of the model as
+released. Measure the protection afterwards with real fine-tuning attacks: `sophon-hf attack --model OUTPUT_DIR ...`.
+
+Usage:
+
+    # Offline, on a laptop CPU (1-2 minutes): real MNIST digits 0-4 (original) vs 5-9 (restricted), a small ViT built
+    # from a config and trained on 0-4 first (`pretrain_steps`), then protected:
+    python trainers/protect_classifier.py --config trainers/configs/mnist_vit_cpu.yaml
+
+    # The same on 2 CPU processes (DDP over gloo). The accelerate config sets `distributed_type: MULTI_GPU` (what starts
+    # two processes) and `use_cpu: true` (what keeps them on the CPU); `accelerate launch --cpu --num_processes 2`
+    # would start only ONE process. Equivalent flags: `accelerate launch --multi_gpu --num_processes 2` with
+    # `ACCELERATE_USE_CPU=1` in the environment.
+    accelerate launch --config_file trainers/accelerate_configs/cpu_2proc.yaml trainers/protect_classifier.py \
+        --config trainers/configs/mnist_vit_cpu.yaml
+
+    # The paper's setting (SOPHON, IEEE S&P 2024): ImageNette kept, CIFAR-10 fine-tuning denied, on one GPU ...
+    accelerate launch --config_file trainers/accelerate_configs/single_gpu.yaml trainers/protect_classifier.py \
+        --config trainers/configs/imagenette_cifar10_resnet18.yaml
+
+    # ... or on several GPUs (set --num_processes to your GPU count), with ResNet-50 or ViT-B/16:
+    accelerate launch --config_file trainers/accelerate_configs/multi_gpu.yaml --num_processes 4 \
+        trainers/protect_classifier.py --config trainers/configs/imagenette_cifar10_vit.yaml
+
+    # Any field of a config can be overridden on the command line (`--help` lists them all):
+    python trainers/protect_classifier.py --config trainers/configs/mnist_vit_cpu.yaml --max_steps 50 --output_dir out
+
+    # After a non-editable `pip install .` the script is the module `sophon_hf.trainers.protect_classifier`, and
+    # `--config` also takes the name of a shipped recipe (a file in `sophon_hf/trainers/configs/`):
+    python -m sophon_hf.trainers.protect_classifier --config mnist_vit_cpu.yaml
+    accelerate launch --multi_gpu --num_processes 2 -m sophon_hf.trainers.protect_classifier \
+        --config mnist_vit_cpu.yaml --use_cpu true
+    # (the shipped accelerate configs are in the same folder:)
+    accelerate launch --config_file "$(python -c 'import sophon_hf.trainers as t, os; print(os.path.dirname(t.__file__))')/accelerate_configs/cpu_2proc.yaml" \
+        -m sophon_hf.trainers.protect_classifier --config mnist_vit_cpu.yaml
+
+Datasets are Hub names (with `*_dataset_config`, `*_data_dir`, `*_dataset_revision`), folders written by
+`Dataset.save_to_disk` / `DatasetDict.save_to_disk`, other local folders `datasets.load_dataset` reads, or the built-in
+offline `builtin:mnist` (as both domains). Image columns (`image` or `img`, or `image_column`) go through the model's
+image processor into `pixel_values`; text columns (`text` or `sentence`, or `text_column`) through its tokenizer into
+`input_ids` / `attention_mask`; the label column (`label` or `labels`, or `label_column`) becomes `labels`, optionally
+filtered to `original_classes` / `restricted_classes` and renumbered 0..n-1 in that order. Columns already named
+`pixel_values` / `input_ids` are used as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import yaml
+from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
+from transformers import HfArgumentParser, set_seed
+
+from sophon_hf import SophonConfig, SophonTrainer
+
+logger = logging.getLogger(__name__)
+
+BUILTIN_MNIST = "builtin:mnist"
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+IMAGE_COLUMNS = ("image", "img")
+TEXT_COLUMNS = ("text", "sentence")
+LABEL_COLUMNS = ("label", "labels")
+
+
+@dataclass
+class ScriptArguments:
+    """Which data to protect for (original domain) and against (restricted domain)."""
+
+    original_dataset: str = field(
+        default=BUILTIN_MNIST,
+        metadata={"help": f"Original domain: Hub name, local folder, or '{BUILTIN_MNIST}' (digits 0-4, offline)."},
+    )
+    original_dataset_config: str | None = field(default=None, metadata={"help": "Hub config of original_dataset."})
+    original_data_dir: str | None = field(
+        default=None, metadata={"help": "Subfolder of original_dataset to load (e.g. '320px' of a parquet export)."}
+    )
+    original_dataset_revision: str | None = field(
+        default=None, metadata={"help": "Hub revision of original_dataset (e.g. 'refs/convert/parquet')."}
+    )
+    original_split: str = field(default="train", metadata={"help": "Split used for normal training."})
+    original_eval_split: str | None = field(
+        default="test", metadata={"help": "Split for original-domain evaluation (None: split off eval_fraction)."}
+    )
+    original_classes: list[int] | None = field(
+        default=None, metadata={"help": "Keep only these original labels, renumbered 0..n-1 in this order."}
+    )
+    restricted_dataset: str = field(
+        default=BUILTIN_MNIST,
+        metadata={"help": f"Restricted domain: Hub name, local folder, or '{BUILTIN_MNIST}' (digits 5-9, offline)."},
+    )
+    restricted_dataset_config: str | None = field(default=None, metadata={"help": "Hub config of restricted_dataset."})
+    restricted_data_dir: str | None = field(
+        default=None, metadata={"help": "Subfolder of restricted_dataset to load."}
+    )
+    restricted_dataset_revision: str | None = field(
+        default=None, metadata={"help": "Hub revision of restricted_dataset."}
+    )
+    restricted_split: str = field(default="train", metadata={"help": "Split used by the simulated attacker."})
+    restricted_eval_split: str | None = field(
+        default="test", metadata={"help": "Split for restricted-domain evaluation (None: split off eval_fraction)."}
+    )
+    restricted_classes: list[int] | None = field(
+        default=None, metadata={"help": "Keep only these restricted labels, renumbered 0..n-1 in this order."}
+    )
+    image_column: str | None = field(default=None, metadata={"help": "Image column ('image' or 'img' if unset)."})
+    text_column: str | None = field(default=None, metadata={"help": "Text column ('text' or 'sentence' if unset)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column ('label' or 'labels' if unset)."})
+    max_length: int = field(default=128, metadata={"help": "Text: tokens per example (padded and truncated to it)."})
+    max_original_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many original examples."}
+    )
+    max_restricted_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many restricted examples."}
+    )
+    max_eval_samples: int | None = field(default=1000, metadata={"help": "Evaluate on at most this many per domain."})
+    eval_fraction: float = field(default=0.05, metadata={"help": "Held-out fraction when there is no eval split."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for image/text preprocessing."})
+
+
+@dataclass
+class ModelArguments:
+    """Which classifier to protect: a pre-trained one, or one built from a config (then trained here first)."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Hub repo or folder of a model; None: build one from model_type."}
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Hub revision of model_name_or_path."})
+    model_type: str | None = field(
+        default=None, metadata={"help": "Build a new model of this type (e.g. 'vit', 'resnet', 'bert')."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "For a new model: config fields as 'hidden_size=64,num_hidden_layers=4' (strings, no spaces)."
+        },
+    )
+    image_processor_name_or_path: str | None = field(
+        default=None, metadata={"help": "Image processor (default: model_name_or_path's)."}
+    )
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "e.g. 'eager' (second-order meta-gradients need it on CPU: SDPA has none)."}
+    )
+    pretrain_steps: int = field(
+        default=0,
+        metadata={"help": "Ordinary training steps on the original domain before protection (new heads, new models)."},
+    )
+    pretrain_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW step size of that pre-training."})
+
+
+def resolve_config_path(path: str) -> str:
+    """A recipe path as given, or the name of a recipe shipped next to this script (with or without `.yaml`)."""
+    if os.path.isfile(path):
+        return path
+    for candidate in (path, f"{path}.yaml"):
+        shipped = os.path.join(RECIPES_DIR, candidate)
+        if os.path.isfile(shipped):
+            return shipped
+    recipes = sorted(f for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml")) if os.path.isdir(RECIPES_DIR) else []
+    raise FileNotFoundError(f"No config file {path!r}, and no shipped recipe of that name (shipped: {recipes}).")
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SophonConfig, ModelArguments]:
+    """Dataclass arguments from `--config YAML` (defaults) and the command line (overrides).
+
+    Every key of the YAML file must be a field of `ScriptArguments`, `SophonConfig` or `ModelArguments`: a misspelt
+    key is an error, not a silently ignored setting.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ScriptArguments, SophonConfig, ModelArguments))
+    for index, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith("--config="):
+            value, width = (argv[index + 1], 2) if arg == "--config" else (arg.split("=", 1)[1], 1)
+            path = resolve_config_path(value)
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+            known = {action.dest for action in parser._actions}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ValueError(
+                    f"{path}: {unknown} are not arguments of this script; see `--help` for ScriptArguments, "
+                    "ModelArguments and SophonConfig fields."
+                )
+            parser.set_defaults(**values)
+            del argv[index : index + width]
+            break
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+# ---------------------------------------------------------------------------------------------------- data
+def _load_split(name: str, config: str | None, data_dir: str | None, revision: str | None, split: str) -> Dataset:
+    from datasets import load_dataset, load_from_disk
+
+    saved = any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json"))
+    if os.path.isdir(name) and saved:
+        dataset = load_from_disk(name)
+        if isinstance(dataset, DatasetDict):
+            if split not in dataset:
+                raise ValueError(f"{name} has splits {list(dataset)}, not {split!r}: set the *_split arguments.")
+            dataset = dataset[split]
+        return dataset
+    return load_dataset(name, config, data_dir=data_dir, revision=revision, split=split)
+
+
+def _first_present(columns: list[str], given: str | None, candidates: tuple[str, ...]) -> str | None:
+    if given is not None:
+        return given if given in columns else None
+    return next((c for c in candidates if c in columns), None)
+
+
+def _standardise_labels(dataset: Dataset, script_args: ScriptArguments, classes: list[int] | None, role: str):
+    """Rename the label column to `labels`, keep `classes` (renumbered 0..n-1). Returns the dataset and label names."""
+    label_column = _first_present(dataset.column_names, script_args.label_column, LABEL_COLUMNS)
+    if label_column is None:
+        raise ValueError(
+            f"The {role} dataset has no label column {script_args.label_column or LABEL_COLUMNS} (columns: "
+            f"{dataset.column_names}): set label_column."
+        )
+    feature = dataset.features[label_column]
+    names = list(feature.names) if isinstance(feature, ClassLabel) else None
+    if label_column != "labels":
+        dataset = dataset.rename_column(label_column, "labels")
+    if classes:
+        keep = {label: new for new, label in enumerate(classes)}
+        dataset = dataset.filter(lambda labels: [y in keep for y in labels], input_columns="labels", batched=True)
+        if len(dataset) == 0:
+            raise ValueError(f"No {role} example has a label in {role}_classes={classes}.")
+        # Plain integers: the renumbered ids no longer match the ClassLabel names.
+        dataset = dataset.cast_column("labels", Value("int64"))
+        dataset = dataset.map(
+            lambda labels: {"labels": [keep[y] for y in labels]}, input_columns="labels", batched=True
+        )
+        names = [names[c] for c in classes] if names else None
+    return dataset, names
+
+
+def load_domain(script_args: ScriptArguments, domain: str, seed: int, builtin: DatasetDict | None):
+    """Raw (train, eval) datasets of one domain with `labels`, and the label names when the dataset has them."""
+    name = getattr(script_args, f"{domain}_dataset")
+    if name == BUILTIN_MNIST:
+        train, evaluation, names = builtin[f"{domain}_train"], builtin[f"{domain}_test"], None
+    else:
+        source = (
+            name,
+            getattr(script_args, f"{domain}_dataset_config"),
+            getattr(script_args, f"{domain}_data_dir"),
+            getattr(script_args, f"{domain}_dataset_revision"),
+        )
+        train = _load_split(*source, getattr(script_args, f"{domain}_split"))
+        eval_split = getattr(script_args, f"{domain}_eval_split")
+        if eval_split is not None:
+            evaluation = _load_split(*source, eval_split)
+        else:
+            parts = train.train_test_split(test_size=script_args.eval_fraction, seed=seed)
+            train, evaluation = parts["train"], parts["test"]
+    classes = getattr(script_args, f"{domain}_classes")
+    train, names = _standardise_labels(train, script_args, classes, domain)
+    evaluation, _ = _standardise_labels(evaluation, script_args, classes, domain)
+    max_samples = getattr(script_args, f"max_{domain}_samples")
+    if max_samples is not None:
+        train = train.shuffle(seed=seed).select(range(min(max_samples, len(train))))
+    if script_args.max_eval_samples is not None:
+        evaluation = evaluation.shuffle(seed=seed).select(range(min(script_args.max_eval_samples, len(evaluation))))
+    return train, evaluation, names
+
+
+def load_datasets(script_args: ScriptArguments, seed: int) -> dict[str, tuple[Dataset, Dataset, list[str] | None]]:
+    """Original and restricted (train, eval, label names), from the built-in digits or Hub/local datasets."""
+    builtin = None
+    uses_builtin = [s == BUILTIN_MNIST for s in (script_args.original_dataset, script_args.restricted_dataset)]
+    if any(uses_builtin):
+        if not all(uses_builtin):
+            raise ValueError(
+                f"'{BUILTIN_MNIST}' is one pairing (digits 0-4 original, 5-9 restricted): set both original_dataset "
+                "and restricted_dataset to it, or neither."
+            )
+        from sophon_hf.data import mnist_domains
+
+        builtin = mnist_domains(num_restricted_train=None, seed=seed)
+    return {domain: load_domain(script_args, domain, seed, builtin) for domain in ("original", "restricted")}
+
+
+def modality(dataset: Dataset, script_args: ScriptArguments) -> str:
+    """'image' or 'text', from the dataset's columns."""
+    columns = dataset.column_names
+    if "pixel_values" in columns or _first_present(columns, script_args.image_column, IMAGE_COLUMNS):
+        return "image"
+    if "input_ids" in columns or _first_present(columns, script_args.text_column, TEXT_COLUMNS):
+        return "text"
+    raise ValueError(
+        f"Found no image column {script_args.image_column or IMAGE_COLUMNS} and no text column "
+        f"{script_args.text_column or TEXT_COLUMNS} (columns: {columns}): set image_column or text_column."
+    )
+
+
+def to_model_inputs(dataset: Dataset, processor, script_args: ScriptArguments, num_channels: int | None) -> Dataset:
+    """Images through the image processor into `pixel_values`, text through the tokenizer into `input_ids`."""
+    columns = dataset.column_names
+    if "pixel_values" in columns or "input_ids" in columns:
+        return dataset
+    if processor is None:
+        raise ValueError(
+            "The data holds raw images or text but there is no image processor / tokenizer: set "
+            "image_processor_name_or_path or tokenizer_name_or_path (a new model has none of its own)."
+        )
+    image_column = _first_present(columns, script_args.image_column, IMAGE_COLUMNS)
+    if image_column is not None:
+        # Hub images mix modes (ImageNette has grayscale and CMYK JPEGs); the model takes one channel count.
+        mode = "L" if num_channels == 1 else "RGB"
+
+        def transform(batch):
+            images = [image.convert(mode) for image in batch[image_column]]
+            return {"pixel_values": processor(images, return_tensors="np")["pixel_values"].astype(np.float32)}
+
+        shape = transform(dataset[:1])["pixel_values"].shape[1:]
+        # A fixed-shape Array3D feature: batches are read back as one block instead of nested lists.
+        features = Features({"pixel_values": Array3D(shape, "float32"), "labels": dataset.features["labels"]})
+    else:
+        text_column = _first_present(columns, script_args.text_column, TEXT_COLUMNS)
+
+        def transform(batch):
+            # Fixed length: the trainer stacks restricted batches without a padding collator.
+            return dict(
+                processor(batch[text_column], padding="max_length", truncation=True, max_length=script_args.max_length)
+            )
+
+        keys = transform(dataset[:1]).keys()
+        features = Features({**{k: Sequence(Value("int64")) for k in keys}, "labels": dataset.features["labels"]})
+    return dataset.map(
+        transform,
+        batched=True,
+        remove_columns=[c for c in columns if c != "labels"],
+        features=features,
+        num_proc=script_args.dataset_num_proc,
+        desc="preprocessing",
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- model
+def load_model(model_args: ModelArguments, kind: str, num_labels: int, label_names: list[str] | None):
+    """A classifier with a `num_labels`-way head: pre-trained (the head replaced if its size differs) or new."""
+    from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+
+    auto_class = AutoModelForImageClassification if kind == "image" else AutoModelForSequenceClassification
+    kwargs = {"num_labels": num_labels}
+    if label_names is not None and len(label_names) == num_labels:
+        kwargs["id2label"] = dict(enumerate(label_names))
+        kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
+    if model_args.attn_implementation is not None:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.model_name_or_path is not None:
+        # ignore_mismatched_sizes: a pre-trained head of another size (e.g. ImageNet's 1000 classes) is replaced.
+        return auto_class.from_pretrained(
+            model_args.model_name_or_path, revision=model_args.model_revision, ignore_mismatched_sizes=True, **kwargs
+        )
+    if model_args.model_type is None:
+        raise ValueError(
+            "No model: set model_name_or_path (a Hub repo or a folder), or model_type (and config_overrides) to build "
+            "a new one."
+        )
+    attn_implementation = kwargs.pop("attn_implementation", None)
+    config = AutoConfig.for_model(model_args.model_type, **kwargs)
+    if model_args.config_overrides:
+        config.update_from_string(model_args.config_overrides)
+    return auto_class.from_config(config, attn_implementation=attn_implementation)
+
+
+def load_processor(model_args: ModelArguments, kind: str):
+    """The model's image processor or tokenizer, or None for a new model without one."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    if kind == "image":
+        name = model_args.image_processor_name_or_path or model_args.model_name_or_path
+        return None if name is None else AutoImageProcessor.from_pretrained(name, revision=model_args.model_revision)
+    name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    return None if name is None else AutoTokenizer.from_pretrained(name, revision=model_args.model_revision)
+
+
+def pretrain(model, dataset: Dataset, steps: int, learning_rate: float, batch_size: int, seed: int, device) -> None:
+    """Ordinary training on the original domain, so that a new model or a new head has a task to keep.
+
+    Every process runs the same seeded steps, and DDP broadcasts rank 0's weights anyway, so replicas start equal.
+    """
+    data = dataset.with_format("torch")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    model.to(device).train()
+    for step in range(steps):
+        index = torch.randint(len(data), (batch_size,), generator=generator)
+        batch = {k: v.to(device) for k, v in data[index].items()}
+        loss = model(**batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % max(1, steps // 10) == 0 or step == steps - 1:
+            logger.info("pre-training step %d/%d: loss %.4f", step + 1, steps, loss.item())
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: ModelArguments) -> dict[str, float]:
+    """Load data and model, protect the model with `SophonTrainer`, evaluate, save (and push). Returns the metrics."""
+    logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+    set_seed(training_args.seed)
+
+    # Data: raw splits with `labels`, loaded once on the main process (the others read the cache)
+    with training_args.main_process_first(desc="loading datasets"):
+        domains = load_datasets(script_args, training_args.seed)
+    (original_train, original_eval, label_names), (restricted_train, restricted_eval, restricted_names) = (
+        domains["original"],
+        domains["restricted"],
+    )
+    kinds = {modality(original_train, script_args), modality(restricted_train, script_args)}
+    if len(kinds) != 1:
+        raise ValueError("The original and the restricted domains must both be images or both be text.")
+    kind = kinds.pop()
+    # One head serves both domains (the simulated attacker starts from it or from a fresh one of the same size). A
+    # dataset's ClassLabel feature counts classes absent from a subset; plain integer labels count up to the largest.
+    num_labels = max(
+        len(names) if names else 1 + max(int(max(d["labels"])) for d in datasets)
+        for names, datasets in (
+            (label_names, (original_train, original_eval)),
+            (restricted_names, (restricted_train, restricted_eval)),
+        )
+    )
+
+    # Model and its processor
+    model = load_model(model_args, kind, num_labels, label_names)
+    processor = load_processor(model_args, kind)
+    num_channels = getattr(model.config, "num_channels", None)
+    with training_args.main_process_first(desc="preprocessing"):
+        original_train, original_eval, restricted_train, restricted_eval = (
+            to_model_inputs(d, processor, script_args, num_channels)
+            for d in (original_train, original_eval, restricted_train, restricted_eval)
+        )
+    # A resumed run loads all weights from the checkpoint: pre-training again would be thrown away.
+    if model_args.pretrain_steps and not training_args.resume_from_checkpoint:
+        pretrain(
+            model,
+            original_train,
+            model_args.pretrain_steps,
+            model_args.pretrain_learning_rate,
+            training_args.per_device_train_batch_size,
+            training_args.seed,
+            training_args.device,
+        )
+
+    # Protection
+    trainer = SophonTrainer(
+        model,
+        args=training_args,
+        train_dataset=original_train,
+        restricted_dataset=restricted_train,
+        eval_dataset=original_eval,
+        restricted_eval_dataset=restricted_eval,
+        processing_class=processor,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.stop_reason is not None:
+        logger.warning("Protection stopped early: %s.", trainer.stop_reason)
+
+    # Evaluate before saving: with original_accuracy_floor set, a final evaluation below the floor restores the last
+    # weights that met it, and those are what must be saved.
+    metrics = trainer.evaluate()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    trainer.save_model(training_args.output_dir)
+    if training_args.push_to_hub:
+        trainer.push_to_hub()
+    return metrics
+
+
+if __name__ == "__main__":
+    main(*parse_args())
