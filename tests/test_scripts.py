@@ -264,7 +264,8 @@ def test_paper_recipe_end_to_end_on_stand_ins(recipe, stand_ins, tmp_path, one_t
     output_dir = tmp_path / "protected"
     script_args, training_args, model_args = script.parse_args(
         ["--config", recipe, *FAST, "--output_dir", str(output_dir), "--original_dataset", str(stand_ins / "imagenette"),
-         "--restricted_dataset", str(stand_ins / "cifar10"), "--model_name_or_path", str(model_dir)]
+         "--restricted_dataset", str(stand_ins / "cifar10"), "--model_name_or_path", str(model_dir),
+         "--unprotected_output_dir", str(tmp_path / "unprotected")]
     )  # fmt: skip
     before = AutoModelForImageClassification.from_pretrained(model_dir)
     metrics = script.main(script_args, training_args, model_args)
@@ -281,6 +282,10 @@ def test_paper_recipe_end_to_end_on_stand_ins(recipe, stand_ins, tmp_path, one_t
         if "classifier" not in name and not torch.equal(p, before.get_parameter(name))
     ]
     assert changed, "protection did not change the pre-trained body"
+    # The unprotected reference is the pre-trained model after its new head was trained (pretrain_steps), unprotected.
+    unprotected = AutoModelForImageClassification.from_pretrained(tmp_path / "unprotected")
+    assert unprotected.config.num_labels == 10
+    assert not all(torch.equal(p, protected.get_parameter(n)) for n, p in unprotected.named_parameters())
 
 
 def test_builtin_mnist_recipe_end_to_end(tmp_path, one_thread):
@@ -289,7 +294,8 @@ def test_builtin_mnist_recipe_end_to_end(tmp_path, one_thread):
     output_dir = tmp_path / "protected"
     script_args, training_args, model_args = script.parse_args(
         ["--config", "mnist_vit_cpu.yaml", *FAST, "--output_dir", str(output_dir), "--config_overrides", TINY_VIT_28,
-         "--max_original_samples", "64", "--max_restricted_samples", "64", "--max_eval_samples", "32"]
+         "--max_original_samples", "64", "--max_restricted_samples", "64", "--max_eval_samples", "32",
+         "--unprotected_output_dir", str(tmp_path / "unprotected")]
     )  # fmt: skip
     metrics = script.main(script_args, training_args, model_args)
     assert 0 <= metrics["eval_original_accuracy"] <= 1 and 0 <= metrics["eval_restricted_accuracy"] <= 1
@@ -326,6 +332,7 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
         "--config", os.path.join(TRAINERS, "configs", "mnist_vit_cpu.yaml"), *FAST,
         "--output_dir", str(output_dir), "--config_overrides", TINY_VIT_28, "--max_original_samples", "64",
         "--max_restricted_samples", "64", "--max_eval_samples", "32",
+        "--unprotected_output_dir", str(tmp_path / "unprotected"),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     start = time.perf_counter()
@@ -337,3 +344,51 @@ def test_accelerate_launch_two_cpu_processes(tmp_path):
     training_args = torch.load(output_dir / "training_args.bin", weights_only=False)
     assert training_args.world_size == 2
     print(f"accelerate launch, 2 CPU processes: {elapsed:.1f} s")
+
+
+def test_text_classifier_end_to_end(tmp_path, one_thread):
+    """`text` + `label` columns (the layout of e.g. ag_news or imdb) through a local tokenizer into a BERT classifier."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        BertConfig,
+        BertForSequenceClassification,
+        BertTokenizer,
+    )
+
+    words = ["good", "bad", "film", "plot", "goal", "match", "team", "score"]
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    model_dir = tmp_path / "bert"
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(words) + 5,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=16,
+        num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(model_dir)
+    BertTokenizer(str(vocab)).save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    for name, topic in (("reviews", words[:4]), ("sports", words[4:])):
+        splits = {
+            split: Dataset.from_dict(
+                {"text": [" ".join(rng.choice(topic, 5)) for _ in range(n)], "label": rng.integers(0, 3, n).tolist()}
+            )
+            for split, n in (("train", 16), ("test", 8))
+        }
+        DatasetDict(splits).save_to_disk(str(tmp_path / name))
+
+    output_dir = tmp_path / "protected"
+    script_args, training_args, model_args = script.parse_args(
+        [*FAST, "--output_dir", str(output_dir), "--original_dataset", str(tmp_path / "reviews"),
+         "--restricted_dataset", str(tmp_path / "sports"), "--model_name_or_path", str(model_dir), "--max_length", "8",
+         "--simulation_strategies", "full_reinit_head", "lora"]
+    )  # fmt: skip
+    metrics = script.main(script_args, training_args, model_args)
+    assert {"eval_original_accuracy", "eval_restricted_accuracy"} <= set(metrics)
+    protected = AutoModelForSequenceClassification.from_pretrained(output_dir)
+    assert protected.config.num_labels == 3  # the 2-way head was replaced for the 3 labels in the data
+    assert os.path.isfile(output_dir / "tokenizer_config.json")

@@ -156,6 +156,12 @@ class ModelArguments:
         metadata={"help": "Ordinary training steps on the original domain before protection (new heads, new models)."},
     )
     pretrain_learning_rate: float = field(default=1e-3, metadata={"help": "AdamW step size of that pre-training."})
+    unprotected_output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also save the model as it was before protection here (`sophon-hf attack --reference-model`)."
+        },
+    )
 
 
 def resolve_config_path(path: str) -> str:
@@ -453,6 +459,12 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
             training_args.seed,
             training_args.device,
         )
+
+    if model_args.unprotected_output_dir is not None and training_args.process_index == 0:
+        # The reference an attack report compares against: the same model, unprotected.
+        model.save_pretrained(model_args.unprotected_output_dir)
+        if processor is not None:
+            processor.save_pretrained(model_args.unprotected_output_dir)
 
     # Protection
     trainer = SophonTrainer(
