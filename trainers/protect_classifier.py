@@ -3,14 +3,18 @@ domain gives no head start over training from scratch.
 
 The output folder holds the protected model (`config.json` + `model.safetensors`, loads with
 `AutoModelForImageClassification.from_pretrained` / `AutoModelForSequenceClassification.from_pretrained`), its image
-processor or tokenizer, and `eval_results.json` with the original-domain and restricted-domain accuracy of the model as
-released. Measure the protection afterwards with real fine-tuning attacks: `sophon-hf attack --model OUTPUT_DIR ...`.
+processor or tokenizer, its model card (`README.md`), and `eval_results.json` with the original-domain and
+restricted-domain accuracy of the model as released. With `unprotected_output_dir`, the model as it was before
+protection is saved too: the reference that attacks compare against. Measure the protection with real fine-tuning
+attacks: `sophon-hf attack --model OUTPUT_DIR --reference-model UNPROTECTED_DIR ...`.
 
 Usage:
 
     # Offline, on a laptop CPU (1-2 minutes): real MNIST digits 0-4 (original) vs 5-9 (restricted), a small ViT built
     # from a config and trained on 0-4 first (`pretrain_steps`), then protected:
     python trainers/protect_classifier.py --config trainers/configs/mnist_vit_cpu.yaml
+    # (on a machine whose cores are busy with other work, prefix OMP_NUM_THREADS=1: intra-op threads fighting for the
+    # cores made each step ~60x slower in our measurements)
 
     # The same on 2 CPU processes (DDP over gloo). The accelerate config sets `distributed_type: MULTI_GPU` (what starts
     # two processes) and `use_cpu: true` (what keeps them on the CPU); `accelerate launch --cpu --num_processes 2`
