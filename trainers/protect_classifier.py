@@ -59,7 +59,6 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import yaml
 from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
@@ -330,7 +329,8 @@ def to_model_inputs(dataset: Dataset, processor, script_args: ScriptArguments, n
 
         def transform(batch):
             images = [image.convert(mode) for image in batch[image_column]]
-            return {"pixel_values": processor(images, return_tensors="np")["pixel_values"].astype(np.float32)}
+            # "pt" for both processor backends (PIL and torchvision); the dataset stores numpy arrays.
+            return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"].float().numpy()}
 
         shape = transform(dataset[:1])["pixel_values"].shape[1:]
         # A fixed-shape Array3D feature: batches are read back as one block instead of nested lists.
