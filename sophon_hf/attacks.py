@@ -52,8 +52,7 @@ class AttackSpec:
     """One fine-tuning attack: what is trained, with which optimizer, for how long.
 
     Batches are drawn without replacement in epochs: each epoch is one `torch.randperm(len(dataset), generator=g)`
-    with `g = torch.Generator().manual_seed(seed)`, cut into consecutive batches (the last one may be smaller) -
-    the order a `DataLoader(shuffle=True, generator=g)` gives. The same seed also initialises a fresh head and the
+    with `g = torch.Generator().manual_seed(seed)`, cut into consecutive batches (the last one may be smaller). The same seed also initialises a fresh head and the
     global RNG (dropout) inside the run, so two starting points see exactly the same batches.
 
     Parameters that choose the attack:
@@ -351,19 +350,21 @@ def _build_optimizer(params: list[torch.nn.Parameter], spec: AttackSpec) -> torc
 
 
 def _lr_lambda(spec: AttackSpec):
+    # The same curve as `transformers.get_cosine_schedule_with_warmup` with `TrainingArguments`' warmup rounding, so
+    # "warmup_cosine" means what HF users run.
     warmup = math.ceil(spec.warmup_ratio * spec.steps)
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / warmup
+            return step / max(1, warmup)
         progress = (step - warmup) / max(1, spec.steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     return factor
 
 
 class BatchSampler:
-    """Index batches in shuffled epochs from a seeded generator (the order of `DataLoader(shuffle=True)`)."""
+    """Index batches in shuffled epochs: one `torch.randperm` per epoch from a seeded generator, cut into batches."""
 
     def __init__(self, num_examples: int, batch_size: int, seed: int):
         self.num_examples, self.batch_size = num_examples, batch_size
@@ -388,6 +389,7 @@ def run_attack(
     num_labels: int | None = None,
     device: torch.device | str = "cpu",
     progress=None,
+    return_model: bool = False,
 ) -> dict[str, Any]:
     """Fine-tune a copy of `start` with `spec` and return its curve; `start` is never modified.
 
@@ -400,6 +402,7 @@ def run_attack(
         num_labels (`int`, *optional*): restricted label count; a re-initialised head gets this many outputs.
         device: where to train.
         progress (`tqdm`, *optional*): a bar advanced once per step.
+        return_model (`bool`, *optional*, defaults to `False`): also return the fine-tuned copy under `"model"`.
 
     Returns:
         `dict` with `curve` (`[[step, metric], ...]`, from step 0), `diverged` (`bool`), `diverged_at` (the step at
@@ -455,12 +458,13 @@ def run_attack(
                 curve.append([step, metric])
     if progress is not None and diverged_at is not None:
         progress.update(spec.steps - diverged_at)
-    return {
+    result = {
         "curve": curve,
         "diverged": diverged_at is not None,
         "diverged_at": diverged_at,
         "seconds": time.perf_counter() - began,
     }
+    return {**result, "model": model} if return_model else result
 
 
 # ---------------------------------------------------------------------------------------------------- harness
@@ -683,7 +687,7 @@ def evaluate_finetuning_resistance(
             )
             with tqdm(total=spec.steps, desc=unit_id, leave=False, disable=not show, position=1) as bar:
                 run = run_attack(start_model, task, train_columns, test_dataset, spec, restricted_labels, device, bar)
-            run = {**expected, "unit": unit_id, "start": start, **run}
+            run = {**expected, "unit": unit_id, "start": start, "rank": rank, **run}
             if path is not None:
                 _save_run(path, run)
         results[unit_id] = run

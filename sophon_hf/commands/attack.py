@@ -1,12 +1,163 @@
-"""`sophon-hf attack` (not implemented yet)."""
+"""`sophon-hf attack`: run a suite of real fine-tuning attacks against a (protected) model and write the report.
+
+Usage:
+    sophon-hf attack --model protected_dir --reference-model original_dir \\
+        --restricted-train restricted_train_dir --restricted-test restricted_test_dir --suite quick --output report_dir
+    sophon-hf attack --list-suites
+
+    # The runs split across processes (2 CPU processes here; use the GPU count on a GPU machine):
+    accelerate launch --multi_gpu --num_processes 2 -m sophon_hf.cli attack --model protected_dir ... --output report_dir
+
+Re-running with the same `--output` resumes: finished runs (kept in `<output>/runs/`) are not repeated. An output
+folder holding results of a different model or different data is refused.
+"""
+
+from __future__ import annotations
 
 import argparse
+import json
+import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("attack", help="not implemented yet")
+    parser = subparsers.add_parser(
+        "attack",
+        help="fine-tune a model with a suite of attacks and compare with the unprotected original and scratch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", help="protected model: a save_pretrained folder or a Hub id")
+    parser.add_argument(
+        "--reference-model", help="unprotected original (folder or Hub id), for the 'unprotected' curves"
+    )
+    parser.add_argument("--restricted-train", help="attacker's training data: a save_to_disk folder or a Hub dataset")
+    parser.add_argument(
+        "--restricted-test", help="held-out restricted data (default: --test-split of --restricted-train)"
+    )
+    parser.add_argument("--train-split", default="train", help="split of --restricted-train (default: train)")
+    parser.add_argument("--test-split", default="test", help="split of --restricted-test (default: test)")
+    parser.add_argument("--label-column", default=None, help="column holding the labels (renamed to 'labels')")
+    parser.add_argument(
+        "--input-column", default=None, help="column holding image tensors (renamed to 'pixel_values')"
+    )
+    parser.add_argument("--suite", default="quick", help="attack suite: quick, standard or full (default: quick)")
+    parser.add_argument("--attacks-file", help="YAML or JSON list of AttackSpec fields (replaces --suite)")
+    parser.add_argument("--list-suites", action="store_true", help="print the suites and their attacks, then exit")
+    parser.add_argument("--output", help="folder for report.json, report.md, attack_curves.png and resumable runs")
+    parser.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
+    parser.add_argument("--seed", type=int, default=0, help="added to every attack's seed (default: 0)")
+    parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every attack's step budget")
+    parser.add_argument(
+        "--head-name", default=None, help="module name of the output layer, if not found automatically"
+    )
+    parser.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: automatic)")
     parser.set_defaults(func=run)
 
 
+def load_model(name_or_path: str):
+    """A Transformers model (class from `config.architectures`) or a Diffusers model (`_class_name`)."""
+    config_path = os.path.join(name_or_path, "config.json")
+    if os.path.isdir(name_or_path) and os.path.exists(config_path):
+        with open(config_path) as f:
+            class_name = json.load(f).get("_class_name")
+        if class_name:
+            import diffusers
+
+            return getattr(diffusers, class_name).from_pretrained(name_or_path)
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(name_or_path)
+    architectures = getattr(config, "architectures", None) or []
+    if not architectures or not hasattr(transformers, architectures[0]):
+        raise SystemExit(
+            f"Cannot tell which model class {name_or_path} holds (config.architectures={architectures}). Save it with "
+            "`model.save_pretrained(...)` from a classification model."
+        )
+    return getattr(transformers, architectures[0]).from_pretrained(name_or_path)
+
+
+def load_restricted(source: str, split: str, label_column: str | None, input_column: str | None):
+    """A `save_to_disk` folder (a Dataset, or a DatasetDict and its `split`) or a Hub dataset's `split`."""
+    import datasets
+
+    if os.path.isdir(source):
+        dataset = datasets.load_from_disk(source)
+        if isinstance(dataset, datasets.DatasetDict):
+            if split not in dataset:
+                raise SystemExit(
+                    f"{source} has splits {list(dataset)}, not {split!r}: choose one with the split option."
+                )
+            dataset = dataset[split]
+    else:
+        dataset = datasets.load_dataset(source, split=split)
+    for column, target in ((label_column, "labels"), (input_column, "pixel_values")):
+        if column is not None and column != target:
+            if column not in dataset.column_names:
+                raise SystemExit(f"{source} has no column {column!r} (columns: {dataset.column_names}).")
+            dataset = dataset.rename_column(column, target)
+    return dataset
+
+
+def load_attacks(path: str) -> list[dict]:
+    """Attack specs from a YAML or JSON file: a list of dicts, or a dict with an `attacks` list."""
+    import yaml
+
+    with open(path) as f:
+        data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    if isinstance(data, dict):
+        data = data.get("attacks")
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise SystemExit(
+            f"{path} must hold a list of attack specs (dicts of AttackSpec fields) or {{'attacks': [...]}}."
+        )
+    return data
+
+
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("sophon-hf attack is not implemented yet")
+    from ..suites import describe_suites
+
+    if args.list_suites:
+        print(describe_suites())
+        return 0
+    missing = [flag for flag in ("model", "restricted_train", "output") if getattr(args, flag) is None]
+    if missing:
+        raise SystemExit("sophon-hf attack needs " + ", ".join("--" + m.replace("_", "-") for m in missing) + ".")
+
+    import dataclasses
+
+    from ..attacks import evaluate_finetuning_resistance, resolve_attacks
+
+    try:
+        specs = resolve_attacks(load_attacks(args.attacks_file) if args.attacks_file else args.suite)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
+    if args.seed:
+        specs = [dataclasses.replace(spec, seed=spec.seed + args.seed) for spec in specs]
+
+    train = load_restricted(args.restricted_train, args.train_split, args.label_column, args.input_column)
+    test_source = args.restricted_test or args.restricted_train
+    test = load_restricted(test_source, args.test_split, args.label_column, args.input_column)
+    model = load_model(args.model)
+    reference = load_model(args.reference_model) if args.reference_model else None
+    try:
+        report = evaluate_finetuning_resistance(
+            model,
+            train,
+            test,
+            attacks=specs,
+            reference_model=reference,
+            include_scratch=not args.no_scratch,
+            steps_scale=args.steps_scale,
+            head_name=args.head_name,
+            output_dir=args.output,
+            device=args.device,
+            progress=True,
+        )
+    except ValueError as error:
+        raise SystemExit(f"sophon-hf attack: {error}") from None
+
+    if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, only the main process speaks
+        summary = report.summary
+        print(f"{summary['verdict']}.")
+        print(f"Report: {os.path.join(args.output, 'report.md')}")
+    return 0

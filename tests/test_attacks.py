@@ -1,0 +1,393 @@
+"""The fine-tuning attack harness: strategies, optimizers, scratch, determinism, resume, bad input, distribution."""
+
+import copy
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import SmallCNN, image_dataset, text_dataset, tiny_bert, tiny_vit
+from datasets import Dataset
+
+from sophon_hf.attacks import (
+    OPTIMIZERS,
+    STRATEGIES,
+    AttackSpec,
+    build_scratch_model,
+    default_lora_targets,
+    evaluate_finetuning_resistance,
+    resolve_attacks,
+    run_attack,
+)
+from sophon_hf.tasks import get_task
+
+
+class MLP(nn.Module):
+    """A plain 2-layer classifier on flattened 8x8 images."""
+
+    def __init__(self, num_labels: int = 5, seed: int = 3):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.hidden = nn.Linear(64, 16)
+        self.out = nn.Linear(16, num_labels)
+
+    def forward(self, pixel_values):
+        return self.out(torch.relu(self.hidden(pixel_values.flatten(1))))
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(before, model):
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+
+
+def _prepared(model, n_train=24, n_test=16):
+    task = get_task(model)
+    train = task.prepare_dataset(image_dataset(n_train, seed=0), "train")
+    test = task.prepare_dataset(image_dataset(n_test, seed=1), "test")
+    return task, train[:], test
+
+
+# ------------------------------------------------------------------------------------------------ strategies
+@pytest.mark.parametrize("make_model", [SmallCNN, tiny_vit], ids=["cnn", "vit"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_strategy_trains_exactly_its_parameters(make_model, strategy):
+    model = make_model()
+    before = _state(model)
+    task, train, test = _prepared(model)
+    spec = AttackSpec(strategy=strategy, optimizer="adam", learning_rate=1e-2, steps=3, batch_size=8)
+    run = run_attack(model, task, train, test, spec, return_model=True)
+    assert [step for step, _ in run["curve"]] == [0, 1, 2, 3]
+    assert not run["diverged"]
+    _assert_same_state(before, model)  # the input model is never modified
+
+    trained = dict(run["model"].named_parameters())
+    head = task.head_name
+    for name, param in trained.items():
+        if strategy == "lora":
+            original = before.get(
+                name.removeprefix("base_model.model.").replace(".base_layer", "").replace(".original_module", "")
+            )
+            if "lora_" in name or "modules_to_save" in name:
+                assert param.requires_grad, name
+            else:
+                assert not param.requires_grad and torch.equal(param, original), name
+            continue
+        original = before[name]
+        should_train = strategy != "linear_probe" or name.startswith(f"{head}.")
+        assert param.requires_grad == should_train, name
+        if should_train:
+            assert not torch.equal(param, original), f"{name} did not change"
+        else:
+            assert torch.equal(param, original), f"{name} changed although frozen"
+    if strategy == "lora":
+        assert any("lora_B" in n and p.abs().sum() > 0 for n, p in trained.items())  # adapters really trained
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_optimizer_changes_the_weights(optimizer):
+    model = MLP()
+    task, train, test = _prepared(model)
+    spec = AttackSpec(optimizer=optimizer, learning_rate=1e-2, steps=2, batch_size=8, weight_decay=0.01)
+    trained = run_attack(model, task, train, test, spec, return_model=True)["model"]
+    for name, param in trained.named_parameters():
+        assert not torch.equal(param, model.get_parameter(name)), name
+
+
+def test_lora_leaves_the_base_untouched_and_trains_the_head_copy():
+    model = tiny_vit()
+    before = _state(model)
+    task, train, test = _prepared(model)
+    spec = AttackSpec(strategy="lora", learning_rate=1e-2, steps=3, batch_size=8, lora_rank=2)
+    peft_model = run_attack(model, task, train, test, spec, return_model=True)["model"]
+    _assert_same_state(before, model)
+    base = peft_model.get_base_model()
+    assert default_lora_targets(model, task.head_name) == ["q_proj", "v_proj"]
+    q_proj = base.vit.layers[0].attention.q_proj
+    assert torch.equal(q_proj.base_layer.weight, before["vit.layers.0.attention.q_proj.weight"])
+    assert not torch.equal(base.classifier.modules_to_save["default"].weight, before["classifier.weight"])
+    assert torch.equal(base.classifier.original_module.weight, before["classifier.weight"])
+
+
+def test_default_lora_targets_for_bert_and_plain_modules():
+    assert default_lora_targets(tiny_bert(), "classifier") == ["query", "value"]
+    assert default_lora_targets(MLP(), "out") == ["hidden"]
+
+
+# ------------------------------------------------------------------------------------------------ scratch
+@pytest.mark.parametrize("make_model", [SmallCNN, tiny_vit, MLP], ids=["cnn", "vit", "mlp"])
+def test_scratch_starts_from_fresh_weights(make_model):
+    model = make_model()
+    with torch.no_grad():  # a "released" model: every tensor moved away from any initialisation
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1 + 0.5)
+    before = _state(model)
+    scratch = build_scratch_model(model, seed=0)
+    _assert_same_state(before, model)
+    assert type(scratch) is type(model)
+    for name, param in scratch.named_parameters():
+        assert param.shape == model.get_parameter(name).shape
+        assert not torch.equal(param, model.get_parameter(name)), f"{name} was copied, not re-initialised"
+    again = build_scratch_model(model, seed=0)
+    other = build_scratch_model(model, seed=1)
+    weights = [n for n, p in scratch.named_parameters() if p.dim() > 1]
+    assert all(torch.equal(scratch.get_parameter(n), again.get_parameter(n)) for n in weights)
+    assert all(not torch.equal(scratch.get_parameter(n), other.get_parameter(n)) for n in weights)
+
+
+def test_harness_scratch_curve_starts_at_the_fresh_model():
+    model = MLP()
+    spec = AttackSpec(steps=4, batch_size=8, eval_interval=2, seed=5)
+    report = evaluate_finetuning_resistance(model, image_dataset(24), image_dataset(16, seed=1), attacks=[spec])
+    task, _, test = _prepared(model)
+    fresh = build_scratch_model(model, seed=5)
+    assert report.attacks[0]["curves"]["scratch"][0][1] == task.evaluate(fresh, test)
+    assert report.scratch_recipe["optimizer"] == "adam" and report.scratch_recipe["learning_rate"] == 1e-3
+
+
+def test_scratch_is_trained_once_per_budget_and_seed(tmp_output):
+    specs = [AttackSpec(optimizer=o, learning_rate=1e-2, steps=3, batch_size=8) for o in ("sgd", "adam", "rmsprop")]
+    specs.append(AttackSpec(steps=3, batch_size=8, seed=1))
+    evaluate_finetuning_resistance(MLP(), image_dataset(24), image_dataset(16, seed=1), specs, output_dir=tmp_output)
+    scratch_runs = sorted(f for f in os.listdir(os.path.join(tmp_output, "runs")) if f.startswith("scratch--"))
+    assert len(scratch_runs) == 2
+
+
+# ------------------------------------------------------------------------------------------------ determinism
+def test_same_model_as_protected_and_reference_gives_identical_curves():
+    model = tiny_bert()  # dropout 0.1: the run's seeded RNG must make it repeat
+    specs = [
+        AttackSpec(strategy=s, learning_rate=1e-2, steps=4, batch_size=8, eval_interval=2, seed=7) for s in STRATEGIES
+    ]
+    report = evaluate_finetuning_resistance(
+        model, text_dataset(24), text_dataset(16, seed=1), specs, reference_model=copy.deepcopy(model)
+    )
+    for record in report.attacks:
+        assert record["curves"]["protected"] == record["curves"]["unprotected"], record["name"]
+        assert len(record["curves"]["protected"]) == 3
+
+
+def test_harness_equals_a_hand_written_finetuning_loop():
+    """Batch order, optimizer, clipping, weight decay, warmup+cosine and evaluation against plain PyTorch."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    model = SmallCNN()
+    train, test = image_dataset(20, seed=0), image_dataset(12, seed=1)
+    spec = AttackSpec(
+        optimizer="sgd_momentum",
+        learning_rate=0.05,
+        steps=9,
+        batch_size=8,
+        weight_decay=0.01,
+        max_grad_norm=0.5,
+        schedule="warmup_cosine",
+        warmup_ratio=0.3,
+        eval_interval=4,
+        seed=11,
+    )
+    report = evaluate_finetuning_resistance(model, train, test, [spec], include_scratch=False)
+
+    # Hand-written: seeded permutations, torch.optim, the transformers schedule, argmax accuracy.
+    x = torch.tensor(train["pixel_values"])
+    y = torch.tensor(train["labels"])
+    x_test, y_test = torch.tensor(test["pixel_values"]), torch.tensor(test["labels"])
+    hand = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(spec.seed)
+
+    def epoch():  # the documented batch order: one seeded permutation per epoch, cut into batches of 8
+        order = torch.randperm(len(y), generator=generator)
+        return [(x[order[i : i + 8]], y[order[i : i + 8]]) for i in range(0, len(y), 8)]
+
+    optimizer = torch.optim.SGD(hand.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01)
+    schedule = get_cosine_schedule_with_warmup(optimizer, num_warmup_steps=3, num_training_steps=9)
+
+    def accuracy():
+        hand.eval()
+        with torch.no_grad():
+            correct = (hand(x_test).argmax(-1) == y_test).sum().item() / len(y_test)
+        hand.train()
+        return correct
+
+    curve, step = [[0, accuracy()]], 0
+    while step < spec.steps:
+        for xb, yb in epoch():
+            step += 1
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(hand(xb), yb).backward()
+            torch.nn.utils.clip_grad_norm_(hand.parameters(), 0.5)
+            optimizer.step()
+            schedule.step()
+            if step % 4 == 0 or step == spec.steps:
+                curve.append([step, accuracy()])
+            if step == spec.steps:
+                break
+    harness_curve = report.attacks[0]["curves"]["protected"]
+    assert [s for s, _ in harness_curve] == [0, 4, 8, 9]
+    assert [v for _, v in harness_curve] == pytest.approx([v for _, v in curve], abs=1e-9)
+    # Accuracy can hide small differences: compare the weights of an identical harness run.
+    task, columns, test_prepared = _prepared(model, 20, 12)
+    trained = run_attack(model, task, columns, test_prepared, spec, return_model=True)["model"]
+    for name, param in hand.named_parameters():
+        torch.testing.assert_close(trained.get_parameter(name), param, rtol=1e-5, atol=1e-6)
+    for name, buffer in hand.named_buffers():  # BatchNorm running statistics follow the same batches
+        torch.testing.assert_close(trained.get_buffer(name), buffer, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+def test_resume_skips_finished_runs(tmp_output):
+    model, train, test = MLP(), image_dataset(24), image_dataset(16, seed=1)
+    first = AttackSpec(steps=3, batch_size=8)
+    evaluate_finetuning_resistance(model, train, test, [first], reference_model=model, output_dir=tmp_output)
+    # Tamper with a finished run: if the rerun reads it instead of retraining, the tampered value shows up.
+    path = os.path.join(tmp_output, "runs", f"{first.name}--protected.json")
+    with open(path) as f:
+        run = json.load(f)
+    run["curve"][-1][1] = 0.123
+    with open(path, "w") as f:
+        json.dump(run, f)
+    second = AttackSpec(optimizer="sgd", steps=3, batch_size=8)
+    report = evaluate_finetuning_resistance(
+        model, train, test, [first, second], reference_model=model, output_dir=tmp_output
+    )
+    by_name = {a["name"]: a for a in report.attacks}
+    assert by_name[first.name]["curves"]["protected"][-1][1] == 0.123
+    assert by_name[second.name]["curves"]["protected"][-1][1] != 0.123
+    assert os.path.exists(os.path.join(tmp_output, "runs", f"{second.name}--unprotected.json"))
+    with open(os.path.join(tmp_output, "report.json")) as f:
+        assert [a["name"] for a in json.load(f)["attacks"]] == [first.name, second.name]
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_head_size_mismatch_allowed_only_when_the_head_is_reinitialised():
+    model = tiny_vit(num_labels=3)
+    train, test = image_dataset(24, num_labels=5), image_dataset(16, num_labels=5, seed=1)
+    for strategy in ("full", "lora"):
+        with pytest.raises(ValueError, match="keeps the head, which has 3 outputs, but the restricted data has 5"):
+            evaluate_finetuning_resistance(model, train, test, [AttackSpec(strategy=strategy, steps=2)])
+    specs = [AttackSpec(strategy=s, steps=2, batch_size=8) for s in ("full_reinit_head", "linear_probe")]
+    report = evaluate_finetuning_resistance(model, train, test, specs)
+    assert model.classifier.out_features == 3 and model.config.num_labels == 3  # the input was not resized
+    assert all(len(a["curves"]["scratch"]) == 3 for a in report.attacks)
+
+
+def test_missing_columns_are_reported():
+    no_labels = image_dataset(8).rename_column("labels", "label")
+    with pytest.raises(ValueError, match="rename_column"):
+        evaluate_finetuning_resistance(MLP(), no_labels, image_dataset(8), [AttackSpec(steps=1)])
+    no_inputs = Dataset.from_dict({"image": [[0.0]] * 4, "labels": [0, 1, 0, 1]})
+    with pytest.raises(ValueError, match="pixel_values"):
+        evaluate_finetuning_resistance(MLP(), image_dataset(8), no_inputs, [AttackSpec(steps=1)])
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"strategy": "prompt_tuning"}, "Unknown attack strategy"),
+        ({"optimizer": "lion"}, "Unknown optimizer"),
+        ({"schedule": "linear"}, "Unknown schedule"),
+        ({"steps": 0}, "steps must be at least 1"),
+        ({"learning_rate": -1.0}, "learning_rate must be positive"),
+        ({"lora_rnk": 4}, "Unknown AttackSpec field"),
+    ],
+)
+def test_bad_specs_are_rejected(fields, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_attacks([fields])
+
+
+def test_duplicate_and_unknown_suites_are_rejected():
+    with pytest.raises(ValueError, match="Duplicate attacks"):
+        resolve_attacks([AttackSpec(), AttackSpec()])
+    with pytest.raises(ValueError, match="Unknown attack suite"):
+        resolve_attacks("everything")
+
+
+def test_lora_targets_that_match_nothing():
+    spec = AttackSpec(strategy="lora", steps=1, lora_target_modules=["query_key_value"])
+    with pytest.raises(ValueError, match="match no module"):
+        evaluate_finetuning_resistance(tiny_vit(), image_dataset(8), image_dataset(8), [spec])
+
+
+def test_output_folder_of_a_different_model_is_refused(tmp_output):
+    train, test = image_dataset(16), image_dataset(8, seed=1)
+    spec = AttackSpec(steps=1, batch_size=8)
+    evaluate_finetuning_resistance(MLP(seed=1), train, test, [spec], include_scratch=False, output_dir=tmp_output)
+    with pytest.raises(ValueError, match="different protected model"):
+        evaluate_finetuning_resistance(MLP(seed=2), train, test, [spec], include_scratch=False, output_dir=tmp_output)
+    os.remove(os.path.join(tmp_output, "report.json"))  # an interrupted job: only run files are left
+    with pytest.raises(ValueError, match="different model"):
+        evaluate_finetuning_resistance(MLP(seed=2), train, test, [spec], include_scratch=False, output_dir=tmp_output)
+    with pytest.raises(ValueError, match="different restricted data"):
+        evaluate_finetuning_resistance(
+            MLP(seed=1), image_dataset(16, seed=9), test, [spec], include_scratch=False, output_dir=tmp_output
+        )
+
+
+def test_nan_during_an_attack_is_recorded_as_diverged_and_the_rest_continues(tmp_output):
+    model = MLP()
+    exploding = AttackSpec(optimizer="sgd", learning_rate=1e30, steps=6, batch_size=8, eval_interval=2)
+    fine = AttackSpec(optimizer="adam", steps=6, batch_size=8, eval_interval=2)
+    report = evaluate_finetuning_resistance(
+        model, image_dataset(24), image_dataset(16, seed=1), [exploding, fine], output_dir=tmp_output
+    )
+    bad, good = report.to_dict()["attacks"]
+    assert bad["diverged"]["protected"] and bad["final"]["protected"] is None
+    assert bad["diverged_at"]["protected"] in (2, 4, 6)
+    assert bad["curves"]["protected"][-1][0] < bad["diverged_at"]["protected"]
+    assert all(math.isfinite(v) for _, v in bad["curves"]["protected"])
+    assert "diverged" in bad["verdict"] and bad["effective_final"]["protected"] is not None
+    assert not good["diverged"]["protected"] and len(good["curves"]["protected"]) == 4
+    assert report.summary["diverged_attacks"] == [exploding.name]
+    with open(os.path.join(tmp_output, "report.json")) as f:
+        json.load(f)  # strict JSON: no NaN leaked into the file
+
+
+# ------------------------------------------------------------------------------------------------ processes
+def _two_process_attacks(rank, output_dir, expected_path):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # two processes on two shared cores: OpenMP spinning would make each step crawl
+    specs = [AttackSpec(optimizer=o, steps=3, batch_size=8) for o in ("adam", "sgd", "rmsprop")]
+    report = evaluate_finetuning_resistance(
+        MLP(), image_dataset(24), image_dataset(16, seed=1), specs, output_dir=output_dir
+    )
+    with open(expected_path) as f:
+        expected = json.load(f)
+    for record, reference in zip(report.attacks, expected):
+        for start, curve in reference["curves"].items():
+            assert record["curves"][start] == curve, (record["name"], start)
+
+
+def test_attacks_split_across_two_processes(tmp_path):
+    import socket
+
+    from accelerate.utils import patch_environment
+
+    specs = [AttackSpec(optimizer=o, steps=3, batch_size=8) for o in ("adam", "sgd", "rmsprop")]
+    single = evaluate_finetuning_resistance(MLP(), image_dataset(24), image_dataset(16, seed=1), specs)
+    expected_path = str(tmp_path / "expected.json")
+    with open(expected_path, "w") as f:
+        json.dump(single.attacks, f)
+    output_dir = str(tmp_path / "out")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # What `accelerate.debug_launcher` sets up, but spawned: forking a process whose OpenMP pool is already running
+    # (any earlier torch work in this pytest process) deadlocks the children.
+    with patch_environment(world_size=2, master_addr="127.0.0.1", master_port=str(port), accelerate_use_cpu="yes"):
+        torch.multiprocessing.start_processes(
+            _two_process_attacks, args=(output_dir, expected_path), nprocs=2, start_method="spawn"
+        )
+    ranks = set()
+    for name in os.listdir(os.path.join(output_dir, "runs")):
+        with open(os.path.join(output_dir, "runs", name)) as f:
+            ranks.add(json.load(f)["rank"])
+    assert ranks == {0, 1}
+    with open(os.path.join(output_dir, "report.json")) as f:
+        assert len(json.load(f)["attacks"]) == 3

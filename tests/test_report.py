@@ -1,0 +1,129 @@
+"""ResistanceReport: schema, summary arithmetic, lower-is-better metrics, divergence, files on disk."""
+
+import json
+import os
+
+import pytest
+from conftest import image_dataset, tiny_vit
+
+from sophon_hf.attacks import AttackSpec, evaluate_finetuning_resistance
+from sophon_hf.report import ResistanceReport, area_under_curve
+
+
+def _record(name, protected, unprotected, scratch, diverged=None):
+    curves = {"protected": protected, "unprotected": unprotected, "scratch": scratch}
+    diverged = diverged or {}
+    return {
+        "name": name,
+        "spec": {"strategy": "full"},
+        "curves": curves,
+        "diverged": {s: s in diverged for s in curves},
+        "diverged_at": {s: diverged.get(s) for s in curves},
+    }
+
+
+def _report(higher_is_better=True, **kwargs):
+    attacks = [
+        _record("a", [[0, 0.2], [10, 0.3]], [[0, 0.2], [10, 0.9]], [[0, 0.2], [5, 0.6], [10, 0.7]]),
+        _record("b", [[0, 0.2], [10, 0.75]], [[0, 0.2], [10, 0.95]], [[0, 0.2], [5, 0.5], [10, 0.7]]),
+    ]
+    return ResistanceReport("image-classification", "accuracy", higher_is_better, attacks, **kwargs)
+
+
+def test_summary_arithmetic_by_hand():
+    data = _report().to_dict()
+    a, b = data["attacks"]
+    assert a["final"] == {"protected": 0.3, "unprotected": 0.9, "scratch": 0.7}
+    assert a["protected_minus_scratch"] == pytest.approx(-0.4)
+    assert a["verdict"] == "no head start over scratch"
+    assert b["verdict"] == "head start of 0.05 accuracy over scratch"
+    # AUC: mean of the trapezoids; scratch (0.2+0.6)/2*5 + (0.6+0.7)/2*5 = 5.25 over 10 steps.
+    assert a["auc"]["scratch"] == pytest.approx(0.525)
+    assert area_under_curve([[0, 1.0]]) == 1.0
+    # Threshold: 0.9 of the way from scratch's 0.2 to its 0.7 = 0.65; scratch gets there at step 10.
+    assert a["threshold"] == pytest.approx(0.65)
+    assert a["steps_to_threshold"] == {"protected": None, "unprotected": 10, "scratch": 10}
+    assert data["summary"]["worst_attack"] == "b"
+    assert data["summary"]["worst_protected_minus_scratch"] == pytest.approx(0.05)
+    assert data["summary"]["attacks_with_head_start"] == ["b"]
+
+
+def test_lower_is_better_flips_every_comparison():
+    # A denoising error: the attacker wants it low. Protected stays high in "a" (good), drops below scratch in "b".
+    attacks = [
+        _record("a", [[0, 1.0], [10, 0.9]], [[0, 1.0], [10, 0.3]], [[0, 1.0], [10, 0.5]]),
+        _record("b", [[0, 1.0], [10, 0.4]], [[0, 1.0], [10, 0.3]], [[0, 1.0], [10, 0.5]]),
+    ]
+    report = ResistanceReport("diffusion", "denoising_error", False, attacks)
+    data = report.to_dict()
+    assert data["attacks"][0]["verdict"] == "no head start over scratch"
+    assert data["attacks"][1]["verdict"].startswith("head start of 0.1 ")
+    assert data["summary"]["worst_attack"] == "b"
+    assert data["summary"]["worst_protected_minus_scratch"] == pytest.approx(-0.1)
+    assert data["attacks"][0]["steps_to_threshold"]["unprotected"] == 10  # 0.3 <= 0.55 (the threshold)
+
+
+def test_diverged_runs_use_their_best_value_before_divergence():
+    report = _report()
+    report.attacks.append(
+        _record("c", [[0, 0.2], [5, 0.8]], [[0, 0.2], [10, 0.9]], [[0, 0.2], [10, 0.7]], diverged={"protected": 7})
+    )
+    data = report.to_dict()
+    c = data["attacks"][2]
+    assert c["final"]["protected"] is None and c["effective_final"]["protected"] == 0.8
+    assert "protected run diverged at step 7" in c["verdict"]
+    assert data["summary"]["worst_attack"] == "c"  # the attacker keeps the checkpoint before the blow-up
+    assert data["summary"]["diverged_attacks"] == ["c"]
+
+
+def test_without_scratch_the_worst_attack_is_the_best_protected_result():
+    attacks = [
+        {"name": "a", "spec": {}, "curves": {"protected": [[0, 0.1], [5, 0.4]]}},
+        {"name": "b", "spec": {}, "curves": {"protected": [[0, 0.1], [5, 0.6]]}},
+    ]
+    summary = ResistanceReport("image-classification", "accuracy", True, attacks).summary
+    assert summary["worst_attack"] == "b" and summary["worst_protected_minus_scratch"] is None
+    assert summary["verdict"].startswith("no scratch baseline")
+
+
+def test_save_load_roundtrip_and_files(tmp_path):
+    report = _report(original={"unprotected": 0.99, "protected": 0.985}, fingerprints={"protected": "ab" * 32})
+    paths = report.save(str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["report.json", "report.md", "attack_curves.png"]
+    with open(paths[2], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    markdown = open(paths[1]).read()
+    assert "| `b` |" in markdown and "head start of 0.05 accuracy over scratch" in markdown
+    assert markdown.index("| `b` |") < markdown.index("| `a` |")  # worst first
+    loaded = ResistanceReport.load(str(tmp_path))
+    assert loaded.to_dict() == report.to_dict()
+    assert loaded.to_dict()["original"] == {"unprotected": 0.99, "protected": 0.985}
+
+
+def test_real_report_follows_the_design_schema(tmp_path):
+    model = tiny_vit(num_labels=5, seed=1)
+    spec = AttackSpec(strategy="full", optimizer="adam", learning_rate=1e-3, steps=4, batch_size=8, eval_interval=2)
+    report = evaluate_finetuning_resistance(
+        model, image_dataset(24), image_dataset(16, seed=1), attacks=[spec], reference_model=tiny_vit(seed=2)
+    )
+    report.save(str(tmp_path))
+    with open(tmp_path / "report.json") as f:
+        data = json.load(f)
+    assert data["task"] == "image-classification" and data["metric"] == "accuracy"
+    assert data["higher_is_better"] is True
+    (attack,) = data["attacks"]
+    assert attack["name"] == "full-adam-lr0.001-steps4-bs8-eval2"
+    assert attack["spec"]["strategy"] == "full" and attack["spec"]["optimizer"] == "adam"
+    assert set(attack["curves"]) == set(attack["final"]) == {"protected", "unprotected", "scratch"}
+    for start, curve in attack["curves"].items():
+        assert [step for step, _ in curve] == [0, 2, 4]
+        assert attack["final"][start] == curve[-1][1]
+        assert 0.0 <= curve[-1][1] <= 1.0
+    assert {"auc", "steps_to_threshold", "verdict", "diverged"} <= set(attack)
+    assert data["summary"]["worst_attack"] == attack["name"]
+    assert data["summary"]["worst_protected_minus_scratch"] == pytest.approx(
+        attack["final"]["protected"] - attack["final"]["scratch"]
+    )
+    assert data["scratch_recipe"]["optimizer"] == "adam" and data["scratch_recipe"]["learning_rate"] == 1e-3
+    assert data["fingerprints"]["protected"] != data["fingerprints"]["reference"]
+    assert os.path.getsize(tmp_path / "attack_curves.png") > 1000
