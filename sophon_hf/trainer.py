@@ -26,6 +26,7 @@ from .tasks import get_task
 logger = logging.getLogger(__name__)
 
 FTS_OPTIMIZER_NAME = "fts_optimizer.pt"
+RESTRICTED_IN_MEMORY_BYTES = 2 * 1024**3
 
 
 def _is_diffusers_model(module: nn.Module) -> bool:
@@ -166,6 +167,7 @@ class SophonTrainer(Trainer):
                 model, self.task.head_name, args.lora_r, args.lora_alpha, args.lora_target_modules
             )
 
+        self._restricted_tensors: dict[str, torch.Tensor] | None = None
         self._metrics = defaultdict(list)
         self._best_state: dict[str, torch.Tensor] | None = None
         self.stop_reason: str | None = None
@@ -372,19 +374,37 @@ class SophonTrainer(Trainer):
         seed = (self.args.seed * 1_000_003 + self.state.global_step) * 1_009 + self.args.process_index
         return torch.Generator().manual_seed(seed * 7 + salt)
 
+    def _restricted_rows(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Indexing a `datasets.Dataset` converts Arrow rows one by one (tens of ms per batch of images): a restricted
+        # set that fits in memory is turned into tensors once, larger ones are read per outer iteration.
+        if self._restricted_tensors is None:
+            first = self.restricted_dataset[:1]
+            size = sum(v.numel() * v.element_size() for v in first.values() if isinstance(v, torch.Tensor))
+            fits = all(isinstance(v, torch.Tensor) for v in first.values())
+            fits = fits and size * len(self.restricted_dataset) <= RESTRICTED_IN_MEMORY_BYTES
+            self._restricted_tensors = self.restricted_dataset[:] if fits else {}
+            if any(not isinstance(v, torch.Tensor) for v in self._restricted_tensors.values()):
+                self._restricted_tensors = {}  # ragged columns: keep reading through the dataset
+        if not self._restricted_tensors:
+            return self.restricted_dataset[indices]
+        return {k: v[indices] for k, v in self._restricted_tensors.items()}
+
     def _restricted_batches(self, generator: torch.Generator) -> tuple[list[dict], list[dict]]:
         """Support and query batches for each inner step, from this rank's shard of the restricted data."""
         shard = torch.arange(self.args.process_index, len(self.restricted_dataset), self.args.world_size)
-        half = self.restricted_batch_size // 2
-        supports, queries = [], []
+        size, half = self.restricted_batch_size, self.restricted_batch_size // 2
+        indices = []
         for _ in range(self.args.inner_steps):
-            order = shard[torch.randperm(len(shard), generator=generator)]
-            idx = order[: self.restricted_batch_size]
-            if len(idx) < self.restricted_batch_size:  # tiny shard: sample with replacement
-                idx = shard[torch.randint(len(shard), (self.restricted_batch_size,), generator=generator)]
-            batch = {k: v.to(self.args.device) for k, v in self.restricted_dataset[idx].items()}
-            supports.append({k: v[:half] for k, v in batch.items()})
-            queries.append({k: v[half:] for k, v in batch.items()})
+            if len(shard) >= size:
+                indices.append(shard[torch.randperm(len(shard), generator=generator)[:size]])
+            else:  # tiny shard: sample with replacement
+                indices.append(shard[torch.randint(len(shard), (size,), generator=generator)])
+        rows = {k: v.to(self.args.device) for k, v in self._restricted_rows(torch.cat(indices)).items()}
+        supports, queries = [], []
+        for step in range(self.args.inner_steps):
+            start = step * size
+            supports.append({k: v[start : start + half] for k, v in rows.items()})
+            queries.append({k: v[start + half : start + size] for k, v in rows.items()})
         return supports, queries
 
     def _simulation_view(self, module: nn.Module, strategy: str, generator: torch.Generator) -> SimulationView:

@@ -1,12 +1,24 @@
-"""`sophon-hf demo` (not implemented yet)."""
+"""`sophon-hf demo`: pre-train, protect and attack a classifier offline on real MNIST digits."""
 
 import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("demo", help="not implemented yet")
+    parser = subparsers.add_parser(
+        "demo",
+        help="offline end-to-end demo on real MNIST digits (pre-train, protect, attack, report)",
+        description="Pre-trains a small Transformers classifier on MNIST digits 0-4, protects it with SOPHON against "
+        "digits 5-9, then attacks the protected model, the unprotected original and a from-scratch model with real "
+        "fine-tuning attacks. Everything is offline; about 15 minutes on 2 CPU cores (--quick: about 3).",
+    )
+    parser.add_argument("--output", default="demo_output", help="output folder (default: demo_output)")
+    parser.add_argument("--quick", action="store_true", help="quick suite and shorter protection (~3 minutes)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data split, models and attacks (default: 0)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("sophon-hf demo is not implemented yet")
+    from ..demo import run_demo
+
+    run_demo(args.output, quick=args.quick, seed=args.seed)
+    return 0

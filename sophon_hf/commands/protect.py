@@ -1,12 +1,31 @@
-"""`sophon-hf protect` (not implemented yet)."""
+"""`sophon-hf protect --config YAML`: run a protection recipe (classifier or diffusion) in this process.
+
+For several processes or GPUs, launch the same recipe with accelerate instead:
+`accelerate launch -m sophon_hf.trainers.protect_classifier --config RECIPE.yaml`.
+"""
 
 import argparse
 
+import yaml
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("protect", help="not implemented yet")
-    parser.set_defaults(func=run)
+    parser = subparsers.add_parser(
+        "protect",
+        help="protect a model from a YAML recipe (see sophon_hf/trainers/configs)",
+        description="Protect a classifier or a diffusion UNet from a YAML recipe: a file, or the name of a shipped "
+        "recipe such as mnist_vit_cpu.yaml. Extra arguments override recipe fields (e.g. --max_steps 50).",
+    )
+    parser.add_argument("--config", required=True, help="recipe YAML file or shipped recipe name")
+    parser.set_defaults(func=run, pass_unknown=True)
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("sophon-hf protect is not implemented yet")
+    from ..trainers import protect_classifier, protect_diffusion
+
+    path = protect_classifier.resolve_config_path(args.config)
+    with open(path) as f:
+        recipe = yaml.safe_load(f) or {}
+    script = protect_diffusion if recipe.get("restricted_loss") == "denial_of_service" else protect_classifier
+    script.main(*script.parse_args(["--config", path, *args.extra]))
+    return 0

@@ -1,0 +1,191 @@
+"""Overhead of SOPHON's meta machinery: one outer iteration vs the same plain forward+backward passes.
+
+An outer iteration with K inner steps runs 2K forward+backward passes on half restricted batches (support: the
+simulated attacker's step; query: the suppression loss) plus one NTR pass on a full original batch. The baseline
+runs exactly those passes directly on the module (`loss.backward()` and an in-place SGD update), so the ratio is
+what the functional simulation, fresh heads, buffer copies, the meta-gradient bookkeeping and the two Adam steps
+add. Memory: the peak resident-set increase of one outer iteration over that of one plain training step, each
+measured in a fresh subprocess (Linux: VmHWM after resetting it through /proc/self/clear_refs).
+
+    python benchmarks/bench_trainer.py            # prints a table and ratios
+    python benchmarks/bench_trainer.py --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+MODELS = ("resnet", "vit")
+K, BATCH = 10, 32
+
+
+def _model(kind: str):
+    torch.manual_seed(0)
+    if kind == "resnet":
+        from sophon_hf.demo import demo_model
+
+        return demo_model()
+    from transformers import ViTConfig, ViTForImageClassification
+
+    config = ViTConfig(
+        image_size=28,
+        patch_size=4,
+        num_channels=1,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        num_labels=5,
+    )
+    return ViTForImageClassification(config)
+
+
+def _setup(kind: str, strategy: str):
+    from datasets import Dataset
+
+    from sophon_hf import SophonConfig, SophonTrainer
+
+    g = torch.Generator().manual_seed(0)
+    data = lambda n: Dataset.from_dict(  # noqa: E731
+        {"pixel_values": torch.rand(n, 1, 28, 28, generator=g).numpy(), "labels": torch.randint(5, (n,), generator=g)}
+    )
+    model = _model(kind)
+    args = SophonConfig(
+        output_dir="/tmp/sophon-bench",
+        max_steps=1,
+        per_device_train_batch_size=BATCH,
+        inner_steps=K,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        simulation_strategies=[strategy],
+        inner_optimizers=["sgd"],
+    )
+    trainer = SophonTrainer(model, args=args, train_dataset=data(256), restricted_dataset=data(256))
+    trainer.create_optimizer()
+    batch = {k: v for k, v in trainer.train_dataset.with_format("torch")[:BATCH].items()}
+    return trainer, model, batch
+
+
+def outer_iteration(trainer, model, batch):
+    trainer.training_step(model, batch)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad()
+    trainer.state.global_step += 1
+
+
+def plain_passes(trainer, model, batch):
+    """The same passes as an outer iteration, done directly: 2K half-batch passes and one full-batch pass."""
+    half = {k: v[: BATCH // 2] for k, v in batch.items()}
+    for _ in range(2 * K):
+        loss, _ = trainer.task.loss(model, half)
+        loss.backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.sub_(1e-4 * p.grad)
+                p.grad = None
+    loss, _ = trainer.task.loss(model, batch)
+    loss.backward()
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad()
+
+
+def plain_step(trainer, model, batch):
+    loss, _ = trainer.task.loss(model, batch)
+    loss.backward()
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad()
+
+
+def time_ratio(kind: str, strategy: str, repeats: int = 7) -> dict:
+    trainer, model, batch = _setup(kind, strategy)
+    for fn in (outer_iteration, plain_passes):  # warm-up
+        fn(trainer, model, batch)
+    outer, plain = [], []
+    for _ in range(repeats):  # interleaved: the machine's noise hits both alike
+        t = time.perf_counter()
+        outer_iteration(trainer, model, batch)
+        outer.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        plain_passes(trainer, model, batch)
+        plain.append(time.perf_counter() - t)
+    o, p = statistics.median(outer), statistics.median(plain)
+    return {"model": kind, "strategy": strategy, "outer_s": o, "plain_s": p, "time_ratio": o / p}
+
+
+def _peak_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+
+def memory_child(kind: str, what: str) -> int:
+    trainer, model, batch = _setup(kind, "full")
+    fn = outer_iteration if what == "outer" else plain_step
+    fn(trainer, model, batch)  # allocate optimizer states and caches first
+    fn(trainer, model, batch)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _rss_kib()
+    fn(trainer, model, batch)
+    return _peak_kib() - before
+
+
+def memory_ratio(kind: str) -> dict:
+    def run(what):
+        out = subprocess.run(
+            [sys.executable, __file__, "--memory-child", kind, what], capture_output=True, text=True, check=True
+        )
+        return max(int(out.stdout.strip().splitlines()[-1]), 1)
+
+    outer, plain = run("outer"), run("plain")
+    return {"model": kind, "outer_peak_kib": outer, "plain_peak_kib": plain, "memory_ratio": outer / plain}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--json")
+    parser.add_argument("--memory-child", nargs=2)
+    args = parser.parse_args()
+    if args.memory_child:
+        print(memory_child(*args.memory_child))
+        return
+    results = {"time": [], "memory": []}
+    print(f"Outer iteration (K={K}, batch {BATCH}) vs the same plain forward+backward passes (target <= 1.3)")
+    for kind in MODELS:
+        for strategy in ("full", "full_reinit_head", "linear_probe", "lora"):
+            r = time_ratio(kind, strategy)
+            results["time"].append(r)
+            print(
+                f"  {kind:6s} {strategy:17s} outer {r['outer_s'] * 1e3:7.1f} ms  plain {r['plain_s'] * 1e3:7.1f} ms  "
+                f"ratio {r['time_ratio']:.2f}"
+            )
+    print("Peak memory of a first-order outer iteration vs a plain training step (target <= 2)")
+    for kind in MODELS:
+        r = memory_ratio(kind)
+        results["memory"].append(r)
+        print(
+            f"  {kind:6s} outer +{r['outer_peak_kib']} KiB  plain +{r['plain_peak_kib']} KiB  "
+            f"ratio {r['memory_ratio']:.2f}"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

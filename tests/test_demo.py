@@ -1,0 +1,70 @@
+"""The demo pipeline end to end in a seconds-long configuration, and the protect command on a shipped recipe."""
+
+import json
+import os
+
+from huggingface_hub import ModelCard
+from transformers import AutoModelForImageClassification
+
+from sophon_hf.attacks import AttackSpec
+from sophon_hf.cli import main
+from sophon_hf.demo import DemoSettings, run_demo
+from sophon_hf.utils import model_fingerprint
+
+
+def test_demo_pipeline_writes_models_report_plots_and_card(tmp_path, capsys):
+    settings = DemoSettings(
+        pretrain_steps=5,
+        attacker_images=20,
+        suite=[
+            AttackSpec(strategy="full_reinit_head", optimizer="adam", learning_rate=1e-3, steps=4).to_dict(),
+            AttackSpec(strategy="lora", optimizer="sgd_momentum", learning_rate=1e-2, steps=4).to_dict(),
+        ],
+        steps_scale=1.0,
+    )
+    settings.protection = {**settings.protection, "max_steps": 2, "inner_steps": 2}
+    out = tmp_path / "demo"
+    report = run_demo(str(out), settings=settings)
+
+    printed = capsys.readouterr().out
+    assert "20 labelled restricted images" in printed and "Worst attack" in printed
+    for folder in ("unprotected", "protected"):
+        model = AutoModelForImageClassification.from_pretrained(out / folder)
+        assert model.config.num_labels == 5
+    assert {"report.json", "report.md", "attack_curves.png", "demo_settings.json"} <= set(os.listdir(out))
+    saved = json.loads((out / "report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert set(saved["original"]) == {"unprotected", "protected"}
+    assert [a["name"] for a in saved["attacks"]] == [AttackSpec.from_dict(spec).name for spec in settings.suite]
+    assert all(set(a["final"]) == {"protected", "unprotected", "scratch"} for a in saved["attacks"])
+    protected = AutoModelForImageClassification.from_pretrained(out / "protected")
+    assert saved["fingerprints"]["protected"] == model_fingerprint(protected)
+    card = ModelCard.load(out / "protected" / "README.md")
+    assert "MNIST digits 5-9" in card.text and "scratch" in card.text
+    assert card.data.eval_results
+
+
+def test_protect_command_runs_a_shipped_recipe(tmp_path):
+    out, reference = tmp_path / "protected", tmp_path / "unprotected"
+    code = main(
+        [
+            "protect",
+            "--config",
+            "mnist_vit_cpu.yaml",
+            "--max_steps",
+            "2",
+            "--pretrain_steps",
+            "2",
+            "--inner_steps",
+            "2",
+            "--max_eval_samples",
+            "20",
+            "--output_dir",
+            str(out),
+            "--unprotected_output_dir",
+            str(reference),
+        ]
+    )
+    assert code == 0
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    assert (reference / "config.json").is_file()
