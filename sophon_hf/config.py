@@ -25,6 +25,12 @@ class SophonConfig(TrainingArguments):
             paper's `-log(1 - p_y)`, whose gradient vanishes once the true class is suppressed, hence the default),
             `"inverse_cross_entropy_negated_logits"` (the authors' code, `cross_entropy(-z, y)`), `"kl_uniform"`
             (KL from the uniform prediction, needs no labels) or `"denial_of_service"` (diffusion UNets).
+        feature_suppression_weight (`float`, *optional*, defaults to `0.0`):
+            Adds this times the mean squared *input of the output layer* on restricted query batches to the
+            suppression loss: a representation-level objective that drives restricted-domain features (post-ReLU in
+            CNNs) to zero, so that fine-tuning finds no information and, where units die, no gradient - rather than
+            only a trap for the optimiser (in the spirit of representation noising, Rosati et al. 2024).
+            Classifiers only.
         fts_learning_rate (`float`, *optional*, defaults to `3e-4`):
             Adam step size of the suppression (meta-gradient) update; the paper's alpha for ICE.
         fts_max_grad_norm (`float`, *optional*, defaults to `0.5`):
@@ -80,6 +86,9 @@ class SophonConfig(TrainingArguments):
     restricted_loss: str = field(
         default="inverse_cross_entropy",
         metadata={"help": f"Suppression loss on the restricted domain, one of {RESTRICTED_LOSSES}."},
+    )
+    feature_suppression_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the restricted-feature suppression term (classifiers)."}
     )
     fts_learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the suppression update."})
     fts_max_grad_norm: float = field(default=0.5, metadata={"help": "Clip norm of the meta-gradient (0 disables)."})

@@ -135,6 +135,10 @@ class SophonTrainer(Trainer):
                 "restricted_loss='denial_of_service' is for diffusion UNets; classifiers use "
                 "'inverse_cross_entropy' or 'kl_uniform'."
             )
+        if is_denoiser and args.feature_suppression_weight:
+            raise ValueError(
+                "feature_suppression_weight applies to classifiers (the output layer's input); set it to 0."
+            )
         if is_denoiser and args.restricted_loss != "denial_of_service":
             raise ValueError(
                 f"restricted_loss={args.restricted_loss!r} is a classification loss; diffusion UNets use "
@@ -439,7 +443,16 @@ class SophonTrainer(Trainer):
         supports, queries = self._restricted_batches(generator)
 
         def suppression(m, batch, params):
-            return self.task.suppression_loss(args.restricted_loss, m, batch, params, generator=generator)
+            if not args.feature_suppression_weight:
+                return self.task.suppression_loss(args.restricted_loss, m, batch, params, generator=generator)
+            features = []
+            head = m.get_submodule(self.task.head_name if m is module else f"base_model.model.{self.task.head_name}")
+            handle = head.register_forward_pre_hook(lambda _, inputs: features.append(inputs[0]))
+            try:
+                loss, outputs = self.task.suppression_loss(args.restricted_loss, m, batch, params, generator=generator)
+            finally:
+                handle.remove()
+            return loss + args.feature_suppression_weight * features[0].pow(2).mean(), outputs
 
         def task_loss(m, batch, params):
             return self.task.loss(m, batch, params, generator=generator)

@@ -254,3 +254,19 @@ def test_head_is_found_and_overridable(tmp_output):
     assert _trainer(SmallCNN(), tmp_output).task.head_name == "fc"
     with pytest.raises(ValueError, match="not a module"):
         _trainer(SmallCNN(), tmp_output, head_name="classifier")
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_feature_suppression_term_reaches_the_meta_gradient(strategy, tmp_output):
+    def query_losses(weight):
+        model = tiny_resnet(seed=5)
+        trainer = _trainer(model, tmp_output, simulation_strategies=[strategy], feature_suppression_weight=weight)
+        trainer.create_optimizer()
+        assert trainer._fine_tuning_simulation_step()
+        return trainer._metrics["fts/query_loss"][-1], model
+
+    plain, plain_model = query_losses(0.0)
+    with_features, feature_model = query_losses(10.0)
+    # Same batches and attacker (seeded by step): the difference is the feature term, which is positive.
+    assert with_features > plain
+    assert any(not torch.equal(a, b) for a, b in zip(plain_model.parameters(), feature_model.parameters()))

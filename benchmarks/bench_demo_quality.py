@@ -1,0 +1,91 @@
+"""Protection quality on the demo's setting: `sophon-hf demo` over several seeds, against the targets of the project.
+
+For each seed the full demo runs (pre-training, SOPHON protection, the `standard` attack suite against protected,
+unprotected and scratch) and this script checks:
+- original-domain accuracy drop (target: <= 1 point);
+- for every attack, protected final restricted accuracy <= scratch's (no head start), and the largest excess of the
+  protected curve over scratch's at any evaluation point (issue target: <= 2 points);
+- that the unprotected model has a head start over scratch (otherwise the setting proves nothing).
+
+    python benchmarks/bench_demo_quality.py --seeds 0 1 2 --output benchmarks/out/demo_quality
+    python benchmarks/bench_demo_quality.py --seeds 0 --quick       # the --quick demo, one seed
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def max_excess(protected: list[list[float]], scratch: list[list[float]]) -> float:
+    """Largest protected-minus-scratch metric at the evaluation steps both curves share."""
+    scratch_at = {step: value for step, value in scratch}
+    return max(value - scratch_at[step] for step, value in protected if step in scratch_at)
+
+
+def summarise(report: dict) -> dict:
+    attacks = report["attacks"]
+    rows = []
+    for attack in attacks:
+        curves, final = attack["curves"], attack["final"]
+        rows.append(
+            {
+                "attack": attack["name"],
+                "protected": final["protected"],
+                "unprotected": final["unprotected"],
+                "scratch": final["scratch"],
+                "protected_minus_scratch": final["protected"] - final["scratch"],
+                "max_excess_over_scratch": max_excess(curves["protected"], curves["scratch"]),
+            }
+        )
+    original = report["original"]
+    return {
+        "original_unprotected": original["unprotected"],
+        "original_protected": original["protected"],
+        "original_drop_points": 100 * (original["unprotected"] - original["protected"]),
+        "attacks_protected_le_scratch": sum(r["protected_minus_scratch"] <= 0 for r in rows),
+        "attacks_within_2_points_everywhere": sum(r["max_excess_over_scratch"] <= 0.02 for r in rows),
+        "attacks_unprotected_gt_scratch": sum(r["unprotected"] > r["scratch"] for r in rows),
+        "num_attacks": len(rows),
+        "worst_attack": max(rows, key=lambda r: r["protected_minus_scratch"]),
+        "rows": rows,
+    }
+
+
+def main() -> None:
+    from sophon_hf.demo import run_demo
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--output", default="benchmarks/out/demo_quality")
+    args = parser.parse_args()
+    results = {}
+    for seed in args.seeds:
+        started = time.time()
+        report = run_demo(os.path.join(args.output, f"seed{seed}"), quick=args.quick, seed=seed)
+        results[seed] = {**summarise(report), "minutes": (time.time() - started) / 60}
+    print(
+        "\nseed  orig(unprot -> prot)  drop  prot<=scratch  within2pts  unprot>scratch  worst attack (prot-scratch)  min"
+    )
+    for seed, r in results.items():
+        worst = r["worst_attack"]
+        print(
+            f"{seed:4d}  {r['original_unprotected']:.3f} -> {r['original_protected']:.3f}     "
+            f"{r['original_drop_points']:+5.1f}  {r['attacks_protected_le_scratch']:3d}/{r['num_attacks']:<3d}       "
+            f"{r['attacks_within_2_points_everywhere']:3d}/{r['num_attacks']:<3d}    "
+            f"{r['attacks_unprotected_gt_scratch']:3d}/{r['num_attacks']:<3d}        "
+            f"{worst['attack']} ({worst['protected_minus_scratch']:+.3f})  {r['minutes']:.1f}"
+        )
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "summary.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Run every benchmark and write `benchmarks/RESULTS.md` with the commands and their printed results.
+
+    python benchmarks/run_all.py                  # everything (about 1.5 hours on 2 CPU cores)
+    python benchmarks/run_all.py --skip-quality   # speed benchmarks and diffusion only
+    python benchmarks/run_all.py --only bench_trainer.py
+
+Each benchmark is a standalone script (see its docstring); this runner only calls them one after another, so that
+they do not compete for the cores, and records what they printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHMARKS = [
+    ("bench_trainer.py", [], "Outer-iteration overhead and memory (issue: trainer foundation)"),
+    ("bench_attacks.py", [], "Attack harness throughput and 2-process speed-up"),
+    ("bench_diffusion.py", ["--output", "benchmarks/out/diffusion"], "Diffusion: denial of service on a small UNet"),
+    (
+        "bench_demo_quality.py",
+        ["--seeds", "0", "1", "2", "--output", "benchmarks/out/demo_quality"],
+        "Protection quality on the demo's setting, 3 seeds",
+    ),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--only", nargs="+")
+    parser.add_argument("--results", default=os.path.join(HERE, "RESULTS.md"))
+    args = parser.parse_args()
+    sections = []
+    for script, extra, title in BENCHMARKS:
+        if args.only and script not in args.only:
+            continue
+        if args.skip_quality and script == "bench_demo_quality.py":
+            continue
+        command = [sys.executable, os.path.join("benchmarks", script), *extra]
+        printable = " ".join(["python", os.path.join("benchmarks", script), *extra])
+        print(f"== {printable}", flush=True)
+        out = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(HERE))
+        text = "\n".join(line for line in out.stdout.splitlines() if "Warning" not in line)
+        print(text, flush=True)
+        status = "" if out.returncode == 0 else f"\n(exit code {out.returncode}; stderr tail)\n{out.stderr[-2000:]}"
+        sections.append(f"## {title}\n\nCommand: `{printable}`\n\n```\n{text.strip()[-6000:]}{status}\n```\n")
+    header = (
+        "# Benchmark results\n\n"
+        f"Written by `python benchmarks/run_all.py` on {datetime.date.today()}: {platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}.\n\n"
+    )
+    with open(args.results, "w") as f:
+        f.write(header + "\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()
