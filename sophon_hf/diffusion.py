@@ -50,6 +50,8 @@ class DiffusionTask:
             on; a single small timestep only breaks the last, nearly-clean denoising steps.
         num_eval_timesteps (`int`, *optional*, defaults to `10`):
             `evaluate` averages over this many timesteps spread evenly over the schedule.
+        eval_timesteps (`list[int]`, *optional*):
+            Evaluate at exactly these timesteps instead, e.g. `[1]` for the protocol of the authors' code.
         eval_seed (`int`, *optional*, defaults to `0`):
             Seed of the fixed evaluation noise.
 
@@ -82,6 +84,7 @@ class DiffusionTask:
         timestep: int | None = None,
         num_eval_timesteps: int = 10,
         eval_seed: int = 0,
+        eval_timesteps: list[int] | None = None,
     ):
         if noise_scheduler is None or not hasattr(noise_scheduler, "add_noise"):
             raise ValueError(
@@ -109,7 +112,12 @@ class DiffusionTask:
         self.timestep = timestep
         self.sample_shape = _sample_shape(model)
         self.head_param_names: list[str] = []
-        self.eval_timesteps = torch.linspace(0, self.num_train_timesteps - 1, num_eval_timesteps).round().long()
+        if eval_timesteps is not None:
+            if not eval_timesteps or not all(0 <= t < self.num_train_timesteps for t in eval_timesteps):
+                raise ValueError(f"eval_timesteps={eval_timesteps} must be non-empty and inside the schedule.")
+            self.eval_timesteps = torch.tensor(list(eval_timesteps), dtype=torch.long)
+        else:
+            self.eval_timesteps = torch.linspace(0, self.num_train_timesteps - 1, num_eval_timesteps).round().long()
         self.eval_seed = eval_seed
 
     # ------------------------------------------------------------------ data
