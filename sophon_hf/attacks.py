@@ -117,6 +117,11 @@ class AttackSpec:
     )
 
     def __post_init__(self):
+        # YAML reads `1e-3` as a string (it wants `1.0e-3`): accept what attack files naturally contain.
+        for name in ("learning_rate", "weight_decay", "warmup_ratio", "lora_alpha", "lora_dropout"):
+            setattr(self, name, float(getattr(self, name)))
+        if self.max_grad_norm is not None:
+            self.max_grad_norm = float(self.max_grad_norm)
         if self.strategy not in STRATEGIES:
             raise ValueError(f"Unknown attack strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}.")
         if self.optimizer not in OPTIMIZERS:
@@ -231,12 +236,15 @@ def _replace_head(model: nn.Module, head_name: str, num_labels: int) -> None:
         config.num_labels = num_labels
 
 
-def build_scratch_model(model: nn.Module, num_labels: int | None = None, seed: int = 0) -> nn.Module:
+def build_scratch_model(
+    model: nn.Module, num_labels: int | None = None, seed: int = 0, head_name: str | None = None
+) -> nn.Module:
     """The architecture of `model`, freshly initialised (seeded by `seed`); `model` itself is not touched.
 
     Transformers models are rebuilt from their config (`type(model)(config)`), Diffusers models with
     `from_config`, plain modules are deep-copied and every submodule's `reset_parameters()` is called.
-    `num_labels` resizes a classifier head (for restricted data with another label count).
+    `num_labels` resizes a classifier head (for restricted data with another label count); plain modules need
+    `head_name` for that (Transformers models resize through `config.num_labels`).
 
     Example:
         >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -270,6 +278,9 @@ def build_scratch_model(model: nn.Module, num_labels: int | None = None, seed: i
                     f"Cannot re-initialise {stale} for the scratch baseline: these modules own parameters but have no "
                     "`reset_parameters()`. Add one, or pass `include_scratch=False`."
                 )
+        if num_labels is not None and head_name is not None:
+            if scratch.get_submodule(head_name).out_features != num_labels:
+                _replace_head(scratch, head_name, num_labels)
     return scratch.to(device=reference.device, dtype=reference.dtype)
 
 
@@ -639,7 +650,11 @@ def evaluate_finetuning_resistance(
             _lora_targets(model, spec, task.head_name)
 
     # The datasets are checked against a head of the restricted size (a resized scratch-like template when needed).
-    data_task = get_task(build_scratch_model(model, restricted_labels), head_name=head_name) if resize else task
+    data_task = (
+        get_task(build_scratch_model(model, restricted_labels, head_name=task.head_name), head_name=task.head_name)
+        if resize
+        else task
+    )
     task = data_task
     train_dataset = task.prepare_dataset(restricted_train, "restricted_train")
     test_dataset = task.prepare_dataset(restricted_test, "restricted_test")
@@ -683,7 +698,9 @@ def evaluate_finetuning_resistance(
         run = _load_run(path, expected) if path is not None else None
         if run is None:
             start_model = (
-                build_scratch_model(model, restricted_labels, seed=spec.seed) if start == "scratch" else starts[start]
+                build_scratch_model(model, restricted_labels, spec.seed, task.head_name)
+                if start == "scratch"
+                else starts[start]
             )
             with tqdm(total=spec.steps, desc=unit_id, leave=False, disable=not show, position=1) as bar:
                 run = run_attack(start_model, task, train_columns, test_dataset, spec, restricted_labels, device, bar)

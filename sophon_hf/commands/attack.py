@@ -76,12 +76,18 @@ def load_model(name_or_path: str):
     return getattr(transformers, architectures[0]).from_pretrained(name_or_path)
 
 
-def load_restricted(source: str, split: str, label_column: str | None, input_column: str | None):
+def load_restricted(
+    source: str, split: str, label_column: str | None, input_column: str | None, need_split: bool = False
+):
     """A `save_to_disk` folder (a Dataset, or a DatasetDict and its `split`) or a Hub dataset's `split`."""
     import datasets
 
     if os.path.isdir(source):
         dataset = datasets.load_from_disk(source)
+        if need_split and not isinstance(dataset, datasets.DatasetDict):
+            raise SystemExit(
+                f"{source} holds a single split, so the test data cannot come from it: pass --restricted-test."
+            )
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
                 raise SystemExit(
@@ -136,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
 
     train = load_restricted(args.restricted_train, args.train_split, args.label_column, args.input_column)
     test_source = args.restricted_test or args.restricted_train
-    test = load_restricted(test_source, args.test_split, args.label_column, args.input_column)
+    need_split = args.restricted_test is None  # never evaluate on the attacker's own training rows
+    test = load_restricted(test_source, args.test_split, args.label_column, args.input_column, need_split)
     model = load_model(args.model)
     reference = load_model(args.reference_model) if args.reference_model else None
     try:

@@ -1,0 +1,107 @@
+"""`sophon-hf attack`: folders in, report out, resume, refusal of a foreign output folder, suites listing."""
+
+import json
+import os
+
+import pytest
+import torch
+from conftest import image_dataset, tiny_vit
+from datasets import DatasetDict
+
+from sophon_hf.cli import main
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The test machine's cores are shared: one intra-op thread avoids OpenMP contention (tiny steps 20x slower).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    protected, reference = tiny_vit(seed=1), tiny_vit(seed=2)
+    protected.save_pretrained(tmp_path / "protected")
+    reference.save_pretrained(tmp_path / "reference")
+    # A DatasetDict folder with the label column under its common raw name.
+    splits = {"train": image_dataset(24, seed=0), "test": image_dataset(16, seed=1)}
+    DatasetDict({k: v.rename_column("labels", "label") for k, v in splits.items()}).save_to_disk(tmp_path / "data")
+    attacks = tmp_path / "attacks.yaml"
+    attacks.write_text(
+        "- {strategy: full, optimizer: sgd_momentum, learning_rate: 0.01, steps: 20, batch_size: 8}\n"
+        "- {strategy: linear_probe, optimizer: adam, learning_rate: 0.01, steps: 20, batch_size: 8}\n"
+    )
+    return tmp_path
+
+
+def _args(tmp_path, output, model="protected"):
+    return [
+        "attack",
+        "--model",
+        str(tmp_path / model),
+        "--reference-model",
+        str(tmp_path / "reference"),
+        "--restricted-train",
+        str(tmp_path / "data"),
+        "--label-column",
+        "label",
+        "--attacks-file",
+        str(tmp_path / "attacks.yaml"),
+        "--steps-scale",
+        "0.2",
+        "--output",
+        str(output),
+    ]
+
+
+def test_attack_cli_writes_the_report_and_resumes(saved, capsys):
+    output = saved / "report"
+    assert main(_args(saved, output)) == 0
+    assert "Report:" in capsys.readouterr().out
+    assert {"report.json", "report.md", "attack_curves.png", "runs"} <= set(os.listdir(output))
+    with open(output / "report.json") as f:
+        data = json.load(f)
+    assert [a["name"] for a in data["attacks"]] == [
+        "full-sgd_momentum-lr0.01-steps4-bs8",
+        "linear_probe-adam-lr0.01-steps4-bs8",
+    ]
+    assert set(data["attacks"][0]["curves"]) == {"protected", "unprotected", "scratch"}
+
+    runs = {name: os.stat(output / "runs" / name).st_mtime_ns for name in os.listdir(output / "runs")}
+    assert len(runs) == 2 * 2 + 1  # two attacks x two starts, one shared scratch run
+    assert main(_args(saved, output)) == 0
+    assert {name: os.stat(output / "runs" / name).st_mtime_ns for name in os.listdir(output / "runs")} == runs
+
+
+def test_attack_cli_refuses_an_output_folder_of_another_model(saved):
+    output = saved / "report"
+    assert main(_args(saved, output)) == 0
+    with pytest.raises(SystemExit, match="different protected model"):
+        main(_args(saved, output, model="reference"))
+
+
+def test_attack_cli_lists_suites_and_rejects_bad_input(saved, capsys):
+    assert main(["attack", "--list-suites"]) == 0
+    listing = capsys.readouterr().out
+    assert "quick: 5 attacks" in listing and "standard: 48 attacks" in listing and "lora-adam-lr0.001" in listing
+    with pytest.raises(SystemExit, match="--model"):
+        main(["attack", "--output", str(saved / "x")])
+    args = _args(saved, saved / "x")
+    del args[args.index("--attacks-file") : args.index("--attacks-file") + 2]
+    with pytest.raises(SystemExit, match="Unknown attack suite"):
+        main([*args, "--suite", "huge"])
+    (saved / "bad.yaml").write_text("- {strategy: full, optimizer: lion}\n")
+    args = _args(saved, saved / "x")
+    args[args.index("--attacks-file") + 1] = str(saved / "bad.yaml")
+    with pytest.raises(SystemExit, match="Unknown optimizer"):
+        main(args)
+    image_dataset(8).save_to_disk(saved / "single")
+    args = _args(saved, saved / "x")
+    args[args.index("--restricted-train") + 1] = str(saved / "single")
+    del args[args.index("--label-column") : args.index("--label-column") + 2]  # this one is already named 'labels'
+    with pytest.raises(SystemExit, match="pass --restricted-test"):
+        main(args)
+    with pytest.raises(SystemExit, match="no column 'target'"):
+        main([*_args(saved, saved / "x"), "--label-column", "target"])
