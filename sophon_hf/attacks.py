@@ -40,8 +40,16 @@ SCHEDULES = ("constant", "warmup_cosine")
 # Strategies that throw the head away: they may resize it to the restricted label count.
 HEAD_REINIT_STRATEGIES = ("full_reinit_head", "linear_probe")
 # LoRA targets of common architectures, tried in order; the first set whose names all occur in the model wins.
-# transformers 5 names ViT/CLIP/LLaMA-style attention `q_proj`/`v_proj`; BERT-style models keep `query`/`value`.
-LORA_DEFAULT_TARGETS = (("q_proj", "v_proj"), ("query", "value"), ("q_lin", "v_lin"), ("c_attn",), ("qkv",))
+# transformers 5 names ViT/CLIP/LLaMA-style attention `q_proj`/`v_proj`; BERT-style models keep `query`/`value`;
+# Diffusers attention uses `to_q`/`to_v`.
+LORA_DEFAULT_TARGETS = (
+    ("q_proj", "v_proj"),
+    ("query", "value"),
+    ("q_lin", "v_lin"),
+    ("to_q", "to_v"),
+    ("c_attn",),
+    ("qkv",),
+)
 # What someone training the architecture from scratch would do (not a fine-tuning learning rate that cripples it).
 SCRATCH_SEED_OFFSET = 1_000_003
 DEFAULT_SCRATCH_RECIPE = {"optimizer": "adam", "learning_rate": 1e-3, "weight_decay": 0.0, "schedule": "constant"}
@@ -281,7 +289,9 @@ def build_scratch_model(
         if num_labels is not None and head_name is not None:
             if scratch.get_submodule(head_name).out_features != num_labels:
                 _replace_head(scratch, head_name, num_labels)
-    return scratch.to(device=reference.device, dtype=reference.dtype)
+    scratch = scratch.to(reference.device)
+    # Only cast when needed: Diffusers warns on any dtype cast of a model with float32-pinned modules.
+    return scratch if next(scratch.parameters()).dtype == reference.dtype else scratch.to(reference.dtype)
 
 
 def default_lora_targets(model: nn.Module, head_name: str | None) -> list[str]:

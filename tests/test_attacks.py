@@ -249,6 +249,40 @@ def test_harness_equals_a_hand_written_finetuning_loop():
         torch.testing.assert_close(trained.get_buffer(name), buffer, rtol=1e-5, atol=1e-6)
 
 
+def test_the_harness_is_task_agnostic_a_denoiser_reports_its_error():
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    before = _state(unet)
+    images = Dataset.from_dict({"pixel_values": (torch.rand(16, 1, 8, 8) * 2 - 1).numpy()})
+    scheduler = DDPMScheduler(num_train_timesteps=100)
+    specs = [AttackSpec(strategy=s, steps=2, batch_size=8, eval_interval=1) for s in ("full", "lora")]
+    report = evaluate_finetuning_resistance(unet, images, images, specs, noise_scheduler=scheduler)
+    _assert_same_state(before, unet)
+    data = report.to_dict()
+    assert data["higher_is_better"] is False and data["metric"] == task_metric(unet, scheduler)
+    for attack in data["attacks"]:
+        assert all(len(curve) == 3 and curve[-1][1] > 0 for curve in attack["curves"].values())
+    with pytest.raises(ValueError, match="has no classification head"):
+        evaluate_finetuning_resistance(
+            unet, images, images, [AttackSpec(strategy="linear_probe")], noise_scheduler=scheduler
+        )
+
+
+def task_metric(model, scheduler):
+    return get_task(model, noise_scheduler=scheduler).metric_name
+
+
 # ------------------------------------------------------------------------------------------------ resume
 def test_resume_skips_finished_runs(tmp_output):
     model, train, test = MLP(), image_dataset(24), image_dataset(16, seed=1)
