@@ -97,3 +97,26 @@ def text_dataset(n: int = 32, num_labels: int = 5, length: int = 8, seed: int = 
 @pytest.fixture
 def tmp_output(tmp_path):
     return str(tmp_path / "out")
+
+
+def _rank_entry(rank: int, fn, args):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)  # two processes on two cores: intra-op threads would fight over them
+    fn(*args)
+
+
+def run_two_processes(fn, *args) -> None:
+    """Run `fn(*args)` on 2 CPU processes (gloo), like `accelerate.debug_launcher` but spawned, not forked.
+
+    Forking a process whose OpenMP pool already runs (any earlier torch work in this pytest process) deadlocks the
+    children, so `debug_launcher` hangs when it is not the first torch test. `fn` must be importable (module level).
+    """
+    import socket
+
+    from accelerate.utils import patch_environment
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with patch_environment(world_size=2, master_addr="127.0.0.1", master_port=str(port), accelerate_use_cpu="yes"):
+        torch.multiprocessing.start_processes(_rank_entry, args=(fn, args), nprocs=2, start_method="spawn")

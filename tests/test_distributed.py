@@ -3,8 +3,7 @@
 import tempfile
 
 import torch
-from accelerate import debug_launcher
-from conftest import SmallCNN, image_dataset
+from conftest import SmallCNN, image_dataset, run_two_processes
 
 
 def _train_on_two_ranks():
@@ -46,4 +45,4 @@ def _train_on_two_ranks():
 
 
 def test_two_process_training_keeps_replicas_identical():
-    debug_launcher(_train_on_two_ranks, num_processes=2)
+    run_two_processes(_train_on_two_ranks)
