@@ -453,7 +453,7 @@ def test_protect_diffusion_script_on_local_standins_of_hub_datasets(tmp_path):
         + f"--original_dataset {tmp_path / 'cifar'} --restricted_dataset {tmp_path / 'celeba'} "
         f"--sample_size 16 --in_channels 3 --block_out_channels 16 32 "
         f"--num_train_timesteps 50 --pretrain_steps 1 --max_steps 2 --inner_steps 1 --ntr_steps 1 "
-        f"--per_device_train_batch_size 4 --restricted_batch_size 4 --eval_steps 2 --save_strategy no --bf16 false "
+        f"--per_device_train_batch_size 4 --restricted_batch_size 4 --eval_steps 2 --save_strategy no "
         f"--dataloader_num_workers 0 --use_cpu true --eval_fraction 0.25 --num_sample_images 2 "
         f"--num_inference_steps 2 --output_dir {output} --disable_tqdm true".split()
     )
