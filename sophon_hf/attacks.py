@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from .report import ResistanceReport
+from .simulation import default_lora_targets
 from .tasks import get_task
 from .utils import model_fingerprint
 
@@ -39,17 +40,6 @@ OPTIMIZERS = ("sgd", "sgd_momentum", "sgd_nesterov", "adam", "adamw", "adagrad",
 SCHEDULES = ("constant", "warmup_cosine")
 # Strategies that throw the head away: they may resize it to the restricted label count.
 HEAD_REINIT_STRATEGIES = ("full_reinit_head", "linear_probe")
-# LoRA targets of common architectures, tried in order; the first set whose names all occur in the model wins.
-# transformers 5 names ViT/CLIP/LLaMA-style attention `q_proj`/`v_proj`; BERT-style models keep `query`/`value`;
-# Diffusers attention uses `to_q`/`to_v`.
-LORA_DEFAULT_TARGETS = (
-    ("q_proj", "v_proj"),
-    ("query", "value"),
-    ("q_lin", "v_lin"),
-    ("to_q", "to_v"),
-    ("c_attn",),
-    ("qkv",),
-)
 # What someone training the architecture from scratch would do (not a fine-tuning learning rate that cripples it).
 SCRATCH_SEED_OFFSET = 1_000_003
 DEFAULT_SCRATCH_RECIPE = {"optimizer": "adam", "learning_rate": 1e-3, "weight_decay": 0.0, "schedule": "constant"}
@@ -292,19 +282,6 @@ def build_scratch_model(
     scratch = scratch.to(reference.device)
     # Only cast when needed: Diffusers warns on any dtype cast of a model with float32-pinned modules.
     return scratch if next(scratch.parameters()).dtype == reference.dtype else scratch.to(reference.dtype)
-
-
-def default_lora_targets(model: nn.Module, head_name: str | None) -> list[str]:
-    """Attention query/value projections of common architectures, else every Linear/Conv2d except the head."""
-    leaf_names = {name.rpartition(".")[2] for name, _ in model.named_modules()}
-    for targets in LORA_DEFAULT_TARGETS:
-        if all(t in leaf_names for t in targets):
-            return list(targets)
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear | nn.Conv2d) and name != head_name and not name.startswith(f"{head_name}.")
-    ]
 
 
 def _lora_targets(model: nn.Module, spec: AttackSpec, head_name: str | None) -> list[str]:

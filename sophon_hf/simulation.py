@@ -23,6 +23,17 @@ import torch.nn as nn
 
 SIMULATION_STRATEGIES = ("full", "full_reinit_head", "linear_probe", "lora")
 INNER_OPTIMIZERS = ("sgd", "sgd_momentum", "adam", "rmsprop", "adagrad")
+# LoRA targets of common architectures, tried in order; the first set whose names all occur in the model wins.
+# transformers 5 names ViT/CLIP/LLaMA-style attention `q_proj`/`v_proj`; BERT-style models keep `query`/`value`;
+# Diffusers attention uses `to_q`/`to_v`.
+LORA_DEFAULT_TARGETS = (
+    ("q_proj", "v_proj"),
+    ("query", "value"),
+    ("q_lin", "v_lin"),
+    ("to_q", "to_v"),
+    ("c_attn",),
+    ("qkv",),
+)
 
 
 # ---------------------------------------------------------------------- functional optimizers
@@ -87,20 +98,16 @@ def parse_inner_optimizer(spec: str, default_lr: float) -> InnerOptimizer:
 
 # ---------------------------------------------------------------------- LoRA
 def default_lora_targets(model: nn.Module, head_name: str | None) -> list[str]:
-    """Default LoRA targets: attention projections if the model has them, else every body `nn.Linear`/`nn.Conv2d`.
-
-    Returned as leaf module names (suffixes), the form PEFT matches against.
-    """
-    known = ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value", "to_q", "to_k", "to_v", "to_out.0")
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d) and n != head_name]
-    attention = sorted({k for k in known for n in names if n == k or n.endswith("." + k)})
-    if attention:
-        return attention
-    if not names:
-        raise ValueError(
-            f"{type(model).__name__} has no nn.Linear/nn.Conv2d layer outside the head to adapt with LoRA."
-        )
-    return names
+    """Attention query/value projections of common architectures, else every Linear/Conv2d except the head."""
+    leaf_names = {name.rpartition(".")[2] for name, _ in model.named_modules()}
+    for targets in LORA_DEFAULT_TARGETS:
+        if all(t in leaf_names for t in targets):
+            return list(targets)
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear | nn.Conv2d) and name != head_name and not name.startswith(f"{head_name}.")
+    ]
 
 
 def build_lora_copy(
