@@ -154,6 +154,9 @@ class ClassificationTask:
         return dataset
 
     def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model's inputs in `batch`: the prepared datasets' input columns (every non-label key before that)."""
+        if not self.input_names:
+            return {name: value for name, value in batch.items() if name != self.label_column}
         return {name: batch[name] for name in self.input_names if name in batch}
 
     # ------------------------------------------------------------------ model calls
