@@ -258,7 +258,8 @@ def main():
             "restricted_test": task.evaluate(model, prepared["restricted_test"]),
             "restricted_test_t1": task_t1.evaluate(model, prepared["restricted_test"]),
         }
-        samples[f"{name} + {first.name}"] = generate_samples(
+        label = f"{name} + {first.name}" if start is not None else "scratch + full-adam-lr0.001 (scratch recipe)"
+        samples[label] = generate_samples(
             model, scheduler, 12, torch.Generator().manual_seed(0), num_inference_steps=100
         )
     results["after_first_attack_both_metrics"] = after_first
