@@ -7,7 +7,7 @@ Measures, on real images shipped in PyPI packages (`sophon_hf.diffusion.load_dig
 2. original-domain denoising MSE, protected / unprotected (goal <= 1.1);
 3. the cost of one outer iteration relative to one plain forward+backward training step (same batch size).
 
-Run (about 10 minutes on 2 CPU cores):
+Run (defaults = run R1 of RESULTS_diffusion.md; about 10 minutes on 2 idle CPU cores):
 
     python benchmarks/bench_diffusion.py --output benchmarks/out/diffusion
 
@@ -92,7 +92,7 @@ def main():
     parser.add_argument("--image-size", type=int, default=16)
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--pretrain-lr", type=float, default=1e-3)
-    parser.add_argument("--outer-iterations", type=int, default=300)
+    parser.add_argument("--outer-iterations", type=int, default=100)
     parser.add_argument("--inner-steps", type=int, default=5)
     parser.add_argument("--inner-optimizers", default="sgd:1e-3,adam:1e-4,adam:1e-3")
     parser.add_argument("--strategies", default="full")
@@ -101,8 +101,8 @@ def main():
     parser.add_argument("--ntr-steps", type=int, default=1)
     parser.add_argument("--timestep", type=int, default=None, help="Fixed DoS timestep (default: uniform).")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--attack-steps", type=int, default=300)
-    parser.add_argument("--attacks", default="adam:1e-4,adam:1e-3,sgd_momentum:1e-2")
+    parser.add_argument("--attack-steps", type=int, default=200)
+    parser.add_argument("--attacks", default="adam:1e-4,adam:1e-3")
     parser.add_argument("--restricted-train", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
