@@ -69,6 +69,14 @@ VARIANTS = {
         "feature_suppression_weight": 0.3,
         "ntr_steps": 2,
     },
+    # The demo's default (sophon_hf.demo.DemoSettings).
+    "demo": {
+        "simulation_strategies": ALL_STRATEGIES,
+        "inner_optimizers": SAMPLED_OPTIMIZERS,
+        "restricted_loss": "inverse_cross_entropy_negated_logits",
+        "feature_suppression_weight": 1.0,
+        "ntr_steps": 3,
+    },
 }
 KEY_ATTACKS = [
     AttackSpec(strategy="full", optimizer="sgd_momentum", learning_rate=1e-2, steps=300),
