@@ -135,6 +135,8 @@ class SophonTrainer(Trainer):
                 "restricted_loss='denial_of_service' is for diffusion UNets; classifiers use "
                 "'inverse_cross_entropy' or 'kl_uniform'."
             )
+        if is_denoiser and args.original_accuracy_floor is not None:
+            raise ValueError("original_accuracy_floor applies to classifiers; diffusion UNets have no accuracy.")
         if is_denoiser and args.feature_suppression_weight:
             raise ValueError(
                 "feature_suppression_weight applies to classifiers (the output layer's input); set it to 0."
@@ -493,7 +495,8 @@ class SophonTrainer(Trainer):
         self._metrics["fts/query_loss"].append(float(np.mean(result.query_losses)))
         self._metrics["fts/final_query_loss"].append(result.query_losses[-1])
         self._metrics["fts/support_loss"].append(float(np.mean(result.support_losses)))
-        self._metrics[f"fts/query_{self.task.metric_name}"].append(result.query_metric)
+        metric_name = getattr(self.task, "batch_metric_name", self.task.metric_name)
+        self._metrics[f"fts/query_{metric_name}"].append(result.query_metric)
         self._metrics["fts/grad_norm"].append(grad_norm.item())
         return True
 
