@@ -30,6 +30,11 @@ STANDARD_OPTIMIZERS = ("sgd_momentum", "adam", "adamw", "adagrad", "adadelta", "
 STRATEGIES = ("full", "full_reinit_head", "linear_probe", "lora")
 
 
+def _weight_decay(optimizer: str) -> float:
+    # AdamW without weight decay is Adam: give it torch's default decoupled decay so it is a different attack.
+    return 0.01 if optimizer == "adamw" else 0.0
+
+
 def _linear_probe_lr(strategy: str, lr: float) -> float:
     # A head trained alone on frozen features tolerates (and needs) a 10x larger step than the whole network.
     return round(lr * 10, 12) if strategy == "linear_probe" else lr
@@ -44,7 +49,13 @@ QUICK = [
 ]
 
 STANDARD = [
-    AttackSpec(strategy=strategy, optimizer=optimizer, learning_rate=_linear_probe_lr(strategy, lr), steps=600)
+    AttackSpec(
+        strategy=strategy,
+        optimizer=optimizer,
+        learning_rate=_linear_probe_lr(strategy, lr),
+        steps=600,
+        weight_decay=_weight_decay(optimizer),
+    )
     for strategy in STRATEGIES
     for optimizer in STANDARD_OPTIMIZERS
     for lr in LEARNING_RATES[optimizer]
@@ -58,6 +69,7 @@ FULL = (
             learning_rate=_linear_probe_lr(strategy, lr),
             steps=2000,
             schedule=schedule,
+            weight_decay=_weight_decay(optimizer),
         )
         for strategy in STRATEGIES
         for optimizer in (*STANDARD_OPTIMIZERS, "sgd", "sgd_nesterov")
