@@ -5,7 +5,9 @@ simulated attacker's step; query: the suppression loss) plus one NTR pass on a f
 runs exactly those passes directly on the module (`loss.backward()` and an in-place SGD update), so the ratio is
 what the functional simulation, fresh heads, buffer copies, the meta-gradient bookkeeping and the two Adam steps
 add. Memory: the peak resident-set increase of one outer iteration over that of one plain training step, each
-measured in a fresh subprocess (Linux: VmHWM after resetting it through /proc/self/clear_refs).
+measured in a fresh subprocess from the state right after loading the model and data, so that it counts what the
+step allocates: activations, gradients, optimizer states, and for SOPHON the fast weights and meta-gradients
+(Linux: VmHWM after resetting it through /proc/self/clear_refs).
 
     python benchmarks/bench_trainer.py            # prints a table and ratios
     python benchmarks/bench_trainer.py --json out.json
@@ -133,10 +135,9 @@ def _rss_kib() -> int:
 
 
 def memory_child(kind: str, what: str) -> int:
+    """Peak resident memory one step needs on top of the loaded model and data (its optimizer states included)."""
     trainer, model, batch = _setup(kind, "full")
     fn = outer_iteration if what == "outer" else plain_step
-    fn(trainer, model, batch)  # allocate optimizer states and caches first
-    fn(trainer, model, batch)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = _rss_kib()
