@@ -334,6 +334,11 @@ class SophonTrainer(Trainer):
     def training_step(self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch=None):
         model.train()
         inputs = self._prepare_inputs(inputs)
+        # Mixed precision (bf16/fp16 autocast) applies to the simulation and normal training alike.
+        with self.compute_loss_context_manager():
+            return self._outer_iteration(model, inputs)
+
+    def _outer_iteration(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         if not self._fine_tuning_simulation_step():
             return torch.zeros((), device=self.args.device)
         # Normal training reinforcement: ntr_steps steps, the last one stepped by Trainer's own loop.

@@ -270,3 +270,13 @@ def test_feature_suppression_term_reaches_the_meta_gradient(strategy, tmp_output
     # Same batches and attacker (seeded by step): the difference is the feature term, which is positive.
     assert with_features > plain
     assert any(not torch.equal(a, b) for a, b in zip(plain_model.parameters(), feature_model.parameters()))
+
+
+def test_bf16_autocast_runs_the_simulation_and_normal_training(tmp_output):
+    model = SmallCNN()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = _trainer(model, tmp_output, bf16=True, simulation_strategies=ALL_STRATEGIES, max_steps=4)
+    trainer.train()
+    assert trainer.stop_reason is None
+    for name, p in model.named_parameters():
+        assert p.dtype == torch.float32 and torch.isfinite(p).all() and not torch.equal(p, before[name]), name
