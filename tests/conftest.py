@@ -103,6 +103,12 @@ def _rank_entry(rank: int, fn, args):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # two processes on two cores: intra-op threads would fight over them
     fn(*args)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        # Exiting with a live gloo group aborts the process ("terminate called without an active exception").
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def run_two_processes(fn, *args) -> None:
