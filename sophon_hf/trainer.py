@@ -195,13 +195,13 @@ class SophonTrainer(Trainer):
         self.fts_optimizer: torch.optim.Optimizer | None = None
 
     # ------------------------------------------------------------------ optimizers and checkpoints
-    def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
+    def _get_fts_optimizer(self) -> torch.optim.Optimizer:
+        # A separate Adam state for the suppression step, as in the authors' code (README: design decisions).
+        # Created lazily: Trainer's optimizer may come from the user (`optimizers=`) and skip `create_optimizer`.
         if self.fts_optimizer is None:
-            # A separate Adam state for the suppression step, as in the authors' code (README: design decisions).
             params = [p for p in self.model.parameters() if p.requires_grad]
             self.fts_optimizer = torch.optim.Adam(params, lr=self.args.fts_learning_rate)
-        return optimizer
+        return self.fts_optimizer
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
@@ -215,7 +215,8 @@ class SophonTrainer(Trainer):
         path = os.path.join(checkpoint, FTS_OPTIMIZER_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by SophonTrainer.")
-        self.fts_optimizer.load_state_dict(torch.load(path, map_location=self.args.device, weights_only=True))
+        state = torch.load(path, map_location=self.args.device, weights_only=True)
+        self._get_fts_optimizer().load_state_dict(state)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -494,7 +495,7 @@ class SophonTrainer(Trainer):
         for p in params:
             p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
             offset += p.numel()
-        self.fts_optimizer.step()
+        self._get_fts_optimizer().step()
         self.fts_optimizer.zero_grad(set_to_none=True)
 
         self._metrics["fts/query_loss"].append(float(np.mean(result.query_losses)))

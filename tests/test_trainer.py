@@ -280,3 +280,20 @@ def test_bf16_autocast_runs_the_simulation_and_normal_training(tmp_output):
     assert trainer.stop_reason is None
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32 and torch.isfinite(p).all() and not torch.equal(p, before[name]), name
+
+
+def test_user_supplied_optimizer_keeps_a_separate_suppression_state(tmp_output):
+    model = SmallCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    config = _config(tmp_output, max_steps=2)
+    trainer = SophonTrainer(
+        model,
+        args=config,
+        train_dataset=image_dataset(32, seed=1),
+        restricted_dataset=image_dataset(32, seed=2),
+        optimizers=(optimizer, scheduler),
+    )
+    trainer.train()
+    assert isinstance(trainer.fts_optimizer, torch.optim.Adam) and trainer.fts_optimizer is not optimizer
+    assert trainer.state.global_step == 2
