@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_vit
 from huggingface_hub import ModelCard
 
 from sophon_hf.model_card import (
@@ -24,23 +25,6 @@ from sophon_hf.report import ResistanceReport
 from sophon_hf.utils import model_fingerprint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_vit(seed: int = 0):
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(seed)
-    config = ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=1,
-        hidden_size=16,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=5,
-    )
-    return ViTForImageClassification(config)
 
 
 def tiny_unet(seed: int = 0):
