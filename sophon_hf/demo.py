@@ -1,4 +1,4 @@
-"""`sophon-hf demo`: the whole story offline on real MNIST digits, in minutes on a laptop CPU.
+"""`sophon-hf demo`: the whole story offline on real MNIST digits, in about 10 minutes on a laptop CPU (`--quick`: under 2).
 
 1. Pre-train a small Transformers image classifier on the original domain (digits 0-4).
 2. Protect a copy with `SophonTrainer` against the restricted domain (digits 5-9), using the defender's own
