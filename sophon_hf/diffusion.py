@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .losses import denial_of_service
+from .tasks import check_not_empty
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -130,10 +131,7 @@ class DiffusionTask:
                 `config.in_channels` and `config.sample_size` (see [`images_to_pixel_values`]).
             role (`str`): how the dataset is named in error messages, e.g. `"restricted_dataset"`.
         """
-        if dataset is None:
-            raise ValueError(f"`{role}` is required.")
-        if len(dataset) == 0:
-            raise ValueError(f"`{role}` is empty: it needs at least one image.")
+        check_not_empty(dataset, role)
         columns = set(dataset.column_names)
         if "pixel_values" not in columns:
             hint = (

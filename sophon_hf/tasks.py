@@ -33,6 +33,14 @@ def _is_transformers_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def check_not_empty(dataset, role: str) -> None:
+    """Clear errors for a missing or empty dataset (`role` names it, e.g. `"restricted_dataset"`)."""
+    if dataset is None:
+        raise ValueError(f"`{role}` is required.")
+    if len(dataset) == 0:
+        raise ValueError(f"`{role}` is empty: it needs at least one example.")
+
+
 def find_classification_head(model: nn.Module, head_name: str | None = None) -> str:
     """Return the dotted module name of a classifier's output layer (an `nn.Linear`).
 
@@ -107,10 +115,7 @@ class ClassificationTask:
             dataset (`datasets.Dataset`): rows with `pixel_values` (images) or `input_ids` (text) and `labels`.
             role (`str`): how the dataset is named in error messages, e.g. `"restricted_dataset"`.
         """
-        if dataset is None:
-            raise ValueError(f"`{role}` is required.")
-        if len(dataset) == 0:
-            raise ValueError(f"`{role}` is empty: it needs at least one example.")
+        check_not_empty(dataset, role)
         columns = set(dataset.column_names)
         if "labels" not in columns:
             hint = (
