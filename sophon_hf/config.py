@@ -51,6 +51,18 @@ class SophonConfig(TrainingArguments):
         inner_learning_rate (`float`, *optional*, defaults to `1e-2`):
             Step size of the simulated attacker when its optimizer spec carries none. The authors' code uses SGD
             with 1e-4, far below what real attackers use; simulating realistic step sizes matters more.
+        simulation_horizon (`int`, *optional*):
+            Persistent attackers: a simulated attacker keeps fine-tuning across outer iterations (its offset from
+            the model's weights, its fresh head or adapters and its optimizer state persist) until it has taken this
+            many steps; then a fresh one is sampled. Each outer iteration still costs `inner_steps` steps, and the
+            first-order suppression gradient is taken at every point of the long trajectory, so attacks far longer
+            than `inner_steps` are simulated at no extra cost per iteration (the idea of persistent chains,
+            Tieleman 2008, applied to the simulated attacker). Default: a fresh attacker every outer iteration, as
+            in the paper. Needs `first_order=True`.
+        simulation_support_size (`int`, *optional*):
+            Each simulated attacker fine-tunes on a random subset of this many restricted examples (its support
+            batches come from the subset, its query batches from the rest), like a real attacker with few
+            labelled examples. Default: every attacker draws from all of `restricted_dataset`.
         restricted_batch_size (`int`, *optional*):
             Restricted examples per inner step (first half: support set for the inner update, second half: query set
             for the suppression loss). Defaults to `per_device_train_batch_size`.
@@ -66,6 +78,9 @@ class SophonConfig(TrainingArguments):
         diffusion_timestep (`int`, *optional*):
             Diffusion only: evaluate the suppression loss at this fixed timestep (the authors' code uses 1). By
             default timesteps are sampled uniformly over the noise schedule.
+        diffusion_timestep_range (`list[int]`, *optional*):
+            Diffusion only: evaluate the suppression loss at timesteps drawn uniformly from `[low, high]` (inclusive),
+            e.g. the low and mid noise levels where the two domains still look different.
 
     Parameters that control normal training reinforcement:
         ntr_steps (`int`, *optional*, defaults to `1`):
@@ -106,6 +121,16 @@ class SophonConfig(TrainingArguments):
     )
     inner_steps: int = field(default=10, metadata={"help": "Simulated fine-tuning steps per outer iteration."})
     inner_learning_rate: float = field(default=1e-2, metadata={"help": "Default simulated attacker step size."})
+    simulation_horizon: int | None = field(
+        default=None,
+        metadata={
+            "help": "Persistent attackers: simulated steps before a fresh attacker starts (default: inner_steps)."
+        },
+    )
+    simulation_support_size: int | None = field(
+        default=None,
+        metadata={"help": "Each simulated attacker fine-tunes on this many restricted examples (default: all)."},
+    )
     restricted_batch_size: int | None = field(
         default=None, metadata={"help": "Restricted examples per inner step (support + query halves)."}
     )
@@ -118,6 +143,9 @@ class SophonConfig(TrainingArguments):
     head_name: str | None = field(default=None, metadata={"help": "Name of the classifier's output nn.Linear."})
     diffusion_timestep: int | None = field(
         default=None, metadata={"help": "Diffusion: fixed suppression timestep (default: uniform over the schedule)."}
+    )
+    diffusion_timestep_range: list[int] | None = field(
+        default=None, metadata={"help": "Diffusion: suppression timesteps uniform in [low, high] (inclusive)."}
     )
     # Normal training reinforcement
     ntr_steps: int = field(default=1, metadata={"help": "Original-domain training steps per outer iteration."})
@@ -156,6 +184,20 @@ class SophonConfig(TrainingArguments):
         for name in ("inner_steps", "ntr_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.simulation_horizon is not None:
+            if self.simulation_horizon < self.inner_steps:
+                raise ValueError(
+                    f"simulation_horizon={self.simulation_horizon} is shorter than inner_steps={self.inner_steps}; "
+                    "set it to a multiple of inner_steps (or None for a fresh attacker every outer iteration)."
+                )
+            if not self.first_order:
+                raise ValueError("simulation_horizon (persistent attackers) needs first_order=True.")
+        if self.diffusion_timestep is not None and self.diffusion_timestep_range is not None:
+            raise ValueError("Set diffusion_timestep (one timestep) or diffusion_timestep_range, not both.")
+        if self.diffusion_timestep_range is not None and len(self.diffusion_timestep_range) != 2:
+            raise ValueError(f"diffusion_timestep_range={self.diffusion_timestep_range} must be [low, high].")
+        if self.simulation_support_size is not None and self.simulation_support_size < 1:
+            raise ValueError(f"simulation_support_size must be >= 1, got {self.simulation_support_size}.")
         if self.restricted_batch_size is not None and self.restricted_batch_size < 2:
             raise ValueError("restricted_batch_size must be >= 2 (it is split into support and query halves).")
         if self.original_accuracy_floor is not None and not 0 < self.original_accuracy_floor <= 1:

@@ -45,10 +45,11 @@ class DiffusionTask:
             The denoiser; its `config.in_channels` and `config.sample_size` fix the image shape datasets must have.
         noise_scheduler (`diffusers.SchedulerMixin`):
             A scheduler with `add_noise` and `config.num_train_timesteps`, e.g. `DDPMScheduler`.
-        timestep (`int`, *optional*):
-            Evaluate the suppression loss at this fixed timestep (the authors' code uses `1`). By default timesteps
-            are drawn uniformly over the schedule, which suppresses denoising at every noise level the attacker trains
-            on; a single small timestep only breaks the last, nearly-clean denoising steps.
+        timestep (`int` or `tuple[int, int]`, *optional*):
+            Evaluate the suppression loss at this fixed timestep (the authors' code uses `1`), or at timesteps drawn
+            uniformly from an inclusive `(low, high)` range. By default timesteps are drawn uniformly over the
+            schedule, which suppresses denoising at every noise level the attacker trains on; a single small timestep
+            only breaks the last, nearly-clean denoising steps.
         num_eval_timesteps (`int`, *optional*, defaults to `10`):
             `evaluate` averages over this many timesteps spread evenly over the schedule.
         eval_timesteps (`list[int]`, *optional*):
@@ -82,7 +83,7 @@ class DiffusionTask:
         self,
         model: nn.Module,
         noise_scheduler,
-        timestep: int | None = None,
+        timestep: int | tuple[int, int] | None = None,
         num_eval_timesteps: int = 10,
         eval_seed: int = 0,
         eval_timesteps: list[int] | None = None,
@@ -104,7 +105,14 @@ class DiffusionTask:
             raise ValueError(
                 f"Unsupported prediction_type={self.prediction_type!r} of the scheduler; use one of {PREDICTION_TYPES}."
             )
-        if timestep is not None and not 0 <= timestep < self.num_train_timesteps:
+        if isinstance(timestep, list | tuple):
+            if len(timestep) != 2 or not 0 <= timestep[0] <= timestep[1] < self.num_train_timesteps:
+                raise ValueError(
+                    f"diffusion_timestep_range={list(timestep)} must be [low, high] with 0 <= low <= high <= "
+                    f"{self.num_train_timesteps - 1}."
+                )
+            timestep = (int(timestep[0]), int(timestep[1]))
+        elif timestep is not None and not 0 <= timestep < self.num_train_timesteps:
             raise ValueError(
                 f"diffusion_timestep={timestep} is outside the schedule [0, {self.num_train_timesteps - 1}]."
             )
@@ -181,13 +189,18 @@ class DiffusionTask:
         return out.sample if hasattr(out, "sample") else out[0]
 
     def _noise(
-        self, batch: Mapping[str, torch.Tensor], generator: torch.Generator | None, timestep: int | None = None
+        self,
+        batch: Mapping[str, torch.Tensor],
+        generator: torch.Generator | None,
+        timestep: int | tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         clean = batch["pixel_values"]
         # Drawn on the CPU from the trainer's seeded generator, so a resumed run replays the same noise on any device.
         noise = torch.randn(clean.shape, generator=generator).to(device=clean.device, dtype=clean.dtype)
         if timestep is None:
             timesteps = torch.randint(0, self.num_train_timesteps, (clean.shape[0],), generator=generator)
+        elif isinstance(timestep, tuple):
+            timesteps = torch.randint(timestep[0], timestep[1] + 1, (clean.shape[0],), generator=generator)
         else:
             timesteps = torch.full((clean.shape[0],), timestep, dtype=torch.long)
         timesteps = timesteps.to(clean.device)
@@ -224,7 +237,7 @@ class DiffusionTask:
         params: Mapping[str, torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Denial of service, `mean(eps_hat ** 2)`, at uniform timesteps or the fixed `timestep`; and the prediction."""
+        """Denial of service, `mean(eps_hat ** 2)`, at the suppression timesteps (see `timestep`); and the prediction."""
         if loss_name != "denial_of_service":
             raise ValueError(
                 f"restricted_loss={loss_name!r} is a classification loss; diffusion UNets use "

@@ -57,9 +57,12 @@ OUTSIDE_HARNESS = {
 # SophonConfig fields worth showing on a card, in reading order, with what they mean there.
 CARD_HYPERPARAMETERS = {
     "restricted_loss": "suppression loss on the restricted domain",
+    "feature_suppression_weight": "weight of the restricted-feature suppression term",
     "simulation_strategies": "simulated attacker strategies, sampled per outer iteration",
     "inner_optimizers": "simulated attacker optimizers (`name:lr`), sampled per outer iteration",
     "inner_steps": "simulated fine-tuning steps per outer iteration",
+    "simulation_horizon": "steps a persistent simulated attacker takes before a fresh one starts",
+    "simulation_support_size": "restricted examples each simulated attacker fine-tunes on",
     "inner_learning_rate": "default simulated attacker step size",
     "first_order": "first-order meta-gradient",
     "fts_learning_rate": "suppression (meta-gradient) step size",
@@ -69,6 +72,7 @@ CARD_HYPERPARAMETERS = {
     "max_steps": "outer iterations",
     "lora_r": "rank of the simulated LoRA attacker",
     "diffusion_timestep": "fixed suppression timestep (empty: uniform over the schedule)",
+    "diffusion_timestep_range": "suppression timesteps, uniform in this inclusive range",
     "original_accuracy_floor": "original-domain accuracy floor",
     "seed": "random seed",
 }

@@ -182,6 +182,7 @@ class SimulationResult:
     query_losses: list[float]
     support_losses: list[float]
     query_metric: float  # task metric on the query set after the last inner step
+    final_weights: dict[str, torch.Tensor]  # the attacker's adapted tensors after the last step, detached
 
 
 def simulate_finetuning(
@@ -249,4 +250,5 @@ def simulate_finetuning(
         sources = [view.adapted[n] if n in view.adapted else view.frozen[n] for n in grad_names]
         grads = torch.autograd.grad(meta_loss, sources, allow_unused=True)
         accumulated = {view.to_model[n]: g for n, g in zip(grad_names, grads) if g is not None}
-    return SimulationResult(accumulated, query_losses, support_losses, metric)
+    final = {n: t.detach() for n, t in fast.items()}
+    return SimulationResult(accumulated, query_losses, support_losses, metric, final)

@@ -240,7 +240,10 @@ def _is_diffusers_model(model: nn.Module) -> bool:
 
 
 def get_task(
-    model: nn.Module, head_name: str | None = None, noise_scheduler=None, diffusion_timestep: int | None = None
+    model: nn.Module,
+    head_name: str | None = None,
+    noise_scheduler=None,
+    diffusion_timestep: int | tuple[int, int] | None = None,
 ):
     """The task object for `model`: diffusion for Diffusers UNets (with a scheduler), classification otherwise.
 
@@ -248,7 +251,8 @@ def get_task(
         model (`nn.Module`): a classifier, or a Diffusers `UNet2DModel` denoiser.
         head_name (`str`, *optional*): classifiers only, the output layer's dotted name.
         noise_scheduler (*optional*): denoisers only (required there), e.g. a `DDPMScheduler`.
-        diffusion_timestep (`int`, *optional*): denoisers only, a fixed timestep for the suppression loss.
+        diffusion_timestep (`int` or `tuple[int, int]`, *optional*): denoisers only, a fixed timestep or an
+            inclusive range of timesteps for the suppression loss.
     """
     if _is_diffusers_model(model):
         if noise_scheduler is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import numpy as np
 import safetensors.torch
@@ -15,6 +16,7 @@ from transformers.trainer_utils import EvalPrediction
 
 from .config import SophonConfig
 from .simulation import (
+    InnerOptimizer,
     SimulationView,
     build_lora_copy,
     fresh_lora_weights,
@@ -26,6 +28,7 @@ from .tasks import get_task
 logger = logging.getLogger(__name__)
 
 FTS_OPTIMIZER_NAME = "fts_optimizer.pt"
+ATTACKER_STATE_NAME = "simulated_attacker_rank{}.safetensors"
 RESTRICTED_IN_MEMORY_BYTES = 2 * 1024**3
 
 
@@ -40,6 +43,47 @@ def _is_diffusers_model(module: nn.Module) -> bool:
 def _accuracy(eval_prediction: EvalPrediction) -> dict[str, float]:
     predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
     return {"accuracy": float((np.asarray(predictions).argmax(-1) == np.asarray(labels)).mean())}
+
+
+@dataclass
+class _PersistentAttacker:
+    """A simulated attacker that keeps fine-tuning across outer iterations (`SophonConfig.simulation_horizon`)."""
+
+    strategy: str
+    spec: str
+    optimizer: InnerOptimizer
+    steps: int = 0
+    offsets: dict[str, torch.Tensor] = field(default_factory=dict)  # adapted model weights minus the model's
+    own: dict[str, torch.Tensor] = field(default_factory=dict)  # the attacker's fresh head or LoRA adapters
+    support_pool: torch.Tensor | None = None  # indices of the few restricted examples this attacker trains on
+
+    def to_safetensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        tensors = {f"offsets.{n}": t for n, t in self.offsets.items()}
+        tensors.update({f"own.{n}": t for n, t in self.own.items()})
+        for name, state in self.optimizer.state.items():
+            tensors.update({f"optimizer.{key}.{name}": t for key, t in state.items()})
+        if self.support_pool is not None:
+            tensors["support_pool"] = self.support_pool
+        metadata = {"strategy": self.strategy, "spec": self.spec, "steps": str(self.steps), "t": str(self.optimizer.t)}
+        return {k: t.detach().contiguous() for k, t in tensors.items()}, metadata
+
+    @classmethod
+    def from_safetensors(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> _PersistentAttacker:
+        optimizer = parse_inner_optimizer(metadata["spec"], default_lr=1.0)  # the spec always carries its lr here
+        optimizer.t = int(metadata["t"])
+        attacker = cls(metadata["strategy"], metadata["spec"], optimizer, steps=int(metadata["steps"]))
+        for key, tensor in tensors.items():
+            group, _, name = key.partition(".")
+            if group == "offsets":
+                attacker.offsets[name] = tensor
+            elif group == "own":
+                attacker.own[name] = tensor
+            elif group == "optimizer":
+                state_key, _, name = name.partition(".")
+                optimizer.state.setdefault(name, {})[state_key] = tensor
+            else:
+                attacker.support_pool = tensor
+        return attacker
 
 
 def _collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -127,7 +171,9 @@ class SophonTrainer(Trainer):
             model,
             head_name=args.head_name,
             noise_scheduler=noise_scheduler,
-            diffusion_timestep=args.diffusion_timestep,
+            diffusion_timestep=tuple(args.diffusion_timestep_range)
+            if args.diffusion_timestep_range
+            else args.diffusion_timestep,
         )
         is_denoiser = self.task.name == "unconditional-image-generation"
         if args.restricted_loss == "denial_of_service" and not is_denoiser:
@@ -174,6 +220,7 @@ class SophonTrainer(Trainer):
             )
 
         self._restricted_tensors: dict[str, torch.Tensor] | None = None
+        self._attacker: _PersistentAttacker | None = None
         self._metrics = defaultdict(list)
         self._best_state: dict[str, torch.Tensor] | None = None
         self.stop_reason: str | None = None
@@ -207,6 +254,11 @@ class SophonTrainer(Trainer):
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save and self.fts_optimizer is not None:
             torch.save(self.fts_optimizer.state_dict(), os.path.join(output_dir, FTS_OPTIMIZER_NAME))
+        if self._attacker is not None:  # every rank keeps its own persistent attacker
+            os.makedirs(output_dir, exist_ok=True)
+            path = os.path.join(output_dir, ATTACKER_STATE_NAME.format(self.args.process_index))
+            tensors, metadata = self._attacker.to_safetensors()
+            safetensors.torch.save_file(tensors, path, metadata=metadata)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -217,6 +269,11 @@ class SophonTrainer(Trainer):
             raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by SophonTrainer.")
         state = torch.load(path, map_location=self.args.device, weights_only=True)
         self._get_fts_optimizer().load_state_dict(state)
+        path = os.path.join(checkpoint, ATTACKER_STATE_NAME.format(self.args.process_index))
+        if os.path.isfile(path):
+            with safetensors.safe_open(path, framework="pt", device=str(self.args.device)) as f:
+                tensors = {key: f.get_tensor(key) for key in f.keys()}
+                self._attacker = _PersistentAttacker.from_safetensors(tensors, f.metadata())
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -401,16 +458,30 @@ class SophonTrainer(Trainer):
             return self.restricted_dataset[indices]
         return {k: v[indices] for k, v in self._restricted_tensors.items()}
 
-    def _restricted_batches(self, generator: torch.Generator) -> tuple[list[dict], list[dict]]:
-        """Support and query batches for each inner step, from this rank's shard of the restricted data."""
+    def _restricted_batches(
+        self, generator: torch.Generator, support_pool: torch.Tensor | None = None
+    ) -> tuple[list[dict], list[dict]]:
+        """Support and query batches for each inner step, from this rank's shard of the restricted data.
+
+        With `support_pool` (an attacker with few examples) support batches come from the pool and query batches
+        from the rest of the shard, so the suppression loss measures what the attacker's fine-tune generalises to.
+        """
         shard = torch.arange(self.args.process_index, len(self.restricted_dataset), self.args.world_size)
         size, half = self.restricted_batch_size, self.restricted_batch_size // 2
-        indices = []
-        for _ in range(self.args.inner_steps):
-            if len(shard) >= size:
-                indices.append(shard[torch.randperm(len(shard), generator=generator)[:size]])
-            else:  # tiny shard: sample with replacement
-                indices.append(shard[torch.randint(len(shard), (size,), generator=generator)])
+
+        def draw(pool: torch.Tensor, count: int) -> torch.Tensor:
+            if len(pool) >= count:
+                return pool[torch.randperm(len(pool), generator=generator)[:count]]
+            return pool[torch.randint(len(pool), (count,), generator=generator)]  # tiny pool: with replacement
+
+        if support_pool is None:
+            indices = [draw(shard, size) for _ in range(self.args.inner_steps)]
+        else:
+            held_out = shard[~torch.isin(shard, support_pool)]
+            indices = [
+                torch.cat([draw(support_pool, half), draw(held_out, size - half)])
+                for _ in range(self.args.inner_steps)
+            ]
         rows = {k: v.to(self.args.device) for k, v in self._restricted_rows(torch.cat(indices)).items()}
         supports, queries = [], []
         for step in range(self.args.inner_steps):
@@ -445,10 +516,29 @@ class SophonTrainer(Trainer):
         args = self.args
         module = self.accelerator.unwrap_model(self.model)
         generator = self._generator(salt=0)
-        strategy = args.simulation_strategies[torch.randint(len(args.simulation_strategies), (), generator=generator)]
-        spec = args.inner_optimizers[torch.randint(len(args.inner_optimizers), (), generator=generator)]
+        attacker = self._attacker
+        if attacker is None or attacker.steps >= (args.simulation_horizon or args.inner_steps):
+            strategy = args.simulation_strategies[
+                torch.randint(len(args.simulation_strategies), (), generator=generator)
+            ]
+            spec = args.inner_optimizers[torch.randint(len(args.inner_optimizers), (), generator=generator)]
+            optimizer = parse_inner_optimizer(spec, args.inner_learning_rate)
+            attacker = _PersistentAttacker(strategy, f"{optimizer.name}:{optimizer.lr}", optimizer)
+            if args.simulation_support_size:
+                shard = torch.arange(args.process_index, len(self.restricted_dataset), args.world_size)
+                attacker.support_pool = shard[
+                    torch.randperm(len(shard), generator=generator)[: args.simulation_support_size]
+                ]
+        strategy, spec = attacker.strategy, attacker.spec
         view = self._simulation_view(module, strategy, generator)
-        supports, queries = self._restricted_batches(generator)
+        if attacker.steps:
+            # A persistent attacker resumes where it stopped: its offset from the (since updated) model weights, its
+            # own fresh head or adapters, and its optimizer state.
+            view.adapted = {
+                n: t.detach() + attacker.offsets[n] if n in view.to_model else attacker.own[n]
+                for n, t in view.adapted.items()
+            }
+        supports, queries = self._restricted_batches(generator, attacker.support_pool)
 
         def suppression(m, batch, params):
             if not args.feature_suppression_weight:
@@ -470,11 +560,20 @@ class SophonTrainer(Trainer):
             task_loss,
             suppression,
             self.task.batch_metric,
-            parse_inner_optimizer(spec, args.inner_learning_rate),
+            attacker.optimizer,
             supports,
             queries,
             first_order=args.first_order,
         )
+        if args.simulation_horizon or args.simulation_support_size:
+            attacker.steps += args.inner_steps
+            attacker.offsets = {
+                n: w - module.get_parameter(view.to_model[n]).detach()
+                for n, w in result.final_weights.items()
+                if n in view.to_model
+            }
+            attacker.own = {n: w for n, w in result.final_weights.items() if n not in view.to_model}
+            self._attacker = attacker
 
         # Average the meta-gradient over ranks explicitly: the simulation ran outside DDP's forward.
         params = [p for p in module.parameters() if p.requires_grad]

@@ -80,7 +80,7 @@ def test_denial_of_service_value():
     assert denial_of_service(predicted).item() == pytest.approx((1 + 4 + 0.25 + 0) / 4)
 
 
-@pytest.mark.parametrize("timestep", [None, 1, 57])
+@pytest.mark.parametrize("timestep", [None, 1, 57, (10, 30)])
 def test_losses_match_hand_computed_ddpm(timestep):
     unet, sched = tiny_unet(), scheduler()
     task = DiffusionTask(unet, sched, timestep=timestep)
@@ -92,7 +92,13 @@ def test_losses_match_hand_computed_ddpm(timestep):
     def by_hand(fixed):
         g = torch.Generator().manual_seed(3)
         noise = torch.randn(batch["pixel_values"].shape, generator=g)
-        t = torch.full((4,), fixed) if fixed is not None else torch.randint(0, 100, (4,), generator=g)
+        if fixed is None:
+            t = torch.randint(0, 100, (4,), generator=g)
+        elif isinstance(fixed, tuple):
+            t = torch.randint(fixed[0], fixed[1] + 1, (4,), generator=g)
+            assert ((t >= 10) & (t <= 30)).all()
+        else:
+            t = torch.full((4,), fixed)
         abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = abar.sqrt() * batch["pixel_values"] + (1 - abar).sqrt() * noise
         return unet(noisy, t).sample, noise
@@ -284,6 +290,10 @@ def test_bad_input_errors_name_the_fix(tmp_path):
         trainer(simulation_strategies=["full_reinit_head"])
     with pytest.raises(ValueError, match="outside the schedule"):
         trainer(diffusion_timestep=100)
+    with pytest.raises(ValueError, match=r"must be \[low, high\] with 0 <= low <= high <= 99"):
+        trainer(diffusion_timestep_range=[50, 10])
+    with pytest.raises(ValueError, match="not both"):
+        trainer(diffusion_timestep=1, diffusion_timestep_range=[0, 10])
     with pytest.raises(ValueError, match="no classification head"):
         DiffusionTask(unet, scheduler()).fresh_head(unet)
     # ... and the other way round: a classifier with the diffusion loss or a scheduler.

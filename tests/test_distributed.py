@@ -25,6 +25,8 @@ def _train_on_two_ranks():
         disable_tqdm=True,
         simulation_strategies=["full", "full_reinit_head", "linear_probe", "lora"],
         inner_optimizers=["sgd", "adam:1e-3"],
+        simulation_horizon=4,  # persistent attackers, one per rank
+        simulation_support_size=8,
     )
     trainer = SophonTrainer(
         model, args=args, train_dataset=image_dataset(64, seed=1), restricted_dataset=image_dataset(64, seed=2)
@@ -42,6 +44,8 @@ def _train_on_two_ranks():
     assert not torch.equal(pixels[0], pixels[1]), "both ranks simulated on the same restricted data"
     assert torch.equal(gathered[0], gathered[1]), "replicas diverged: the meta-gradient was not averaged"
     assert not torch.equal(gathered[0], initial)
+    # Each rank's persistent attacker trains on examples of its own shard.
+    assert all(i % 2 == args.process_index for i in trainer._attacker.support_pool.tolist())
 
 
 def test_two_process_training_keeps_replicas_identical():

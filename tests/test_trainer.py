@@ -88,6 +88,46 @@ def test_ntr_steps_take_separate_optimizer_steps(tmp_output):
     assert len([v for v in trainer.state.log_history if "ntr/loss" in v]) == 2
 
 
+def test_persistent_attacker_continues_its_trajectory_and_restarts_after_the_horizon(tmp_output):
+    model = tiny_resnet()
+    trainer = _trainer(
+        model,
+        tmp_output,
+        simulation_strategies=["full_reinit_head"],
+        inner_optimizers=["adam:1e-3"],
+        inner_steps=2,
+        simulation_horizon=4,
+        simulation_support_size=5,
+    )
+    trainer.create_optimizer()
+    trainer.state.global_step = 0
+    assert trainer._fine_tuning_simulation_step()
+    first = trainer._attacker
+    assert first.steps == 2 and first.optimizer.t == 2 and len(first.support_pool) == 5
+    head = set(trainer.task.head_param_names)
+    assert set(first.own) == head and set(first.offsets) == {n for n, _ in model.named_parameters()} - head
+    # The offsets are the attacker's own progress: nonzero, and small next to the weights.
+    assert all(first.offsets[n].abs().max() > 0 for n in first.offsets)
+    own = {n: t.clone() for n, t in first.own.items()}
+
+    # The second outer iteration starts from the attacker's head (not a fresh one) and keeps its optimizer state.
+    supports, queries = trainer._restricted_batches(torch.Generator().manual_seed(0), first.support_pool)
+    pool_rows = trainer._restricted_rows(first.support_pool)["pixel_values"]
+    for batch in supports:
+        assert all(any(torch.equal(row, p) for p in pool_rows) for row in batch["pixel_values"])
+    for batch in queries:
+        assert not any(torch.equal(row, p) for row in batch["pixel_values"] for p in pool_rows)
+    trainer.state.global_step = 1
+    assert trainer._fine_tuning_simulation_step()
+    assert trainer._attacker is first and first.steps == 4 and first.optimizer.t == 4
+    assert all(not torch.equal(own[n], first.own[n]) for n in own)
+
+    # After the horizon a fresh attacker starts.
+    trainer.state.global_step = 2
+    assert trainer._fine_tuning_simulation_step()
+    assert trainer._attacker is not first and trainer._attacker.steps == 2
+
+
 class _Interrupt(TrainerCallback):
     def __init__(self, at: int):
         self.at = at
@@ -97,7 +137,10 @@ class _Interrupt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resume_from_checkpoint_continues_exactly(tmp_path):
+@pytest.mark.parametrize(
+    "persistent", [{}, {"simulation_horizon": 4, "simulation_support_size": 6}], ids=["fresh", "persistent"]
+)
+def test_resume_from_checkpoint_continues_exactly(tmp_path, persistent):
     def run(output_dir, resume=None, interrupt_at=None):
         model = tiny_vit(seed=3)
         trainer = _trainer(
@@ -108,6 +151,7 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
             save_steps=3,
             simulation_strategies=ALL_STRATEGIES,
             inner_optimizers=["sgd", "adam:1e-3"],
+            **persistent,
         )
         if interrupt_at:
             trainer.add_callback(_Interrupt(interrupt_at))
@@ -118,6 +162,8 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path):
     run(tmp_path / "interrupted", interrupt_at=3)
     checkpoint = tmp_path / "interrupted" / "checkpoint-3"
     assert (checkpoint / "fts_optimizer.pt").is_file() and (checkpoint / "model.safetensors").is_file()
+    # A persistent attacker is part of the state: at step 3 (inner_steps 2, horizon 4) one is mid-trajectory.
+    assert (checkpoint / "simulated_attacker_rank0.safetensors").is_file() == bool(persistent)
     resumed = run(tmp_path / "interrupted", resume=str(checkpoint))
     for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
@@ -219,6 +265,9 @@ def test_bad_restricted_datasets(dataset, match, tmp_output):
         ({"inner_optimizers": ["lbfgs"]}, "Unknown inner optimizer"),
         ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=1"),
         ({"inner_steps": 0}, "inner_steps"),
+        ({"simulation_horizon": 1}, "shorter than inner_steps"),
+        ({"simulation_horizon": 4, "first_order": False}, "needs first_order=True"),
+        ({"simulation_support_size": 0}, "simulation_support_size must be"),
     ],
 )
 def test_bad_config(overrides, match, tmp_output):
