@@ -491,7 +491,12 @@ def _describe_scratch_recipe(recipe: dict[str, Any] | str) -> str:
         parts.append(f"{recipe['schedule']} schedule")
     if _is_number(recipe.get("weight_decay")):
         parts.append(f"weight decay {recipe['weight_decay']:g}")
-    return ", ".join(parts) + "; the same steps, batch size and seed as each attack" if parts else ""
+    if not parts:
+        return ""
+    described = ", ".join(parts) + "; the same steps, batch size and seed as each attack"
+    if _is_number(recipe.get("initialisations")) and recipe["initialisations"] > 1:
+        described += f"; the mean curve of {recipe['initialisations']} random initialisations"
+    return described
 
 
 def _report_context(

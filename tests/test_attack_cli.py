@@ -70,7 +70,7 @@ def test_attack_cli_writes_the_report_and_resumes(saved, capsys):
     assert set(data["attacks"][0]["curves"]) == {"protected", "unprotected", "scratch"}
 
     runs = {name: os.stat(output / "runs" / name).st_mtime_ns for name in os.listdir(output / "runs")}
-    assert len(runs) == 2 * 2 + 1  # two attacks x two starts, one shared scratch run
+    assert len(runs) == 2 * 2 + 3  # two attacks x two starts, one shared scratch run from each of 3 initialisations
     assert main(_args(saved, output)) == 0
     assert {name: os.stat(output / "runs" / name).st_mtime_ns for name in os.listdir(output / "runs")} == runs
 

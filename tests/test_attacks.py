@@ -151,22 +151,33 @@ def test_scratch_starts_from_fresh_weights(make_model):
     assert all(not torch.equal(scratch.get_parameter(n), other.get_parameter(n)) for n in weights)
 
 
-def test_harness_scratch_curve_starts_at_the_fresh_model():
+def test_harness_scratch_curve_is_the_mean_over_fresh_initialisations():
     model = MLP()
     spec = AttackSpec(steps=4, batch_size=8, eval_interval=2, seed=5)
-    report = evaluate_finetuning_resistance(model, image_dataset(24), image_dataset(16, seed=1), attacks=[spec])
+    train, test_data = image_dataset(24), image_dataset(16, seed=1)
     task, _, test = _prepared(model)
-    fresh = build_scratch_model(model, seed=5)
-    assert report.attacks[0]["curves"]["scratch"][0][1] == task.evaluate(fresh, test)
+    # Three initialisations (the default): seeds 5, 5 + 7919, 5 + 2 * 7919; the curve starts at their mean.
+    report = evaluate_finetuning_resistance(model, train, test_data, attacks=[spec])
+    fresh = [task.evaluate(build_scratch_model(model, seed=5 + 7919 * k), test) for k in range(3)]
+    assert len(set(fresh)) > 1, "the initialisations should differ"
+    assert report.attacks[0]["curves"]["scratch"][0][1] == pytest.approx(sum(fresh) / 3)
+    assert report.scratch_recipe["initialisations"] == 3
     assert report.scratch_recipe["optimizer"] == "adam" and report.scratch_recipe["learning_rate"] == 1e-3
+    # One initialisation: exactly the fresh model's curve.
+    single = evaluate_finetuning_resistance(model, train, test_data, attacks=[spec], scratch_inits=1)
+    assert single.attacks[0]["curves"]["scratch"][0][1] == fresh[0]
+    with pytest.raises(ValueError, match="scratch_inits must be >= 1"):
+        evaluate_finetuning_resistance(model, train, test_data, attacks=[spec], scratch_inits=0)
 
 
-def test_scratch_is_trained_once_per_budget_and_seed(tmp_output):
+def test_scratch_is_trained_once_per_budget_seed_and_initialisation(tmp_output):
     specs = [AttackSpec(optimizer=o, learning_rate=1e-2, steps=3, batch_size=8) for o in ("sgd", "adam", "rmsprop")]
     specs.append(AttackSpec(steps=3, batch_size=8, seed=1))
-    evaluate_finetuning_resistance(MLP(), image_dataset(24), image_dataset(16, seed=1), specs, output_dir=tmp_output)
+    evaluate_finetuning_resistance(
+        MLP(), image_dataset(24), image_dataset(16, seed=1), specs, output_dir=tmp_output, scratch_inits=2
+    )
     scratch_runs = sorted(f for f in os.listdir(os.path.join(tmp_output, "runs")) if f.startswith("scratch--"))
-    assert len(scratch_runs) == 2
+    assert len(scratch_runs) == 2 * 2
 
 
 # ------------------------------------------------------------------------------------------------ determinism

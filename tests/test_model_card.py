@@ -85,7 +85,7 @@ def classification_report(model=None, with_head_start: bool = True) -> Resistanc
         metric="accuracy",
         higher_is_better=True,
         attacks=attacks,
-        scratch_recipe={"optimizer": "adam", "learning_rate": 1e-3},
+        scratch_recipe={"optimizer": "adam", "learning_rate": 1e-3, "initialisations": 3},
         fingerprints={"protected": model_fingerprint(model) if model is not None else "0" * 64, "reference": None},
         original={"unprotected": 0.98, "protected": 0.97},
     )
@@ -151,6 +151,7 @@ def test_card_text_names_scratch_worst_attack_and_verdicts():
     assert "scratch" in text and "0.7000" in text and "0.8000" in text
     assert "head start of 0.1 accuracy over scratch" in text  # the harness's own verdict for the broken attack
     assert "1 of 3 measured attacks beat training from scratch" in text
+    assert "the mean curve of 3 random initialisations" in text
     assert "diverged; best before" in text
     assert "Resistance is measured, not proven" in text
     assert "sophon-hf verify --model" in text and "@inproceedings{deng2024sophon" in text

@@ -45,6 +45,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--list-suites", action="store_true", help="print the suites and their attacks, then exit")
     parser.add_argument("--output", help="folder for report.json, report.md, attack_curves.png and resumable runs")
     parser.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
+    parser.add_argument(
+        "--scratch-inits",
+        type=int,
+        default=3,
+        help="train scratch from this many initialisations and compare with their mean curve (default: 3)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="added to every attack's seed (default: 0)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every attack's step budget")
     parser.add_argument(
@@ -154,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
             attacks=specs,
             reference_model=reference,
             include_scratch=not args.no_scratch,
+            scratch_inits=args.scratch_inits,
             steps_scale=args.steps_scale,
             head_name=args.head_name,
             output_dir=args.output,

@@ -200,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
             reference_model=reference,
             include_scratch=include_scratch,
             scratch_recipe=recipe or None,
+            # Reports written before scratch was averaged over initialisations used one.
+            scratch_inits=(published.get("scratch_recipe") or {}).get("initialisations", 1),
             head_name=args.head_name,
             noise_scheduler=noise_scheduler,
             output_dir=args.output,
