@@ -69,9 +69,16 @@ def main() -> None:
     for seed in args.seeds:
         started = time.time()
         report = run_demo(os.path.join(args.output, f"seed{seed}"), quick=args.quick, seed=seed)
-        results[seed] = {**summarise(report), "minutes": (time.time() - started) / 60}
+        with open(os.path.join(args.output, f"seed{seed}", "timings.json")) as f:
+            timings = json.load(f)
+        results[seed] = {
+            **summarise(report),
+            "minutes": (time.time() - started) / 60,
+            "protection_over_pretraining": timings["protection_seconds"] / timings["pretraining_seconds"],
+        }
     print(
         "\nseed  orig(unprot -> prot)  drop  prot<=scratch  within2pts  unprot>scratch  worst attack (prot-scratch)  min"
+        "  protection/pretraining"
     )
     for seed, r in results.items():
         worst = r["worst_attack"]
@@ -80,7 +87,8 @@ def main() -> None:
             f"{r['original_drop_points']:+5.1f}  {r['attacks_protected_le_scratch']:3d}/{r['num_attacks']:<3d}       "
             f"{r['attacks_within_2_points_everywhere']:3d}/{r['num_attacks']:<3d}    "
             f"{r['attacks_unprotected_gt_scratch']:3d}/{r['num_attacks']:<3d}        "
-            f"{worst['attack']} ({worst['protected_minus_scratch']:+.3f})  {r['minutes']:.1f}"
+            f"{worst['attack']} ({worst['protected_minus_scratch']:+.3f})  {r['minutes']:.1f}  "
+            f"{r['protection_over_pretraining']:.1f}x"
         )
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "summary.json"), "w") as f:

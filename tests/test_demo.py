@@ -31,7 +31,12 @@ def test_demo_pipeline_writes_models_report_plots_and_card(tmp_path, capsys):
     for folder in ("unprotected", "protected"):
         model = AutoModelForImageClassification.from_pretrained(out / folder)
         assert model.config.num_labels == 5
-    assert {"report.json", "report.md", "attack_curves.png", "demo_settings.json"} <= set(os.listdir(out))
+    assert {"report.json", "report.md", "attack_curves.png", "demo_settings.json", "timings.json"} <= set(
+        os.listdir(out)
+    )
+    timings = json.loads((out / "timings.json").read_text())
+    assert all(timings[k] > 0 for k in ("pretraining_seconds", "protection_seconds", "attacks_seconds"))
+    assert "x the" in printed and "s of pre-training" in printed
     saved = json.loads((out / "report.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert set(saved["original"]) == {"unprotected", "protected"}
