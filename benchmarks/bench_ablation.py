@@ -27,10 +27,18 @@ import torch  # noqa: E402
 
 from sophon_hf import AttackSpec, SophonConfig, SophonTrainer, evaluate_finetuning_resistance  # noqa: E402
 from sophon_hf.data import mnist_domains  # noqa: E402
-from sophon_hf.demo import demo_model  # noqa: E402
+from sophon_hf.demo import DemoSettings, demo_model  # noqa: E402
 from sophon_hf.tasks import ClassificationTask  # noqa: E402
 
 ALL_STRATEGIES = ["full", "full_reinit_head", "linear_probe", "lora"]
+
+
+def _demo_recipe(**changes) -> dict:
+    """The demo's protection recipe (outer iterations and K are set by `run`), with `changes`."""
+    recipe = {k: v for k, v in DemoSettings().protection.items() if k not in ("max_steps", "inner_steps")}
+    return {**recipe, **changes}
+
+
 SAMPLED_OPTIMIZERS = ["sgd_momentum:1e-2", "adam:1e-3", "rmsprop:1e-3"]
 VARIANTS = {
     # The authors' recipe: SGD-only simulation with a fresh head, ICE (code variant), K=10 here (paper: 50).
@@ -69,14 +77,18 @@ VARIANTS = {
         "feature_suppression_weight": 0.3,
         "ntr_steps": 2,
     },
-    # The demo's default (sophon_hf.demo.DemoSettings).
-    "demo": {
-        "simulation_strategies": ALL_STRATEGIES,
-        "inner_optimizers": SAMPLED_OPTIMIZERS,
-        "restricted_loss": "inverse_cross_entropy_negated_logits",
-        "feature_suppression_weight": 1.0,
-        "ntr_steps": 3,
-    },
+    # The demo's default without persistent attackers: a fresh attacker every outer iteration.
+    "sampled_features": _demo_recipe(simulation_horizon=None),
+    # The demo's default (sophon_hf.demo.DemoSettings): persistent attackers over 100 simulated steps.
+    "demo": _demo_recipe(),
+    # Persistent attackers with a horizon as long as the real attacks (300 steps).
+    "persistent_300": _demo_recipe(simulation_horizon=300),
+    # Persistent attackers that, like the real attacker, fine-tune on 50 restricted images each.
+    "persistent_few_shot": _demo_recipe(simulation_support_size=50),
+    # The most extreme schedule over the attacker distribution: only the attackers that break the demo recipe.
+    "worst_attackers_only": _demo_recipe(
+        simulation_strategies=["full_reinit_head"], inner_optimizers=["adam:1e-3", "rmsprop:1e-3"]
+    ),
 }
 KEY_ATTACKS = [
     AttackSpec(strategy="full", optimizer="sgd_momentum", learning_rate=1e-2, steps=300),
@@ -107,7 +119,9 @@ def run(variant: str, seed: int, attacks, attacker_images: int = 50) -> dict:
     data = mnist_domains(num_restricted_train=None, seed=seed)
     attacker = data["restricted_train"].select(range(attacker_images))
     defender = data["restricted_train"].select(range(attacker_images, data["restricted_train"].num_rows))
+    started = time.time()
     unprotected = pretrain(demo_model(seed), data["original_train"], seed=seed)
+    pretrain_seconds = time.time() - started
     task = ClassificationTask(unprotected)
     original_test = task.prepare_dataset(data["original_test"], "original_test")
     protected = copy.deepcopy(unprotected)
@@ -133,6 +147,7 @@ def run(variant: str, seed: int, attacks, attacker_images: int = 50) -> dict:
         "variant": variant,
         "seed": seed,
         "protection_seconds": seconds,
+        "pretrain_seconds": pretrain_seconds,
         "original": {
             "unprotected": task.evaluate(unprotected, original_test),
             "protected": task.evaluate(protected, original_test),
@@ -160,7 +175,8 @@ def main() -> None:
             results.append(r)
             print(
                 f"\n{variant} seed {seed}: original {r['original']['unprotected']:.3f} -> "
-                f"{r['original']['protected']:.3f}, protection {r['protection_seconds']:.0f} s"
+                f"{r['original']['protected']:.3f}, protection {r['protection_seconds']:.0f} s "
+                f"({r['protection_seconds'] / r['pretrain_seconds']:.1f}x the {r['pretrain_seconds']:.0f} s of pre-training)"
             )
             for name, final in r["final"].items():
                 print(

@@ -100,10 +100,23 @@ def main():
     parser.add_argument("--ntr-lr", type=float, default=2e-4)
     parser.add_argument("--ntr-steps", type=int, default=1)
     parser.add_argument("--timestep", type=int, default=None, help="Fixed DoS timestep (default: uniform).")
+    parser.add_argument(
+        "--timestep-range", type=int, nargs=2, default=None, help="DoS timesteps uniform in [LOW, HIGH]."
+    )
+    parser.add_argument(
+        "--simulation-horizon", type=int, default=None, help="Persistent simulated attackers (SophonConfig)."
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--attack-steps", type=int, default=200)
     parser.add_argument("--attacks", default="adam:1e-4,adam:1e-3")
     parser.add_argument("--restricted-train", type=int, default=500)
+    parser.add_argument(
+        "--attacker-images",
+        type=int,
+        default=None,
+        help="The attacker fine-tunes on the first N restricted training images and the defender protects with the "
+        "rest (default: both use all of them).",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads (1 is much faster on a CPU shared with other jobs)."
@@ -118,6 +131,12 @@ def main():
     data = load_digits_and_photo_patches(
         image_size=args.image_size, num_restricted_train=args.restricted_train, seed=args.seed
     )
+    if args.attacker_images:
+        restricted = data["restricted_train"]
+        data["defender_train"] = restricted.select(range(args.attacker_images, restricted.num_rows))
+        data["restricted_train"] = restricted.select(range(args.attacker_images))
+    else:
+        data["defender_train"] = data["restricted_train"]
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     unprotected_dir = os.path.join(args.output, "unprotected")
 
@@ -154,6 +173,8 @@ def main():
         learning_rate=args.ntr_lr,
         ntr_steps=args.ntr_steps,
         diffusion_timestep=args.timestep,
+        diffusion_timestep_range=args.timestep_range,
+        simulation_horizon=args.simulation_horizon,
         per_device_train_batch_size=args.batch_size,
         restricted_batch_size=args.batch_size,
         lr_scheduler_type="constant",
@@ -168,7 +189,7 @@ def main():
         protected,
         args=config,
         train_dataset=data["original_train"],
-        restricted_dataset=data["restricted_train"],
+        restricted_dataset=data["defender_train"],
         noise_scheduler=scheduler,
     )
     began = time.perf_counter()

@@ -1,6 +1,6 @@
 """Run every benchmark and write `benchmarks/RESULTS.md` with the commands and their printed results.
 
-    python benchmarks/run_all.py                  # everything (about 1.5 hours on 2 CPU cores)
+    python benchmarks/run_all.py                  # everything (about 2.5 hours on 2 CPU cores)
     python benchmarks/run_all.py --skip-quality   # speed benchmarks and diffusion only
     python benchmarks/run_all.py --only bench_trainer.py
 
@@ -29,7 +29,14 @@ BENCHMARKS = [
         ["--seeds", "0", "1", "2", "--output", "benchmarks/out/demo_quality"],
         "Protection quality on the demo's setting, 3 seeds",
     ),
+    (
+        "bench_ablation.py",
+        ["--variants", "authors", "sampled_features", "demo", "--seeds", "0", "1", "2"],
+        "Ablation of protection recipes on the demo's setting, 3 seeds, the six key attacks",
+    ),
+    ("bench_head_start.py", ["--seeds", "0", "1", "2"], "Where the attacker's head start lives"),
 ]
+QUALITY = {"bench_demo_quality.py", "bench_ablation.py", "bench_head_start.py"}
 
 
 def main() -> None:
@@ -42,7 +49,7 @@ def main() -> None:
     for script, extra, title in BENCHMARKS:
         if args.only and script not in args.only:
             continue
-        if args.skip_quality and script == "bench_demo_quality.py":
+        if args.skip_quality and script in QUALITY:
             continue
         command = [sys.executable, os.path.join("benchmarks", script), *extra]
         printable = " ".join(["python", os.path.join("benchmarks", script), *extra])
