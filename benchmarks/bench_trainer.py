@@ -25,7 +25,12 @@ import time
 
 import torch
 
-MODELS = ("resnet", "vit")
+MODELS = ("resnet", "vit", "unet")
+STRATEGIES = {
+    "resnet": ("full", "full_reinit_head", "linear_probe", "lora"),
+    "vit": ("full", "full_reinit_head", "linear_probe", "lora"),
+    "unet": ("full", "lora"),  # a denoiser has no head
+}
 K, BATCH = 10, 32
 
 
@@ -35,6 +40,19 @@ def _model(kind: str):
         from sophon_hf.demo import demo_model
 
         return demo_model()
+    if kind == "unet":  # the diffusion benchmark's UNet (bench_diffusion.build_unet), 16x16 grayscale
+        from diffusers import UNet2DModel
+
+        return UNet2DModel(
+            sample_size=16,
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=(16, 32),
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=1,
+            norm_num_groups=8,
+        )
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(
@@ -56,9 +74,20 @@ def _setup(kind: str, strategy: str):
     from sophon_hf import SophonConfig, SophonTrainer
 
     g = torch.Generator().manual_seed(0)
-    data = lambda n: Dataset.from_dict(  # noqa: E731
-        {"pixel_values": torch.rand(n, 1, 28, 28, generator=g).numpy(), "labels": torch.randint(5, (n,), generator=g)}
-    )
+    if kind == "unet":
+        from diffusers import DDPMScheduler
+
+        data = lambda n: Dataset.from_dict({"pixel_values": (torch.rand(n, 1, 16, 16, generator=g) * 2 - 1).numpy()})  # noqa: E731
+        extra = {"restricted_loss": "denial_of_service"}
+        scheduler = DDPMScheduler(num_train_timesteps=1000)
+    else:
+        data = lambda n: Dataset.from_dict(  # noqa: E731
+            {
+                "pixel_values": torch.rand(n, 1, 28, 28, generator=g).numpy(),
+                "labels": torch.randint(5, (n,), generator=g),
+            }
+        )
+        extra, scheduler = {}, None
     model = _model(kind)
     args = SophonConfig(
         output_dir="/tmp/sophon-bench",
@@ -71,8 +100,11 @@ def _setup(kind: str, strategy: str):
         disable_tqdm=True,
         simulation_strategies=[strategy],
         inner_optimizers=["sgd"],
+        **extra,
     )
-    trainer = SophonTrainer(model, args=args, train_dataset=data(256), restricted_dataset=data(256))
+    trainer = SophonTrainer(
+        model, args=args, train_dataset=data(256), restricted_dataset=data(256), noise_scheduler=scheduler
+    )
     trainer.create_optimizer()
     batch = {k: v for k, v in trainer.train_dataset.with_format("torch")[:BATCH].items()}
     return trainer, model, batch
@@ -167,7 +199,7 @@ def main() -> None:
     results = {"time": [], "memory": []}
     print(f"Outer iteration (K={K}, batch {BATCH}) vs the same plain forward+backward passes (target <= 1.3)")
     for kind in MODELS:
-        for strategy in ("full", "full_reinit_head", "linear_probe", "lora"):
+        for strategy in STRATEGIES[kind]:
             r = time_ratio(kind, strategy)
             results["time"].append(r)
             print(

@@ -35,7 +35,7 @@ class DemoSettings:
     pretrain_steps: int = 1000
     batch_size: int = 32
     suite: str | list = "standard"  # a suite name or a list of AttackSpec dicts
-    steps_scale: float = 0.5  # standard suite budgets are 600 steps: 300 here, 30x the simulated horizon
+    steps_scale: float = 0.5  # standard suite budgets are 600 steps: 300 here, 3x the persistent attackers' horizon
     # The best balance measured on this setting (benchmarks/bench_ablation.py): the authors' code's inverse
     # cross-entropy, every simulated strategy, optimizers sampled per attacker, persistent attackers that fine-tune
     # for 100 steps (10 outer iterations) before a fresh one starts, restricted features suppressed, and three
