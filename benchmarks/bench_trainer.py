@@ -40,19 +40,10 @@ def _model(kind: str):
         from sophon_hf.demo import demo_model
 
         return demo_model()
-    if kind == "unet":  # the diffusion benchmark's UNet (bench_diffusion.build_unet), 16x16 grayscale
-        from diffusers import UNet2DModel
+    if kind == "unet":  # the diffusion benchmark's 177k-parameter UNet, 16x16 grayscale
+        from bench_diffusion import build_unet
 
-        return UNet2DModel(
-            sample_size=16,
-            in_channels=1,
-            out_channels=1,
-            block_out_channels=(16, 32),
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-            layers_per_block=1,
-            norm_num_groups=8,
-        )
+        return build_unet(16, seed=0)
     from transformers import ViTConfig, ViTForImageClassification
 
     config = ViTConfig(

@@ -270,4 +270,9 @@ def get_task(
             f"noise_scheduler is for Diffusers denoisers (UNet2DModel), but {type(model).__name__} is not one; "
             "drop noise_scheduler for classifiers."
         )
+    if diffusion_timestep is not None:
+        raise ValueError(
+            f"diffusion_timestep / diffusion_timestep_range are for Diffusers denoisers, but {type(model).__name__} "
+            "is a classifier; leave them unset."
+        )
     return ClassificationTask(model, head_name=head_name)

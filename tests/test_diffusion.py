@@ -301,6 +301,8 @@ def test_bad_input_errors_name_the_fix(tmp_path):
         SophonTrainer(SmallCNN(), config(out), train_dataset=image_dataset(8), restricted_dataset=image_dataset(8))
     with pytest.raises(ValueError, match="drop noise_scheduler"):
         get_task(SmallCNN(), noise_scheduler=scheduler())
+    with pytest.raises(ValueError, match="diffusion_timestep_range are for Diffusers denoisers"):
+        get_task(SmallCNN(), diffusion_timestep=(0, 10))
 
 
 def test_image_columns_of_hub_datasets_map_to_pixel_values():
