@@ -85,6 +85,8 @@ VARIANTS = {
     "persistent_300": _demo_recipe(simulation_horizon=300),
     # Persistent attackers that, like the real attacker, fine-tune on 50 restricted images each.
     "persistent_few_shot": _demo_recipe(simulation_support_size=50),
+    # The demo's default with a fourth normal-training step per outer iteration (original accuracy vs protection).
+    "demo_ntr4": _demo_recipe(ntr_steps=4),
     # The most extreme schedule over the attacker distribution: only the attackers that break the demo recipe.
     "worst_attackers_only": _demo_recipe(
         simulation_strategies=["full_reinit_head"], inner_optimizers=["adam:1e-3", "rmsprop:1e-3"]
