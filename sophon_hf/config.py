@@ -35,6 +35,11 @@ class SophonConfig(TrainingArguments):
             Adam step size of the suppression (meta-gradient) update; the paper's alpha for ICE.
         fts_max_grad_norm (`float`, *optional*, defaults to `0.5`):
             The meta-gradient is clipped to this norm before the suppression step (authors' code). `0` disables.
+        fts_follows_lr_schedule (`bool`, *optional*, defaults to `False`):
+            Scale `fts_learning_rate` by the same factor as `lr_scheduler_type` scales `learning_rate` (warmup and
+            decay), so that the balance between suppression and normal training stays the same to the end. By
+            default the suppression step keeps its step size while normal training decays (the default schedule is
+            linear), which leaves the last outer iterations to suppression alone.
 
     Parameters that control the fine-tuning simulation (the simulated attacker):
         simulation_strategies (`list[str]`, *optional*, defaults to `["full_reinit_head"]`):
@@ -107,6 +112,10 @@ class SophonConfig(TrainingArguments):
     )
     fts_learning_rate: float = field(default=3e-4, metadata={"help": "Adam step size of the suppression update."})
     fts_max_grad_norm: float = field(default=0.5, metadata={"help": "Clip norm of the meta-gradient (0 disables)."})
+    fts_follows_lr_schedule: bool = field(
+        default=False,
+        metadata={"help": "Scale fts_learning_rate by the learning-rate schedule of normal training."},
+    )
     # Fine-tuning simulation
     simulation_strategies: list[str] = field(
         default_factory=lambda: ["full_reinit_head"],

@@ -594,7 +594,14 @@ class SophonTrainer(Trainer):
         for p in params:
             p.grad = flat[offset : offset + p.numel()].view_as(p).to(p.dtype)
             offset += p.numel()
-        self._get_fts_optimizer().step()
+        fts_optimizer = self._get_fts_optimizer()
+        if args.fts_follows_lr_schedule and self.lr_scheduler is not None:
+            # The suppression step decays (or warms up) with normal training, so their balance stays the same to
+            # the end; otherwise a decaying `learning_rate` leaves the last iterations to suppression alone.
+            factor = self.lr_scheduler.get_last_lr()[0] / args.learning_rate
+            for group in fts_optimizer.param_groups:
+                group["lr"] = args.fts_learning_rate * factor
+        fts_optimizer.step()
         self.fts_optimizer.zero_grad(set_to_none=True)
 
         self._metrics["fts/query_loss"].append(float(np.mean(result.query_losses)))

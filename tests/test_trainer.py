@@ -128,6 +128,15 @@ def test_persistent_attacker_continues_its_trajectory_and_restarts_after_the_hor
     assert trainer._attacker is not first and trainer._attacker.steps == 2
 
 
+@pytest.mark.parametrize("follows", [False, True])
+def test_suppression_step_size_follows_the_schedule_only_when_asked(follows, tmp_output):
+    trainer = _trainer(SmallCNN(), tmp_output, max_steps=4, fts_learning_rate=1e-3, fts_follows_lr_schedule=follows)
+    trainer.train()
+    # Linear decay over 4 steps: the last outer iteration ran at 1/4 of the initial learning rate.
+    expected = 1e-3 * 0.25 if follows else 1e-3
+    assert trainer.fts_optimizer.param_groups[0]["lr"] == pytest.approx(expected)
+
+
 class _Interrupt(TrainerCallback):
     def __init__(self, at: int):
         self.at = at
