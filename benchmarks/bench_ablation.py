@@ -77,19 +77,26 @@ VARIANTS = {
         "feature_suppression_weight": 0.3,
         "ntr_steps": 2,
     },
-    # The demo's default without persistent attackers: a fresh attacker every outer iteration.
-    "sampled_features": _demo_recipe(simulation_horizon=None),
-    # The demo's default (sophon_hf.demo.DemoSettings): persistent attackers over 100 simulated steps.
+    # Every strategy and optimizer sampled, ICE as in the code, features 1.0, NTR x3; a fresh attacker every outer
+    # iteration; Trainer's default linear learning-rate decay.
+    "sampled_features": _demo_recipe(simulation_horizon=None, lr_scheduler_type="linear"),
+    # The same with persistent attackers over 100 simulated steps (the demo's recipe before constant step sizes).
+    "persistent": _demo_recipe(lr_scheduler_type="linear"),
+    # The demo's default (sophon_hf.demo.DemoSettings): `persistent` at constant step sizes.
     "demo": _demo_recipe(),
+    # `persistent` with the suppression step size decaying with normal training's.
+    "demo_fts_schedule": _demo_recipe(lr_scheduler_type="linear", fts_follows_lr_schedule=True),
+    # `persistent` with a fourth normal-training step per outer iteration.
+    "persistent_ntr4": _demo_recipe(lr_scheduler_type="linear", ntr_steps=4),
     # Persistent attackers with a horizon as long as the real attacks (300 steps).
-    "persistent_300": _demo_recipe(simulation_horizon=300),
+    "persistent_300": _demo_recipe(lr_scheduler_type="linear", simulation_horizon=300),
     # Persistent attackers that, like the real attacker, fine-tune on 50 restricted images each.
-    "persistent_few_shot": _demo_recipe(simulation_support_size=50),
-    # The demo's default with a fourth normal-training step per outer iteration (original accuracy vs protection).
-    "demo_ntr4": _demo_recipe(ntr_steps=4),
-    # The most extreme schedule over the attacker distribution: only the attackers that break the demo recipe.
+    "persistent_few_shot": _demo_recipe(lr_scheduler_type="linear", simulation_support_size=50),
+    # The most extreme schedule over the attacker distribution: only the attackers that break the recipe.
     "worst_attackers_only": _demo_recipe(
-        simulation_strategies=["full_reinit_head"], inner_optimizers=["adam:1e-3", "rmsprop:1e-3"]
+        lr_scheduler_type="linear",
+        simulation_strategies=["full_reinit_head"],
+        inner_optimizers=["adam:1e-3", "rmsprop:1e-3"],
     ),
 }
 KEY_ATTACKS = [

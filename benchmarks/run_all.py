@@ -31,7 +31,7 @@ BENCHMARKS = [
     ),
     (
         "bench_ablation.py",
-        ["--variants", "authors", "sampled_features", "demo", "--seeds", "0", "1", "2"],
+        ["--variants", "authors", "sampled_features", "persistent", "demo", "--seeds", "0", "1", "2"],
         "Ablation of protection recipes on the demo's setting, 3 seeds, the six key attacks",
     ),
     ("bench_head_start.py", ["--seeds", "0", "1", "2"], "Where the attacker's head start lives"),
