@@ -68,6 +68,8 @@ CARD_HYPERPARAMETERS = {
     "fts_learning_rate": "suppression (meta-gradient) step size",
     "fts_max_grad_norm": "meta-gradient clip norm",
     "learning_rate": "original-domain (normal training) step size",
+    "lr_scheduler_type": "schedule of the normal-training step size",
+    "fts_follows_lr_schedule": "the suppression step size follows that schedule",
     "ntr_steps": "original-domain steps per outer iteration",
     "max_steps": "outer iterations",
     "lora_r": "rank of the simulated LoRA attacker",
