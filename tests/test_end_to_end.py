@@ -24,7 +24,9 @@ def test_protection_on_real_digits(tmp_path):
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
-        **{**DemoSettings().protection, "max_steps": 60},
+        # 60 outer iterations with Trainer's linear decay: in so short a run the decaying normal-training step lets
+        # suppression finish it (the full demo runs 300 at constant step sizes, benchmarks/RESULTS.md section 5a).
+        **{**DemoSettings().protection, "max_steps": 60, "lr_scheduler_type": "linear"},
     )
     SophonTrainer(protected, args=args, train_dataset=data["original_train"], restricted_dataset=defender).train()
 
