@@ -36,6 +36,7 @@ from sophon_hf.diffusion import (  # noqa: E402
     load_digits_and_photo_patches,
     save_sample_grid,
 )
+from sophon_hf.trainers.protect_diffusion import pretrain  # noqa: E402
 
 
 def digit_halves(image_size: int, num_restricted_train: int, seed: int):
@@ -75,24 +76,6 @@ def build_unet(image_size: int, seed: int) -> UNet2DModel:
         layers_per_block=1,
         norm_num_groups=8,
     )
-
-
-def pretrain(unet, task, dataset, steps: int, batch_size: int, lr: float, seed: int) -> float:
-    """Ordinary DDPM training on the original domain: the 'unprotected' model a publisher would release."""
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=lr)
-    pixels = dataset[:]["pixel_values"]
-    began = time.perf_counter()
-    unet.train()
-    for step in range(steps):
-        index = torch.randint(len(pixels), (batch_size,), generator=generator)
-        loss, _ = task.loss(unet, {"pixel_values": pixels[index]}, generator=generator)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 250 == 0:
-            print(f"pre-training step {step}: loss {loss.item():.4f}", flush=True)
-    return time.perf_counter() - began
 
 
 def plain_step_seconds(unet, task, dataset, batch_size: int, repeats: int = 20) -> float:
@@ -180,17 +163,18 @@ def main():
         unprotected = UNet2DModel.from_pretrained(unprotected_dir)
     else:
         unprotected = build_unet(args.image_size, args.seed)
-        task = DiffusionTask(unprotected, scheduler)
-        seconds = pretrain(
+        began = time.perf_counter()
+        # The same ordinary DDPM training as the shipped script's (the "unprotected" model a publisher releases).
+        pretrain(
             unprotected,
-            task,
+            scheduler,
             data["original_train"],
-            args.pretrain_steps,
-            args.batch_size,
-            args.pretrain_lr,
-            args.seed,
+            steps=args.pretrain_steps,
+            learning_rate=args.pretrain_lr,
+            batch_size=args.batch_size,
+            seed=args.seed,
         )
-        results["pretrain_seconds"] = seconds
+        results["pretrain_seconds"] = time.perf_counter() - began
         unprotected.save_pretrained(unprotected_dir)
     task = DiffusionTask(unprotected, scheduler, timestep=args.timestep)
     results["num_parameters"] = sum(p.numel() for p in unprotected.parameters())
