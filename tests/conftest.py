@@ -95,6 +95,15 @@ def text_dataset(n: int = 32, num_labels: int = 5, length: int = 8, seed: int = 
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op torch thread for the test, restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tmp_output(tmp_path):
     return str(tmp_path / "out")
 

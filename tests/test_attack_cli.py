@@ -4,20 +4,13 @@ import json
 import os
 
 import pytest
-import torch
 from conftest import image_dataset, tiny_vit
 from datasets import DatasetDict
 
 from sophon_hf.cli import main
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine's cores are shared: one intra-op thread avoids OpenMP contention (tiny steps 20x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The test machine's cores are shared: one intra-op thread avoids OpenMP contention (tiny steps 20x slower).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

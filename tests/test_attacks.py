@@ -23,14 +23,8 @@ from sophon_hf.attacks import (
 )
 from sophon_hf.tasks import get_task
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine's cores are shared: one intra-op thread avoids OpenMP contention (tiny steps 20x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The test machine's cores are shared: one intra-op thread avoids OpenMP contention (tiny steps 20x slower).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class MLP(nn.Module):

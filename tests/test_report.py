@@ -4,20 +4,13 @@ import json
 import os
 
 import pytest
-import torch
 from conftest import image_dataset, tiny_vit
 
 from sophon_hf.attacks import AttackSpec, evaluate_finetuning_resistance
 from sophon_hf.report import ResistanceReport, area_under_curve
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine's cores are shared: one intra-op thread avoids OpenMP contention (tiny steps 20x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# The test machine's cores are shared: one intra-op thread avoids OpenMP contention (tiny steps 20x slower).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _record(name, protected, unprotected, scratch, diverged=None):
