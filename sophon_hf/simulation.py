@@ -37,6 +37,13 @@ LORA_DEFAULT_TARGETS = (
 
 
 # ---------------------------------------------------------------------- functional optimizers
+def _root(second_moment: torch.Tensor) -> torch.Tensor:
+    # The square root's derivative is infinite at 0, and a second moment is exactly 0 wherever every gradient so far
+    # was 0 (a dead unit's weights): differentiating through it (second order) would make the meta-gradient NaN.
+    # Below 1e-30 the root is under 1e-15, far below the optimizers' eps, so the step itself does not change.
+    return second_moment.clamp_min(1e-30).sqrt()
+
+
 @dataclass
 class InnerOptimizer:
     """A differentiable, functional optimizer for the simulated attacker (defaults as in `torch.optim`).
@@ -69,13 +76,13 @@ class InnerOptimizer:
                 s["m"] = (1 - b1) * g if "m" not in s else b1 * s["m"] + (1 - b1) * g
                 s["v"] = (1 - b2) * g * g if "v" not in s else b2 * s["v"] + (1 - b2) * g * g
                 m_hat, v_hat = s["m"] / (1 - b1**self.t), s["v"] / (1 - b2**self.t)
-                update = m_hat / (v_hat.sqrt() + self.eps)
+                update = m_hat / (_root(v_hat) + self.eps)
             elif self.name == "rmsprop":
                 s["v"] = (1 - self.alpha) * g * g if "v" not in s else self.alpha * s["v"] + (1 - self.alpha) * g * g
-                update = g / (s["v"].sqrt() + self.eps)
+                update = g / (_root(s["v"]) + self.eps)
             else:  # adagrad (torch's eps is 1e-10)
                 s["v"] = g * g if "v" not in s else s["v"] + g * g
-                update = g / (s["v"].sqrt() + 1e-10)
+                update = g / (_root(s["v"]) + 1e-10)
             new[key] = p - self.lr * update
         return new
 

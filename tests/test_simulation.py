@@ -140,6 +140,27 @@ def test_first_order_gradient_equals_detached_version_and_second_order_differs()
     assert any(not torch.allclose(first.meta_grads[n], second.meta_grads[n], atol=1e-6) for n in params)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "rmsprop", "adagrad"])
+def test_second_order_through_adaptive_optimizers_survives_dead_units(optimizer):
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    with torch.no_grad():  # a dead unit: its weights get exactly zero gradients, so their second moment stays 0
+        model.body[8].bias[0] = -1e4
+    task = ClassificationTask(model)
+    params = dict(model.named_parameters())
+    result = simulate_finetuning(
+        SimulationView(model, params, {}, {n: n for n in params}),
+        *_task_fns(task),
+        task.batch_metric,
+        parse_inner_optimizer(optimizer, 1e-3),
+        _batches(2, seed=5),
+        _batches(2, seed=6),
+        first_order=False,
+    )
+    assert all(torch.isfinite(g).all() for g in result.meta_grads.values())
+    assert result.meta_grads["body.8.weight"][1:].abs().sum() > 0
+
+
 def test_lora_simulation_adapts_only_adapters_and_leaves_base_unchanged():
     torch.manual_seed(0)
     model = tiny_vit().eval()
