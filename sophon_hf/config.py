@@ -199,8 +199,15 @@ class SophonConfig(TrainingArguments):
                     f"simulation_horizon={self.simulation_horizon} is shorter than inner_steps={self.inner_steps}; "
                     "set it to a multiple of inner_steps (or None for a fresh attacker every outer iteration)."
                 )
+            if self.simulation_horizon % self.inner_steps:
+                raise ValueError(
+                    f"simulation_horizon={self.simulation_horizon} is not a multiple of inner_steps={self.inner_steps}:"
+                    " an attacker takes inner_steps steps per outer iteration, so its horizon counts in those."
+                )
             if not self.first_order:
                 raise ValueError("simulation_horizon (persistent attackers) needs first_order=True.")
+        if self.fts_max_grad_norm < 0:
+            raise ValueError(f"fts_max_grad_norm must be >= 0 (0 disables clipping), got {self.fts_max_grad_norm}.")
         if self.diffusion_timestep is not None and self.diffusion_timestep_range is not None:
             raise ValueError("Set diffusion_timestep (one timestep) or diffusion_timestep_range, not both.")
         if self.diffusion_timestep_range is not None and len(self.diffusion_timestep_range) != 2:

@@ -119,7 +119,8 @@ class ClassificationTask:
         columns = set(dataset.column_names)
         if "labels" not in columns:
             hint = (
-                f" It has a 'label' column: use `{role}.rename_column('label', 'labels')`."
+                f" It has a 'label' column: use `{role}.rename_column('label', 'labels')` (on the command line: "
+                "`--label-column label`)."
                 if "label" in columns
                 else ""
             )
@@ -145,6 +146,11 @@ class ClassificationTask:
             raise ValueError(f"`{role}` holds {name} data but the other datasets hold {self.name} data.")
         self.input_names, self.name = names, name
         dataset = dataset.with_format("torch", columns=[*names, "labels"])
+        if name == "text-classification" and not isinstance(dataset[:]["input_ids"], torch.Tensor):
+            raise ValueError(
+                f"`{role}` has 'input_ids' of different lengths. Pad every example to one length when tokenizing, "
+                "e.g. `tokenizer(texts, padding='max_length', truncation=True, max_length=128)`."
+            )
         labels = dataset["labels"]
         labels = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(list(labels))
         if labels.dtype.is_floating_point:

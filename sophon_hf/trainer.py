@@ -207,6 +207,13 @@ class SophonTrainer(Trainer):
         if restricted_eval_dataset is not None:
             eval_datasets["restricted"] = self.task.prepare_dataset(restricted_eval_dataset, "restricted_eval_dataset")
         self.restricted_batch_size = args.restricted_batch_size or args.per_device_train_batch_size
+        shard_size = len(self.restricted_dataset) // args.world_size
+        if args.simulation_support_size is not None and args.simulation_support_size >= shard_size:
+            raise ValueError(
+                f"simulation_support_size={args.simulation_support_size} leaves no held-out query examples: each of "
+                f"the {args.world_size} process(es) holds {shard_size} restricted examples. Set it below {shard_size} "
+                "or give more restricted data."
+            )
         if self.restricted_batch_size < 2:
             raise ValueError(
                 "The restricted batch needs >= 2 examples (support and query); set restricted_batch_size."
@@ -401,6 +408,8 @@ class SophonTrainer(Trainer):
             return torch.zeros((), device=self.args.device)
         # Normal training reinforcement: ntr_steps steps, the last one stepped by Trainer's own loop.
         chunks = [{k: v[i :: self.args.ntr_steps] for k, v in inputs.items()} for i in range(self.args.ntr_steps)]
+        # The last batch of an epoch can hold fewer rows than there are NTR steps: skip the empty chunks.
+        chunks = [chunk for chunk in chunks if len(next(iter(chunk.values())))]
         for chunk in chunks[:-1]:
             loss = self._ntr_loss(model, chunk)
             if loss is None:

@@ -277,11 +277,32 @@ def test_bad_restricted_datasets(dataset, match, tmp_output):
         ({"simulation_horizon": 1}, "shorter than inner_steps"),
         ({"simulation_horizon": 4, "first_order": False}, "needs first_order=True"),
         ({"simulation_support_size": 0}, "simulation_support_size must be"),
+        ({"simulation_horizon": 5}, "not a multiple of inner_steps"),
+        ({"fts_max_grad_norm": -0.5}, "fts_max_grad_norm must be >= 0"),
     ],
 )
 def test_bad_config(overrides, match, tmp_output):
     with pytest.raises(ValueError, match=match):
         _config(tmp_output, **overrides)
+
+
+def test_support_size_that_leaves_no_query_examples(tmp_output):
+    with pytest.raises(ValueError, match="leaves no held-out query examples"):
+        _trainer(SmallCNN(), tmp_output, simulation_support_size=32, simulation_horizon=4)
+
+
+def test_unpadded_text_is_refused_with_the_fix(tmp_output):
+    ragged = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5, 6, 7]], "labels": [0, 1]})
+    with pytest.raises(ValueError, match="padding='max_length'"):
+        _trainer(tiny_bert(), tmp_output, train=text_dataset(), restricted=ragged)
+
+
+def test_ntr_steps_survive_a_last_batch_smaller_than_their_count(tmp_output):
+    # A Trainer batch holds 8 rows x 3 NTR steps: with 25 rows the second outer iteration gets the 1 row left, which
+    # splits into one chunk of 1 row and two empty ones (an empty chunk's loss is NaN and used to stop training).
+    trainer = _trainer(SmallCNN(), tmp_output, train=image_dataset(25, seed=1), ntr_steps=3, max_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 2 and trainer.stop_reason is None
 
 
 def test_lora_targets_matching_nothing(tmp_output):
