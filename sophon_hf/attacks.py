@@ -116,11 +116,22 @@ class AttackSpec:
     )
 
     def __post_init__(self):
-        # YAML reads `1e-3` as a string (it wants `1.0e-3`): accept what attack files naturally contain.
-        for name in ("learning_rate", "weight_decay", "warmup_ratio", "lora_alpha", "lora_dropout"):
-            setattr(self, name, float(getattr(self, name)))
-        if self.max_grad_norm is not None:
-            self.max_grad_norm = float(self.max_grad_norm)
+        # YAML reads `1e-3` as a string (it wants `1.0e-3`) and JSON writers turn 300 into 300.0: accept what
+        # attack files naturally contain, and name the field when a value is not a number.
+        numbers = {n: float for n in ("learning_rate", "weight_decay", "warmup_ratio", "lora_alpha", "lora_dropout")}
+        numbers.update({n: int for n in ("steps", "batch_size", "lora_rank", "eval_interval", "seed")})
+        numbers["max_grad_norm"] = float
+        for name, kind in numbers.items():
+            value = getattr(self, name)
+            if value is None or (kind is int and isinstance(value, int)):
+                continue
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValueError(f"AttackSpec {name}={value!r} is not a number.") from None
+            if kind is int and not number.is_integer():
+                raise ValueError(f"AttackSpec {name}={value!r} must be a whole number.")
+            setattr(self, name, kind(number))
         if self.strategy not in STRATEGIES:
             raise ValueError(f"Unknown attack strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}.")
         if self.optimizer not in OPTIMIZERS:
@@ -130,8 +141,10 @@ class AttackSpec:
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
         for name in ("steps", "batch_size", "lora_rank"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive (or None for no clipping), got {self.max_grad_norm}.")
         if self.eval_interval is not None and self.eval_interval < 1:
             raise ValueError(f"eval_interval must be at least 1 (or None), got {self.eval_interval}.")
         if not 0 <= self.warmup_ratio < 1:
@@ -192,6 +205,8 @@ class AttackSpec:
 
 def resolve_attacks(attacks: str | AttackSpec | dict | list, steps_scale: float = 1.0) -> list[AttackSpec]:
     """Turn a suite name, a spec, a dict or a list of those into a list of `AttackSpec` with unique names."""
+    if not steps_scale > 0:
+        raise ValueError(f"steps_scale must be positive (it multiplies every attack's budget), got {steps_scale}.")
     if isinstance(attacks, str):
         from .suites import get_suite
 
@@ -681,12 +696,12 @@ def evaluate_finetuning_resistance(
         "reference": model_fingerprint(reference_model) if reference_model is not None else None,
     }
     recipe = {**DEFAULT_SCRATCH_RECIPE, **(scratch_recipe or {})}
+    if include_scratch and scratch_inits < 1:
+        raise ValueError(f"scratch_inits must be >= 1, got {scratch_inits}.")
     if output_dir is not None:
         _check_output_dir(output_dir, fingerprints)
         os.makedirs(os.path.join(output_dir, "runs"), exist_ok=True)
 
-    if scratch_inits < 1:
-        raise ValueError(f"scratch_inits must be >= 1, got {scratch_inits}.")
     # Units of work: every (attack, start) pair, plus each distinct scratch run once per initialisation.
     starts = {"protected": model, **({"unprotected": reference_model} if reference_model is not None else {})}
     units: list[tuple[str, str, AttackSpec, int | None]] = []

@@ -345,11 +345,22 @@ def test_missing_columns_are_reported():
         ({"steps": 0}, "steps must be at least 1"),
         ({"learning_rate": -1.0}, "learning_rate must be positive"),
         ({"lora_rnk": 4}, "Unknown AttackSpec field"),
+        ({"max_grad_norm": -1.0}, "max_grad_norm must be positive"),
+        ({"batch_size": "many"}, "batch_size='many' is not a number"),
     ],
 )
 def test_bad_specs_are_rejected(fields, message):
     with pytest.raises(ValueError, match=message):
         resolve_attacks([fields])
+
+
+def test_spec_numbers_from_files_are_converted():
+    # YAML reads 1e-3 as a string, JSON writers turn 300 into 300.0.
+    (spec,) = resolve_attacks([{"learning_rate": "1e-3", "steps": 300.0, "batch_size": "16", "eval_interval": 30.0}])
+    assert (spec.learning_rate, spec.steps, spec.batch_size, spec.eval_interval) == (1e-3, 300, 16, 30)
+    assert isinstance(spec.steps, int) and spec.name == AttackSpec(steps=300, batch_size=16, eval_interval=30).name
+    with pytest.raises(ValueError, match="steps_scale must be positive"):
+        resolve_attacks("quick", steps_scale=0)
 
 
 def test_duplicate_and_unknown_suites_are_rejected():
