@@ -1,6 +1,8 @@
-"""Small helpers shared by the trainer, the attack harness and publishing."""
+"""Small helpers shared by the trainer, the attack harness, publishing and the recipe scripts."""
 
 import hashlib
+import os
+import sys
 
 import torch
 import torch.nn as nn
@@ -17,3 +19,44 @@ def model_fingerprint(model: nn.Module) -> str:
         tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def resolve_recipe_path(path: str, recipes_dir: str) -> str:
+    """A recipe path as given, or the name of a recipe shipped in `recipes_dir` (with or without `.yaml`)."""
+    if os.path.isfile(path):
+        return path
+    for candidate in (path, f"{path}.yaml"):
+        shipped = os.path.join(recipes_dir, candidate)
+        if os.path.isfile(shipped):
+            return shipped
+    recipes = sorted(f for f in os.listdir(recipes_dir) if f.endswith(".yaml")) if os.path.isdir(recipes_dir) else []
+    raise FileNotFoundError(f"No config file {path!r}, and no shipped recipe of that name (shipped: {recipes}).")
+
+
+def parse_recipe_args(dataclass_types: tuple, argv: list[str] | None, recipes_dir: str) -> tuple:
+    """Dataclass arguments of a recipe script from `--config YAML` (defaults) and the command line (overrides).
+
+    `--config` takes a file or the name of a shipped recipe, as `--config X` or `--config=X`. Every key of the YAML
+    file must be a field of one of `dataclass_types`: a misspelt key is an error, not a silently ignored setting.
+    """
+    import yaml
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(dataclass_types)
+    for index, arg in enumerate(argv):
+        if arg == "--config" or arg.startswith("--config="):
+            value, width = (argv[index + 1], 2) if arg == "--config" else (arg.split("=", 1)[1], 1)
+            path = resolve_recipe_path(value, recipes_dir)
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+            unknown = sorted(set(values) - {action.dest for action in parser._actions})
+            if unknown:
+                names = ", ".join(t.__name__ for t in dataclass_types)
+                raise ValueError(
+                    f"{path}: {unknown} are not arguments of this script; see `--help` for {names} fields."
+                )
+            parser.set_defaults(**values)
+            del argv[index : index + width]
+            break
+    return parser.parse_args_into_dataclasses(args=argv)

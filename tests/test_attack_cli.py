@@ -4,8 +4,9 @@ import json
 import os
 
 import pytest
+import torch
 from conftest import image_dataset, tiny_vit
-from datasets import DatasetDict
+from datasets import Dataset, DatasetDict
 
 from sophon_hf.cli import main
 
@@ -98,3 +99,53 @@ def test_attack_cli_lists_suites_and_rejects_bad_input(saved, capsys):
         main(args)
     with pytest.raises(SystemExit, match="no column 'target'"):
         main([*_args(saved, saved / "x"), "--label-column", "target"])
+
+
+def test_attack_cli_names_missing_files_and_bad_values(saved, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = _args(saved, saved / "x")
+    with pytest.raises(SystemExit, match="steps_scale must be positive"):
+        main([*args, "--steps-scale", "0"])
+    missing = list(args)
+    missing[missing.index("--attacks-file") + 1] = str(saved / "nofile.yaml")
+    with pytest.raises(SystemExit, match="nofile.yaml does not exist"):
+        main(missing)
+    missing = list(args)
+    missing[missing.index("--model") + 1] = str(saved / "no_such_model")
+    with pytest.raises(SystemExit, match="Cannot load the model .*not a local folder"):
+        main(missing)
+    missing = list(args)
+    missing[missing.index("--restricted-train") + 1] = str(saved / "no_such_data")
+    with pytest.raises(SystemExit, match="Cannot load the dataset .*not a local folder"):
+        main(missing)
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            main([*args, "--device", "cuda"])
+    # JSON writers turn 20 into 20.0; a fractional budget is refused with the field's name.
+    (saved / "float.json").write_text('[{"strategy": "full", "optimizer": "adam", "steps": 20.0, "batch_size": 8}]')
+    (saved / "frac.json").write_text('[{"strategy": "full", "optimizer": "adam", "steps": 2.5}]')
+    for name, expected in (("float.json", None), ("frac.json", "steps=2.5 must be a whole number")):
+        files = list(args)
+        files[files.index("--attacks-file") + 1] = str(saved / name)
+        if expected is None:
+            assert main(files) == 0
+        else:
+            with pytest.raises(SystemExit, match=expected):
+                main(files)
+
+
+def test_attack_cli_measures_a_diffusers_unet_with_its_saved_scheduler(tmp_path):
+    from diffusers import DDPMScheduler
+    from test_model_card import tiny_unet
+
+    g = torch.Generator().manual_seed(0)
+    images = lambda n: Dataset.from_dict({"pixel_values": (torch.rand(n, 1, 16, 16, generator=g) * 2 - 1).numpy()})  # noqa: E731
+    DatasetDict(train=images(16), test=images(8)).save_to_disk(str(tmp_path / "restricted"))
+    tiny_unet().save_pretrained(tmp_path / "unet")
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(tmp_path / "unet")
+    (tmp_path / "attacks.yaml").write_text("- {strategy: full, optimizer: adam, steps: 2, batch_size: 8}\n")
+    args = ["attack", "--model", str(tmp_path / "unet"), "--restricted-train", str(tmp_path / "restricted")]
+    args += ["--attacks-file", str(tmp_path / "attacks.yaml"), "--no-scratch", "--output", str(tmp_path / "out")]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["metric"] == "denoising_mse" and len(report["attacks"]) == 1

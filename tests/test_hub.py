@@ -324,6 +324,19 @@ def test_cli_push_writes_a_missing_or_stale_card_then_publishes(tmp_path, hub, c
         cli_main(["push", "--model", str(folder), "--repo-id", "not//valid"])
 
 
+def test_cli_push_without_a_token_leaves_the_folder_as_it_was(tmp_path, hub, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    folder = tmp_path / "out"
+    tiny_vit().save_pretrained(folder)
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(SystemExit, match="No Hugging Face token.*Nothing in .* was changed"):
+        cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"])
+    assert sorted(p.name for p in folder.iterdir()) == before  # no card written for a push that cannot happen
+    with pytest.raises(SystemExit, match="is not a folder"):
+        cli_main(["push", "--model", str(tmp_path / "missing"), "--repo-id", "me/vit-sophon"])
+
+
 def test_trainer_saves_a_card_and_pushes_through_push_folder(tmp_path, hub):
     from conftest import image_dataset
 

@@ -196,6 +196,33 @@ def test_config_names_a_shipped_recipe_and_rejects_unknown_fields(tmp_path):
         script.parse_args(["--config", "no_such_recipe"])
 
 
+def test_diffusion_recipes_parse_the_same_way(tmp_path):
+    from sophon_hf.trainers import protect_diffusion
+
+    by_name = protect_diffusion.parse_args(["--config", "diffusion_digits_cpu"])
+    by_path = protect_diffusion.parse_args(
+        [f"--config={os.path.join(TRAINERS, 'configs', 'diffusion_digits_cpu.yaml')}"]
+    )
+    assert len(by_name) == 3 and by_name[0] == by_path[0] and by_name[2] == by_path[2]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("restricted_loss: denial_of_service\nmax_stepz: 2\n")
+    with pytest.raises(ValueError, match=r"\['max_stepz'\] are not arguments"):
+        protect_diffusion.parse_args(["--config", str(bad)])
+
+
+def test_protect_cli_reports_recipe_mistakes_as_messages(tmp_path):
+    from sophon_hf.cli import main
+
+    with pytest.raises(SystemExit, match="sophon-hf protect: No config file 'no_such_recipe'"):
+        main(["protect", "--config", "no_such_recipe"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("restricted_loss: denial_of_service\nmax_stepz: 2\n")
+    with pytest.raises(SystemExit, match=r"\['max_stepz'\] are not arguments"):
+        main(["protect", "--config", str(bad)])
+    with pytest.raises(SystemExit, match="simulation_horizon=12 is not a multiple"):
+        main(["protect", "--config", "mnist_vit_cpu", "--simulation_horizon", "12", *NO_GPU])
+
+
 # ---------------------------------------------------------------------------------------------------- column mapping
 def test_column_mapping_on_stand_ins(stand_ins):
     from transformers import AutoImageProcessor

@@ -93,6 +93,13 @@ def test_verify_catches_a_report_of_other_weights_and_a_stale_card(published, ca
     assert "card: scratch result of" in out and "report.json says 0.123" in out
 
 
+def test_verify_refuses_to_train_on_its_test_rows(published, tmp_path):
+    folder, data_dir = published
+    restricted_data(16, seed=1).save_to_disk(str(tmp_path / "single"))
+    with pytest.raises(SystemExit, match="cannot both come from it: pass --restricted-train"):
+        cli_main(["verify", "--model", str(folder), "--restricted-test", str(tmp_path / "single")])
+
+
 def test_verify_without_a_report_or_with_unknown_attacks(published):
     folder, data_dir = published
     with pytest.raises(SystemExit, match="has no attack"):

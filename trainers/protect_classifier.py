@@ -56,15 +56,14 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import torch
-import yaml
 from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
 from sophon_hf import SophonConfig, SophonTrainer
+from sophon_hf.utils import parse_recipe_args, resolve_recipe_path
 
 logger = logging.getLogger(__name__)
 
@@ -169,41 +168,12 @@ class ModelArguments:
 
 def resolve_config_path(path: str) -> str:
     """A recipe path as given, or the name of a recipe shipped next to this script (with or without `.yaml`)."""
-    if os.path.isfile(path):
-        return path
-    for candidate in (path, f"{path}.yaml"):
-        shipped = os.path.join(RECIPES_DIR, candidate)
-        if os.path.isfile(shipped):
-            return shipped
-    recipes = sorted(f for f in os.listdir(RECIPES_DIR) if f.endswith(".yaml")) if os.path.isdir(RECIPES_DIR) else []
-    raise FileNotFoundError(f"No config file {path!r}, and no shipped recipe of that name (shipped: {recipes}).")
+    return resolve_recipe_path(path, RECIPES_DIR)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SophonConfig, ModelArguments]:
-    """Dataclass arguments from `--config YAML` (defaults) and the command line (overrides).
-
-    Every key of the YAML file must be a field of `ScriptArguments`, `SophonConfig` or `ModelArguments`: a misspelt
-    key is an error, not a silently ignored setting.
-    """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ScriptArguments, SophonConfig, ModelArguments))
-    for index, arg in enumerate(argv):
-        if arg == "--config" or arg.startswith("--config="):
-            value, width = (argv[index + 1], 2) if arg == "--config" else (arg.split("=", 1)[1], 1)
-            path = resolve_config_path(value)
-            with open(path) as f:
-                values = yaml.safe_load(f) or {}
-            known = {action.dest for action in parser._actions}
-            unknown = sorted(set(values) - known)
-            if unknown:
-                raise ValueError(
-                    f"{path}: {unknown} are not arguments of this script; see `--help` for ScriptArguments, "
-                    "ModelArguments and SophonConfig fields."
-                )
-            parser.set_defaults(**values)
-            del argv[index : index + width]
-            break
-    return parser.parse_args_into_dataclasses(args=argv)
+    """Dataclass arguments from `--config YAML` (a file or a shipped recipe's name) and the command line."""
+    return parse_recipe_args((ScriptArguments, SophonConfig, ModelArguments), argv, RECIPES_DIR)
 
 
 # ---------------------------------------------------------------------------------------------------- data

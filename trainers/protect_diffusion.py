@@ -24,8 +24,9 @@ Usage:
     accelerate launch --multi_gpu --num_processes 4 trainers/protect_diffusion.py \
         --config trainers/configs/diffusion_cifar100_celeba.yaml
 
-    # Any field of a config can be overridden on the command line:
+    # Any field of a config can be overridden on the command line; shipped recipes can be named without a path:
     python trainers/protect_diffusion.py --config trainers/configs/diffusion_digits_cpu.yaml --max_steps 50
+    python -m sophon_hf.trainers.protect_diffusion --config diffusion_digits_cpu
 
 Datasets are Hub names, folders written by `Dataset.save_to_disk`, or the built-in offline `"digits"` /
 `"photo_patches"`. Image columns (`image` or `img`, or `image_column`) are center-cropped, resized to the UNet's
@@ -36,12 +37,9 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 import torch
-import yaml
-from transformers import HfArgumentParser
 
 from sophon_hf import SophonConfig, SophonTrainer
 from sophon_hf.diffusion import (
@@ -51,8 +49,11 @@ from sophon_hf.diffusion import (
     load_digits_and_photo_patches,
     save_sample_grid,
 )
+from sophon_hf.utils import parse_recipe_args
 
 logger = logging.getLogger(__name__)
+
+RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 OFFLINE_DATASETS = {"digits": "original", "photo_patches": "restricted"}
 
@@ -117,15 +118,8 @@ class ModelArguments:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SophonConfig, ModelArguments]:
-    """Dataclass arguments from `--config YAML` (defaults) and the command line (overrides)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ScriptArguments, SophonConfig, ModelArguments))
-    if "--config" in argv:
-        index = argv.index("--config")
-        with open(argv[index + 1]) as f:
-            parser.set_defaults(**(yaml.safe_load(f) or {}))
-        del argv[index : index + 2]
-    return parser.parse_args_into_dataclasses(args=argv)
+    """Dataclass arguments from `--config YAML` (a file or a shipped recipe's name) and the command line."""
+    return parse_recipe_args((ScriptArguments, SophonConfig, ModelArguments), argv, RECIPES_DIR)
 
 
 def load_model(model_args: ModelArguments):

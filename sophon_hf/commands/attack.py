@@ -62,6 +62,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def load_model(name_or_path: str):
     """A Transformers model (class from `config.architectures`) or a Diffusers model (`_class_name`)."""
+    try:
+        return _load_model(name_or_path)
+    except OSError as error:
+        where = "a model folder without a loadable config" if os.path.isdir(name_or_path) else "not a local folder"
+        raise SystemExit(
+            f"Cannot load the model {name_or_path!r}: it is {where}, and loading it from the Hub failed ({error})."
+        ) from None
+
+
+def _load_model(name_or_path: str):
     config_path = os.path.join(name_or_path, "config.json")
     if os.path.isdir(name_or_path) and os.path.exists(config_path):
         with open(config_path) as f:
@@ -82,17 +92,45 @@ def load_model(name_or_path: str):
     return getattr(transformers, architectures[0]).from_pretrained(name_or_path)
 
 
+def load_noise_scheduler(folder: str):
+    """The scheduler saved next to a Diffusers UNet (`scheduler_config.json`), else a default `DDPMScheduler`."""
+    import diffusers
+
+    for config in (
+        os.path.join(folder, "scheduler_config.json"),
+        os.path.join(folder, "scheduler", "scheduler_config.json"),
+    ):
+        if os.path.isfile(config):
+            with open(config, encoding="utf-8") as f:
+                class_name = json.load(f).get("_class_name", "DDPMScheduler")
+            return getattr(diffusers, class_name).from_pretrained(os.path.dirname(config))
+    print("No scheduler_config.json next to the UNet: using DDPMScheduler() with its defaults (1000 steps, linear).")
+    return diffusers.DDPMScheduler()
+
+
 def load_restricted(
-    source: str, split: str, label_column: str | None, input_column: str | None, need_split: bool = False
+    source: str,
+    split: str,
+    label_column: str | None,
+    input_column: str | None,
+    need_split: str | None = None,
 ):
-    """A `save_to_disk` folder (a Dataset, or a DatasetDict and its `split`) or a Hub dataset's `split`."""
+    """A `save_to_disk` folder (a Dataset, or a DatasetDict and its `split`) or a Hub dataset's `split`.
+
+    `need_split` names the flag that would supply the other split: a folder holding a single split is then refused,
+    because training and test rows would be the same.
+    """
     import datasets
 
     if os.path.isdir(source):
-        dataset = datasets.load_from_disk(source)
+        try:
+            dataset = datasets.load_from_disk(source)
+        except FileNotFoundError as error:
+            raise SystemExit(f"{source} is not a folder written by `Dataset.save_to_disk`: {error}") from None
         if need_split and not isinstance(dataset, datasets.DatasetDict):
             raise SystemExit(
-                f"{source} holds a single split, so the test data cannot come from it: pass --restricted-test."
+                f"{source} holds a single split, so the training and the test data cannot both come from it: pass "
+                f"{need_split}."
             )
         if isinstance(dataset, datasets.DatasetDict):
             if split not in dataset:
@@ -101,7 +139,13 @@ def load_restricted(
                 )
             dataset = dataset[split]
     else:
-        dataset = datasets.load_dataset(source, split=split)
+        try:
+            dataset = datasets.load_dataset(source, split=split)
+        except Exception as error:  # datasets raises many types here (offline, missing, bad split)
+            raise SystemExit(
+                f"Cannot load the dataset {source!r}: it is not a local folder, and loading it from the Hub failed "
+                f"({type(error).__name__}: {error})."
+            ) from None
     for column, target in ((label_column, "labels"), (input_column, "pixel_values")):
         if column is not None and column != target:
             if column not in dataset.column_names:
@@ -110,10 +154,26 @@ def load_restricted(
     return dataset
 
 
+def is_diffusers_model(model) -> bool:
+    from diffusers import ModelMixin
+
+    return isinstance(model, ModelMixin)
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a CUDA device on a machine without one, before any model is loaded."""
+    import torch
+
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}); use cpu.")
+
+
 def load_attacks(path: str) -> list[dict]:
     """Attack specs from a YAML or JSON file: a list of dicts, or a dict with an `attacks` list."""
     import yaml
 
+    if not os.path.isfile(path):
+        raise SystemExit(f"--attacks-file {path} does not exist.")
     with open(path) as f:
         data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
     if isinstance(data, dict):
@@ -148,10 +208,12 @@ def run(args: argparse.Namespace) -> int:
 
     train = load_restricted(args.restricted_train, args.train_split, args.label_column, args.input_column)
     test_source = args.restricted_test or args.restricted_train
-    need_split = args.restricted_test is None  # never evaluate on the attacker's own training rows
+    need_split = "--restricted-test" if args.restricted_test is None else None  # never test on training rows
     test = load_restricted(test_source, args.test_split, args.label_column, args.input_column, need_split)
+    check_device(args.device)
     model = load_model(args.model)
     reference = load_model(args.reference_model) if args.reference_model else None
+    noise_scheduler = load_noise_scheduler(args.model) if is_diffusers_model(model) else None
     try:
         report = evaluate_finetuning_resistance(
             model,
@@ -163,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
             scratch_inits=args.scratch_inits,
             steps_scale=args.steps_scale,
             head_name=args.head_name,
+            noise_scheduler=noise_scheduler,
             output_dir=args.output,
             device=args.device,
             progress=True,

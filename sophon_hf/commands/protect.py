@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "protect",
         help="protect a model from a YAML recipe (see sophon_hf/trainers/configs)",
         description="Protect a classifier or a diffusion UNet from a YAML recipe: a file, or the name of a shipped "
-        "recipe such as mnist_vit_cpu.yaml. Extra arguments override recipe fields (e.g. --max_steps 50).",
+        "recipe such as mnist_vit_cpu.yaml. Extra arguments override recipe fields (e.g. --max_steps 50); "
+        "`python -m sophon_hf.trainers.protect_classifier --help` (or `protect_diffusion`) lists them.",
     )
     parser.add_argument("--config", required=True, help="recipe YAML file or shipped recipe name")
     parser.set_defaults(func=run, pass_unknown=True)
@@ -23,9 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..trainers import protect_classifier, protect_diffusion
 
-    path = protect_classifier.resolve_config_path(args.config)
-    with open(path) as f:
-        recipe = yaml.safe_load(f) or {}
-    script = protect_diffusion if recipe.get("restricted_loss") == "denial_of_service" else protect_classifier
-    script.main(*script.parse_args(["--config", path, *args.extra]))
+    try:
+        path = protect_classifier.resolve_config_path(args.config)
+        with open(path) as f:
+            recipe = yaml.safe_load(f) or {}
+        script = protect_diffusion if recipe.get("restricted_loss") == "denial_of_service" else protect_classifier
+        parsed = script.parse_args(["--config", path, *args.extra])
+    except (FileNotFoundError, ValueError) as error:  # a missing recipe, a misspelt field, a refused setting
+        raise SystemExit(f"sophon-hf protect: {error}") from None
+    script.main(*parsed)
     return 0

@@ -41,10 +41,10 @@ def run(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from ..hub import HubPublishError, check_report_matches, push_folder
+    from ..hub import LOGIN_FIX, HubPublishError, check_report_matches, push_folder
     from ..model_card import card_report_mismatches, write_model_card
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -53,6 +53,11 @@ def run(args: argparse.Namespace) -> int:
         validate_repo_id(args.repo_id)
     except HFValidationError as error:
         raise SystemExit(f"error: {args.repo_id!r} is not a valid Hub repo id: {error}") from error
+    # Checked before the card is (re)written, so that a push that cannot happen leaves the folder as it was.
+    if not folder.is_dir():
+        raise SystemExit(f"error: {folder} is not a folder; pass the folder written by `save_pretrained`.")
+    if not (args.token or get_token()):
+        raise SystemExit(f"error: No Hugging Face token found: {LOGIN_FIX}. Nothing in {folder} was changed.")
     try:
         # A card is only (re)written for a report that belongs to these weights: check that first.
         check_report_matches(folder)

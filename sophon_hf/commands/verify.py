@@ -117,19 +117,6 @@ def compare_reports(published: dict[str, Any], reproduced: dict[str, Any], toler
     return rows
 
 
-def _load_scheduler(folder):
-    import json
-
-    import diffusers
-
-    for config in (folder / "scheduler_config.json", folder / "scheduler" / "scheduler_config.json"):
-        if config.is_file():
-            class_name = json.loads(config.read_text(encoding="utf-8")).get("_class_name", "DDPMScheduler")
-            return getattr(diffusers, class_name).from_pretrained(config.parent)
-    print("No scheduler_config.json next to the UNet: using DDPMScheduler() with its defaults (1000 steps, linear).")
-    return diffusers.DDPMScheduler()
-
-
 def run(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -140,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from ..hub import download_model, load_pretrained_model
     from ..model_card import card_report_mismatches, detect_model_folder
     from ..utils import model_fingerprint
-    from .attack import load_restricted
+    from .attack import check_device, load_noise_scheduler, load_restricted
 
     if args.tolerance < 0:
         raise SystemExit(f"--tolerance must be non-negative, got {args.tolerance}.")
@@ -177,9 +164,14 @@ def run(args: argparse.Namespace) -> int:
         )
     if not attacks:
         raise SystemExit(f"{args.model}'s report.json lists no attacks: there is nothing to re-run.")
+    check_device(args.device)
     test = load_restricted(args.restricted_test, args.test_split, args.label_column, args.input_column)
     train = load_restricted(
-        args.restricted_train or args.restricted_test, args.train_split, args.label_column, args.input_column
+        args.restricted_train or args.restricted_test,
+        args.train_split,
+        args.label_column,
+        args.input_column,
+        need_split="--restricted-train" if args.restricted_train is None else None,
     )
     reference = None
     if args.reference_model:
@@ -189,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
         )
     include_scratch = any("scratch" in a.get("curves", a.get("final", {})) for a in attacks)
     recipe = {k: v for k, v in (published.get("scratch_recipe") or {}).items() if k in DEFAULT_SCRATCH_RECIPE}
-    noise_scheduler = _load_scheduler(folder) if detect_model_folder(folder)["library_name"] == "diffusers" else None
+    noise_scheduler = (
+        load_noise_scheduler(str(folder)) if detect_model_folder(folder)["library_name"] == "diffusers" else None
+    )
     print(f"Re-running {len(attacks)} attack(s) of {args.model} ...")
     try:
         rerun = evaluate_finetuning_resistance(
