@@ -6,6 +6,7 @@ of 5-9 for 300 steps each, scored on 500 held-out images; scratch is the same ar
 
     python benchmarks/bench_ablation.py                              # every variant, seed 0, the six key attacks
     python benchmarks/bench_ablation.py --variants authors ice_code_features --seeds 0 1 2 --attacks standard
+    python benchmarks/bench_ablation.py --variants demo --attacker-images 250     # a better-equipped attacker
     python benchmarks/bench_ablation.py --list
 
 Prints, per variant: original accuracy (unprotected -> protected), then per attack the final restricted accuracy of
@@ -28,6 +29,7 @@ import torch  # noqa: E402
 from sophon_hf import AttackSpec, SophonConfig, SophonTrainer, evaluate_finetuning_resistance  # noqa: E402
 from sophon_hf.data import mnist_domains  # noqa: E402
 from sophon_hf.demo import DemoSettings, demo_model  # noqa: E402
+from sophon_hf.simulation import SimulationView  # noqa: E402
 from sophon_hf.tasks import ClassificationTask  # noqa: E402
 
 ALL_STRATEGIES = ["full", "full_reinit_head", "linear_probe", "lora"]
@@ -92,6 +94,10 @@ VARIANTS = {
     "persistent_300": _demo_recipe(lr_scheduler_type="linear", simulation_horizon=300),
     # Persistent attackers that, like the real attacker, fine-tune on 50 restricted images each.
     "persistent_few_shot": _demo_recipe(lr_scheduler_type="linear", simulation_support_size=50),
+    # The demo's recipe with exact second-order meta-gradients (fresh attackers: persistence needs first order).
+    "second_order": _demo_recipe(first_order=False, simulation_horizon=None),
+    # The demo's recipe whose fresh-head attackers also re-initialise everything above the first stage.
+    "reinit_above_first_stage": _demo_recipe(),
     # The most extreme schedule over the attacker distribution: only the attackers that break the recipe.
     "worst_attackers_only": _demo_recipe(
         lr_scheduler_type="linear",
@@ -99,6 +105,31 @@ VARIANTS = {
         inner_optimizers=["adam:1e-3", "rmsprop:1e-3"],
     ),
 }
+
+
+class ReinitAboveFirstStageTrainer(SophonTrainer):
+    """Simulated `full_reinit_head` attackers keep only the stem and the first stage and re-initialise the rest.
+
+    `bench_head_start.py` found the fresh-head attacker's remaining head start in those first layers; this attacker
+    (the head-start experiment's) puts exactly them under the suppression gradient. Demo ResNet only.
+    """
+
+    kept = ("resnet.embedder.", "resnet.encoder.stages.0.")
+
+    def _simulation_view(self, module, strategy, generator):
+        if strategy != "full_reinit_head":
+            return super()._simulation_view(module, strategy, generator)
+        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+        buffers = {n: b.clone() for n, b in module.named_buffers()}
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(2**31 - 1, (), generator=generator)))
+            fresh = dict(type(module)(module.config).named_parameters())
+        kept = {n: p for n, p in params.items() if n.startswith(self.kept)}
+        adapted = {n: kept[n] if n in kept else fresh[n].detach() for n in params}
+        return SimulationView(module, adapted, buffers, {n: n for n in kept})
+
+
+TRAINERS = {"reinit_above_first_stage": ReinitAboveFirstStageTrainer}
 KEY_ATTACKS = [
     AttackSpec(strategy="full", optimizer="sgd_momentum", learning_rate=1e-2, steps=300),
     AttackSpec(strategy="full_reinit_head", optimizer="adam", learning_rate=1e-3, steps=300),
@@ -147,7 +178,9 @@ def run(variant: str, seed: int, attacks, attacker_images: int = 50) -> dict:
         seed=seed,
         **VARIANTS[variant],
     )
-    SophonTrainer(protected, args=args, train_dataset=data["original_train"], restricted_dataset=defender).train()
+    TRAINERS.get(variant, SophonTrainer)(
+        protected, args=args, train_dataset=data["original_train"], restricted_dataset=defender
+    ).train()
     seconds = time.time() - started
     report = evaluate_finetuning_resistance(
         protected, attacker, data["restricted_test"], attacks=attacks, reference_model=unprotected
@@ -155,6 +188,7 @@ def run(variant: str, seed: int, attacks, attacker_images: int = 50) -> dict:
     return {
         "variant": variant,
         "seed": seed,
+        "attacker_images": attacker_images,
         "protection_seconds": seconds,
         "pretrain_seconds": pretrain_seconds,
         "original": {
@@ -170,6 +204,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--attacks", default="key", help="'key' (six attacks) or a suite name")
+    parser.add_argument("--attacker-images", type=int, default=50, help="labelled restricted images the attacker has")
     parser.add_argument("--json")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
@@ -180,7 +215,7 @@ def main() -> None:
     results = []
     for variant in args.variants:
         for seed in args.seeds:
-            r = run(variant, seed, attacks)
+            r = run(variant, seed, attacks, args.attacker_images)
             results.append(r)
             print(
                 f"\n{variant} seed {seed}: original {r['original']['unprotected']:.3f} -> "
