@@ -24,11 +24,13 @@ from .simulation import (
     simulate_finetuning,
 )
 from .tasks import get_task
+from .utils import model_fingerprint
 
 logger = logging.getLogger(__name__)
 
 FTS_OPTIMIZER_NAME = "fts_optimizer.pt"
 ATTACKER_STATE_NAME = "simulated_attacker_rank{}.safetensors"
+FLOOR_STATE_NAME = "original_floor_weights.safetensors"  # the last weights that met `original_accuracy_floor`
 RESTRICTED_IN_MEMORY_BYTES = 2 * 1024**3
 
 
@@ -266,6 +268,10 @@ class SophonTrainer(Trainer):
             path = os.path.join(output_dir, ATTACKER_STATE_NAME.format(self.args.process_index))
             tensors, metadata = self._attacker.to_safetensors()
             safetensors.torch.save_file(tensors, path, metadata=metadata)
+        if self.args.should_save and self._best_state is not None:
+            # The accuracy floor restores these weights: a resumed run must still have them.
+            tensors = {k: v.contiguous() for k, v in self._best_state.items()}
+            safetensors.torch.save_file(tensors, os.path.join(output_dir, FLOOR_STATE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -281,6 +287,9 @@ class SophonTrainer(Trainer):
             with safetensors.safe_open(path, framework="pt", device=str(self.args.device)) as f:
                 tensors = {key: f.get_tensor(key) for key in f.keys()}
                 self._attacker = _PersistentAttacker.from_safetensors(tensors, f.metadata())
+        path = os.path.join(checkpoint, FLOOR_STATE_NAME)
+        if os.path.isfile(path):
+            self._best_state = safetensors.torch.load_file(path, device=str(self.args.device))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -327,8 +336,11 @@ class SophonTrainer(Trainer):
             base_model = None  # a local folder is not a Hub reference
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         datasets = [dataset_name] if isinstance(dataset_name, str) else dataset_name
+        # A report.json left by an earlier measurement is only published for the weights it measured.
+        has_report = os.path.isfile(os.path.join(output_dir, "report.json"))
         write_model_card(
             output_dir,
+            weights_fingerprint=model_fingerprint(module) if has_report else None,
             model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
             base_model=base_model,
             task=self.task.name,
@@ -395,6 +407,12 @@ class SophonTrainer(Trainer):
             )
         module.load_state_dict(safetensors.torch.load_file(path, device=str(self.args.device)))
 
+    def _load_best_model(self) -> None:
+        # `load_best_model_at_end`: the same loading path as resuming (Trainer's raw state-dict load would skip ViT's
+        # legacy key names and does not know Diffusers folders).
+        logger.info("Loading the best model from %s.", self.state.best_model_checkpoint)
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
     # ------------------------------------------------------------------ one outer iteration
     def training_step(self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch=None):
         model.train()
@@ -440,10 +458,28 @@ class SophonTrainer(Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
+            if getattr(self.task, "label_column", None) and self.task.label_column not in inputs:
+                return None, self.task.forward(model, inputs).detach(), None  # `predict` on unlabelled data
             loss, outputs = self.task.loss(model, inputs)
         if prediction_loss_only:
             return loss.detach(), None, None
         return loss.detach(), outputs.detach(), inputs.get("labels")
+
+    def _prepare_user_dataset(self, dataset, role: str, labels_required: bool = True):
+        # Datasets passed to `evaluate`/`predict` get the same column checks and selection as the constructor's.
+        if dataset is None or not hasattr(dataset, "column_names"):
+            return dataset
+        label_column = getattr(self.task, "label_column", None)
+        if not labels_required and label_column and label_column not in dataset.column_names:
+            names = [n for n in self.task.input_names if n in dataset.column_names]
+            if not names:
+                raise ValueError(f"`{role}` has none of the model's input columns {list(self.task.input_names)}.")
+            return dataset.with_format("torch", columns=names)
+        return self.task.prepare_dataset(dataset, role)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        test_dataset = self._prepare_user_dataset(test_dataset, "test_dataset", labels_required=False)
+        return super().predict(test_dataset, ignore_keys, metric_key_prefix)
 
     # ------------------------------------------------------------------ fine-tuning simulation
     def _generator(self, salt: int) -> torch.Generator:
@@ -635,6 +671,10 @@ class SophonTrainer(Trainer):
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: self._prepare_user_dataset(v, f"eval_dataset[{k!r}]") for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = self._prepare_user_dataset(eval_dataset, "eval_dataset")
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         floor = self.args.original_accuracy_floor
         key = f"{metric_key_prefix}_original_{self.task.metric_name}"

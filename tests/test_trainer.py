@@ -305,6 +305,69 @@ def test_ntr_steps_survive_a_last_batch_smaller_than_their_count(tmp_output):
     assert trainer.state.global_step == 2 and trainer.stop_reason is None
 
 
+def _scripted_eval_trainer(tmp_output, accuracies, **overrides):
+    """A ViT trainer that evaluates and checkpoints every 3 steps; evaluations report `accuracies` in turn."""
+    values = iter(accuracies)
+    args = _config(
+        tmp_output,
+        max_steps=6,
+        eval_strategy="steps",
+        eval_steps=3,
+        save_strategy="steps",
+        save_steps=3,
+        **overrides,
+    )
+    return SophonTrainer(
+        tiny_vit(),
+        args=args,
+        train_dataset=image_dataset(32, seed=1),
+        restricted_dataset=image_dataset(32, seed=2),
+        eval_dataset=image_dataset(16, seed=3),
+        compute_metrics=lambda _: {"accuracy": next(values)},
+    )
+
+
+def _fingerprint_of(folder):
+    from transformers import ViTForImageClassification
+
+    from sophon_hf.utils import model_fingerprint
+
+    return model_fingerprint(ViTForImageClassification.from_pretrained(folder))
+
+
+def test_load_best_model_at_end_loads_every_tensor_of_the_best_checkpoint(tmp_output):
+    from sophon_hf.utils import model_fingerprint
+
+    trainer = _scripted_eval_trainer(
+        tmp_output, [0.9, 0.1], load_best_model_at_end=True, metric_for_best_model="eval_original_accuracy"
+    )
+    trainer.train()
+    # ViT checkpoints carry transformers' legacy attention key names: a raw state-dict load would skip them.
+    assert model_fingerprint(trainer.model) == _fingerprint_of(os.path.join(tmp_output, "checkpoint-3"))
+
+
+def test_accuracy_floor_restores_the_same_weights_after_a_resume(tmp_output):
+    from sophon_hf.utils import model_fingerprint
+
+    first = _scripted_eval_trainer(tmp_output, [0.9, 0.1], original_accuracy_floor=0.5)
+    first.train()
+    best = _fingerprint_of(os.path.join(tmp_output, "checkpoint-3"))
+    assert model_fingerprint(first.model) == best
+    resumed = _scripted_eval_trainer(tmp_output, [0.1], original_accuracy_floor=0.5)
+    resumed.train(resume_from_checkpoint=os.path.join(tmp_output, "checkpoint-3"))
+    assert "restored the weights" in resumed.stop_reason
+    assert model_fingerprint(resumed.model) == best
+
+
+def test_predict_and_evaluate_take_ordinary_datasets(tmp_output):
+    trainer = _trainer(tiny_vit(), tmp_output, max_steps=1)
+    trainer.train()
+    extra = image_dataset(8, seed=4).add_column("file", [f"img{i}.png" for i in range(8)])  # a string column
+    assert 0 <= trainer.evaluate(extra)["eval_accuracy"] <= 1
+    unlabelled = trainer.predict(image_dataset(8, seed=4).remove_columns("labels"))
+    assert unlabelled.predictions.shape == (8, 5) and unlabelled.label_ids is None
+
+
 def test_lora_targets_matching_nothing(tmp_output):
     with pytest.raises(ValueError, match="match nothing"):
         _trainer(tiny_vit(), tmp_output, simulation_strategies=["lora"], lora_target_modules=["nope"])
