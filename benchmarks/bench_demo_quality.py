@@ -22,25 +22,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def max_excess(protected: list[list[float]], scratch: list[list[float]]) -> float:
-    """Largest protected-minus-scratch metric at the evaluation steps both curves share."""
-    scratch_at = {step: value for step, value in scratch}
-    return max(value - scratch_at[step] for step, value in protected if step in scratch_at)
-
-
 def summarise(report: dict) -> dict:
     attacks = report["attacks"]
     rows = []
     for attack in attacks:
-        curves, final = attack["curves"], attack["final"]
+        final = attack["final"]
         rows.append(
             {
                 "attack": attack["name"],
                 "protected": final["protected"],
                 "unprotected": final["unprotected"],
                 "scratch": final["scratch"],
-                "protected_minus_scratch": final["protected"] - final["scratch"],
-                "max_excess_over_scratch": max_excess(curves["protected"], curves["scratch"]),
+                "protected_minus_scratch": attack["protected_minus_scratch"],
+                "max_excess_over_scratch": attack["largest_head_start"]["value"],
             }
         )
     original = report["original"]

@@ -223,13 +223,16 @@ def summary_table(report: dict, seconds: float, timings: dict[str, float] | None
             f"{attack['name']:40s} {final['protected']:9.3f} {final.get('unprotected', float('nan')):11.3f} "
             f"{final.get('scratch', float('nan')):8.3f}"
         )
-    wins = sum(1 for a in report["attacks"] if a["final"]["protected"] <= a["final"]["scratch"])
-    head_starts = sum(1 for a in report["attacks"] if a["final"].get("unprotected", 0) > a["final"]["scratch"])
+    attacks = report["attacks"]
+    wins = sum(1 for a in attacks if a["head_start"] <= 0)
+    close = sum(1 for a in attacks if a["largest_head_start"]["value"] <= 0.02)
+    head_starts = sum(1 for a in attacks if round(a["final"].get("unprotected", 0) - a["final"]["scratch"], 12) > 0)
     summary = report["summary"]
     lines += [
         "",
-        f"Protected final accuracy <= scratch in {wins}/{len(report['attacks'])} attacks; the unprotected model beats "
-        f"scratch in {head_starts}/{len(report['attacks'])}.",
+        f"Protected final accuracy <= scratch in {wins}/{len(attacks)} attacks; the unprotected model beats "
+        f"scratch in {head_starts}/{len(attacks)}.",
+        f"Protected within 2 points of scratch at every evaluation point in {close}/{len(attacks)} attacks.",
         f"Worst attack: {summary['worst_attack']} (protected minus scratch: "
         f"{summary['worst_protected_minus_scratch']:+.3f}). Took {seconds / 60:.1f} min.",
     ]

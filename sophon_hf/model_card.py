@@ -8,6 +8,7 @@ report, so the Hub shows the measured resistance and `ModelCard.load(...).data.e
 from __future__ import annotations
 
 import json
+import logging
 import math
 import platform
 import re
@@ -17,6 +18,8 @@ from typing import Any
 
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+logger = logging.getLogger(__name__)
 
 TEMPLATE_NAME = "sophon_model_card.md.jinja"
 
@@ -523,7 +526,7 @@ def _report_context(
             if advantage is None:
                 verdict = "no scratch baseline"
             elif advantage <= tolerance:
-                verdict = "no head start over scratch"
+                verdict = "no head start over scratch at the end"
             else:
                 verdict = f"head start of {advantage:.3g} {metric} over scratch"
         name = f"**{attack['name']}**" if attack["name"] == worst else attack["name"]
@@ -573,6 +576,14 @@ def _report_context(
         headline = (
             f"no head start over training from scratch in any of {len(measured)} measured attacks; "
             f"closest: `{worst}` (see below)."
+        )
+    ahead = (report.get("summary") or {}).get("attacks_ahead_during_training") or []
+    if ahead:
+        overall += (
+            f" {len(ahead)} of the attacks that end level with scratch or below were ahead of it at some evaluation "
+            "point (an attacker who keeps the best checkpoint gets that point): "
+            + ", ".join(f"`{name}`" for name in ahead)
+            + "."
         )
     if tolerance:
         overall += f" A head start of at most {tolerance:g} {metric} counts as none (the report's tolerance)."
@@ -655,7 +666,9 @@ def write_model_card(output_dir: str | Path, **kwargs: Any) -> Path:
             The model folder (written by `save_pretrained` / `trainer.save_model`).
         **kwargs:
             Keyword arguments of [`generate_model_card`] (`model_name`, `base_model`, `original_domain`,
-            `restricted_domain`, `sophon_config`, `original_metrics`, `datasets`, `repo_id`, `tags`, `license`, ...).
+            `restricted_domain`, `sophon_config`, `original_metrics`, `datasets`, `repo_id`, `tags`, `license`, ...),
+            and `weights_fingerprint`: the fingerprint of the weights in the folder, so that a `report.json` measured
+            on other weights is left out of the card.
 
     Returns:
         `Path`: the written `README.md`.
@@ -684,8 +697,19 @@ def write_model_card(output_dir: str | Path, **kwargs: Any) -> Path:
             if kwargs.get(key) is None:
                 kwargs[key] = value
     report_path = output_dir / "report.json"
+    weights_fingerprint = kwargs.pop("weights_fingerprint", None)
     if kwargs.get("report") is None and report_path.is_file():
         kwargs["report"] = json.loads(report_path.read_text(encoding="utf-8"))
+        measured = (kwargs["report"].get("fingerprints") or {}).get("protected")
+        if weights_fingerprint is not None and measured != weights_fingerprint:
+            logger.warning(
+                "%s was measured on other weights than the ones saved now (trained further since?): the card says "
+                "resistance has not been measured. Re-run the attacks (`sophon-hf attack --model %s --output %s`).",
+                report_path,
+                output_dir,
+                output_dir,
+            )
+            kwargs["report"] = None
     if kwargs.get("report") is not None:
         if kwargs.get("curves_image") is None and (output_dir / "attack_curves.png").is_file():
             kwargs["curves_image"] = "attack_curves.png"

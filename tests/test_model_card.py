@@ -202,6 +202,31 @@ def test_write_model_card_reads_the_folder_and_keeps_publisher_fields(tmp_path):
     assert card_report_mismatches(card, report) == []
 
 
+def test_trainer_card_leaves_out_a_report_of_earlier_weights(tmp_path):
+    from conftest import image_dataset
+
+    from sophon_hf import SophonConfig, SophonTrainer
+
+    model = tiny_vit()
+    args = SophonConfig(
+        output_dir=str(tmp_path), max_steps=2, inner_steps=2, per_device_train_batch_size=8, use_cpu=True,
+        report_to="none", save_strategy="no", disable_tqdm=True,
+    )  # fmt: skip
+    trainer = SophonTrainer(
+        model, args=args, train_dataset=image_dataset(16), restricted_dataset=image_dataset(16, seed=1)
+    )
+    trainer.train()
+    trainer.save_model()
+    classification_report(model).save(str(tmp_path))  # measured on the saved weights
+    trainer.save_model()
+    measured = model_fingerprint(model)
+    assert measured in (tmp_path / "README.md").read_text()
+    trainer.train()  # trained further (a second run of max_steps): the report is now about other weights
+    trainer.save_model()
+    text = (tmp_path / "README.md").read_text()
+    assert "Resistance has not been measured yet" in text and measured not in text
+
+
 def test_diffusion_card_for_a_unet_folder(tmp_path):
     tiny_unet().save_pretrained(tmp_path)
     report = {

@@ -38,7 +38,8 @@ def test_summary_arithmetic_by_hand():
     a, b = data["attacks"]
     assert a["final"] == {"protected": 0.3, "unprotected": 0.9, "scratch": 0.7}
     assert a["protected_minus_scratch"] == pytest.approx(-0.4)
-    assert a["verdict"] == "no head start over scratch"
+    assert a["verdict"] == "no head start over scratch at the end"
+    assert a["largest_head_start"] == {"value": 0.0, "step": 0}  # level at step 0, behind at step 10
     assert b["verdict"] == "head start of 0.05 accuracy over scratch"
     # AUC: mean of the trapezoids; scratch (0.2+0.6)/2*5 + (0.6+0.7)/2*5 = 5.25 over 10 steps.
     assert a["auc"]["scratch"] == pytest.approx(0.525)
@@ -59,11 +60,33 @@ def test_lower_is_better_flips_every_comparison():
     ]
     report = ResistanceReport("diffusion", "denoising_error", False, attacks)
     data = report.to_dict()
-    assert data["attacks"][0]["verdict"] == "no head start over scratch"
+    assert data["attacks"][0]["verdict"] == "no head start over scratch at the end"
     assert data["attacks"][1]["verdict"].startswith("head start of 0.1 ")
     assert data["summary"]["worst_attack"] == "b"
     assert data["summary"]["worst_protected_minus_scratch"] == pytest.approx(-0.1)
     assert data["attacks"][0]["steps_to_threshold"]["unprotected"] == 10  # 0.3 <= 0.55 (the threshold)
+
+
+def test_ahead_during_training_is_reported_and_float_noise_is_not_a_head_start():
+    attacks = [
+        # Ends below scratch, but was 0.57 ahead at step 10: an attacker keeping the best checkpoint gets that.
+        _record(
+            "early",
+            [[0, 0.2], [10, 0.92], [20, 0.55]],
+            [[0, 0.2], [10, 0.9], [20, 0.9]],
+            [[0, 0.2], [10, 0.35], [20, 0.6]],
+        ),
+        # Level everywhere; the scratch mean of three initialisations carries float noise.
+        _record("level", [[0, 0.2], [20, 0.346]], [[0, 0.2], [20, 0.9]], [[0, 0.2], [20, (0.346 * 3) / 3 - 5e-17]]),
+    ]
+    data = ResistanceReport("image-classification", "accuracy", True, attacks).to_dict()
+    early, level = data["attacks"]
+    assert early["verdict"] == "no head start over scratch at the end (but ahead by 0.57 at step 10)"
+    assert early["largest_head_start"] == {"value": pytest.approx(0.57), "step": 10}
+    assert level["head_start"] == 0 and level["verdict"] == "no head start over scratch at the end"
+    assert data["summary"]["attacks_with_head_start"] == []
+    assert data["summary"]["attacks_ahead_during_training"] == ["early"]
+    assert data["summary"]["verdict"].endswith("1 more end level or below but were ahead of scratch during training")
 
 
 def test_diverged_runs_use_their_best_value_before_divergence():
