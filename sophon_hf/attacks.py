@@ -501,7 +501,11 @@ def run_attack(
 
 # ---------------------------------------------------------------------------------------------------- harness
 def _restricted_label_count(task, datasets, num_labels: int | None) -> int | None:
-    """Label count of the restricted data: `num_labels`, a `ClassLabel` feature, else the largest label id + 1."""
+    """Label count of the restricted data: `num_labels`, a `ClassLabel` feature, else the largest label id + 1.
+
+    Without either, labels that fit in the model's head count as the head's size: a few-shot sample that happens to
+    lack the top class is not a different label set.
+    """
     if task.head_name is None or getattr(task, "label_column", None) is None:
         return None
     if num_labels is not None:
@@ -516,7 +520,7 @@ def _restricted_label_count(task, datasets, num_labels: int | None) -> int | Non
             counts.append(feature.num_classes)
         else:
             labels = dataset.with_format("torch", columns=[column])[column]
-            counts.append(int(torch.as_tensor(labels).max()) + 1)
+            counts.append(max(int(torch.as_tensor(labels).max()) + 1, getattr(task, "num_labels", 0)))
     return max(counts)
 
 

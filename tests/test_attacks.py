@@ -327,6 +327,15 @@ def test_head_size_mismatch_allowed_only_when_the_head_is_reinitialised(make_mod
     assert all(len(a["curves"]["scratch"]) == 3 for a in report.attacks)
 
 
+def test_a_sample_that_lacks_the_top_class_keeps_the_head():
+    # Few-shot restricted data with labels 0-3 only, for a 5-way head: the labels fit, nothing is resized.
+    train = image_dataset(24, num_labels=4)
+    report = evaluate_finetuning_resistance(
+        MLP(), train, image_dataset(16, seed=1), [AttackSpec(steps=2, batch_size=8)]
+    )
+    assert report.to_dict()["attacks"][0]["final"]["protected"] is not None
+
+
 def test_missing_columns_are_reported():
     no_labels = image_dataset(8).rename_column("labels", "label")
     with pytest.raises(ValueError, match="rename_column"):
