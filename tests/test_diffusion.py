@@ -296,6 +296,21 @@ def test_bad_input_errors_name_the_fix(tmp_path):
         trainer(diffusion_timestep=1, diffusion_timestep_range=[0, 10])
     with pytest.raises(ValueError, match="no classification head"):
         DiffusionTask(unet, scheduler()).fresh_head(unet)
+    nan = pixels_dataset(8).map(lambda row, i: {"pixel_values": np.full((1, 16, 16), np.nan if i == 3 else 0.0)},
+                                with_indices=True)  # fmt: skip
+    with pytest.raises(ValueError, match="NaN or infinite pixel values"):
+        trainer(train=nan)
+    from diffusers import EulerDiscreteScheduler
+
+    with pytest.raises(ValueError, match="sigma space"):
+        trainer(noise_scheduler=EulerDiscreteScheduler(num_train_timesteps=100))
+    no_size, learned_variance = tiny_unet(), tiny_unet()
+    no_size.register_to_config(sample_size=None)  # the Diffusers default
+    learned_variance.register_to_config(out_channels=2)  # predicts noise and variance
+    with pytest.raises(ValueError, match="built with its image size"):
+        DiffusionTask(no_size, ddpm)
+    with pytest.raises(ValueError, match="out_channels == in_channels"):
+        DiffusionTask(learned_variance, ddpm)
     # ... and the other way round: a classifier with the diffusion loss or a scheduler.
     with pytest.raises(ValueError, match="denial_of_service' is for diffusion UNets"):
         SophonTrainer(SmallCNN(), config(out), train_dataset=image_dataset(8), restricted_dataset=image_dataset(8))
@@ -303,6 +318,38 @@ def test_bad_input_errors_name_the_fix(tmp_path):
         get_task(SmallCNN(), noise_scheduler=scheduler())
     with pytest.raises(ValueError, match="diffusion_timestep_range are for Diffusers denoisers"):
         get_task(SmallCNN(), diffusion_timestep=(0, 10))
+
+
+def test_trainer_evaluation_of_a_unet_is_seeded(tmp_path):
+    trainer = SophonTrainer(
+        tiny_unet(),
+        config(str(tmp_path / "o")),
+        train_dataset=pixels_dataset(8),
+        restricted_dataset=pixels_dataset(8, seed=1),
+        eval_dataset=pixels_dataset(8, seed=2),
+        noise_scheduler=scheduler(),
+    )
+    first, second = trainer.evaluate(), trainer.evaluate()
+    assert first["eval_original_loss"] == second["eval_original_loss"]  # the same weights score the same
+
+
+def test_samplers_without_a_generator_argument_generate():
+    from diffusers import PNDMScheduler
+
+    images = generate_samples(tiny_unet(), PNDMScheduler(num_train_timesteps=100), 2, num_inference_steps=5)
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+
+
+def test_array_image_columns_map_to_pixel_values():
+    rng = np.random.default_rng(0)
+    as_uint8 = rng.integers(0, 256, (3, 20, 20, 3)).astype(np.uint8)
+    for images in (as_uint8, as_uint8.astype(np.float32) / 255):  # Arrow returns int64 / float64 arrays
+        pixels = images_to_pixel_values(Dataset.from_dict({"image": images}), 8, 3).with_format("torch")[:]
+        assert pixels["pixel_values"].shape == (3, 3, 8, 8)
+        assert -1 <= pixels["pixel_values"].min() and pixels["pixel_values"].max() <= 1
+    uint8_pixels = images_to_pixel_values(Dataset.from_dict({"image": as_uint8}), 8, 3)["pixel_values"]
+    float_pixels = images_to_pixel_values(Dataset.from_dict({"image": as_uint8 / 255.0}), 8, 3)["pixel_values"]
+    np.testing.assert_allclose(np.asarray(uint8_pixels), np.asarray(float_pixels), atol=1e-6)
 
 
 def test_image_columns_of_hub_datasets_map_to_pixel_values():
@@ -470,3 +517,23 @@ def test_protect_diffusion_script_on_local_standins_of_hub_datasets(tmp_path):
     unet = UNet2DModel.from_pretrained(str(output))
     assert unet.config.in_channels == 3 and Scheduler.from_pretrained(str(output)).config.num_train_timesteps == 50
     assert os.path.isfile(output / "samples.png") and os.path.isfile(output / "protected_results.json")
+
+
+def test_offline_data_sizes_are_checked_and_capped():
+    from sophon_hf.data import mnist_domains
+    from sophon_hf.trainers import protect_diffusion
+
+    for kwargs in ({"num_test": 0}, {"num_test": 2500}, {"num_restricted_train": -5}):
+        with pytest.raises(ValueError, match="must be"):
+            mnist_domains(**kwargs)
+    with pytest.raises(ValueError, match="num_restricted_train must be at least 1"):
+        load_digits_and_photo_patches(num_restricted_train=0)
+    script_args, training_args, _ = protect_diffusion.parse_args(
+        ["--config", "diffusion_digits_cpu", "--max_original_samples", "100", "--max_restricted_samples", "50",
+         "--max_eval_samples", "20"]
+    )  # fmt: skip
+    domains = protect_diffusion.load_datasets(script_args, training_args, image_size=16, num_channels=1)
+    assert {name: tuple(len(d) for d in pair) for name, pair in domains.items()} == {
+        "original": (100, 20),
+        "restricted": (50, 20),
+    }
