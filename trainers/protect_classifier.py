@@ -422,6 +422,16 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
             to_model_inputs(d, processor, script_args, num_channels)
             for d in (original_train, original_eval, restricted_train, restricted_eval)
         )
+    # Protection: the trainer is built first, so that a setting it refuses fails before any pre-training
+    trainer = SophonTrainer(
+        model,
+        args=training_args,
+        train_dataset=original_train,
+        restricted_dataset=restricted_train,
+        eval_dataset=original_eval,
+        restricted_eval_dataset=restricted_eval,
+        processing_class=processor,
+    )
     # A resumed run loads all weights from the checkpoint: pre-training again would be thrown away.
     if model_args.pretrain_steps and not training_args.resume_from_checkpoint:
         pretrain(
@@ -440,16 +450,6 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
         if processor is not None:
             processor.save_pretrained(model_args.unprotected_output_dir)
 
-    # Protection
-    trainer = SophonTrainer(
-        model,
-        args=training_args,
-        train_dataset=original_train,
-        restricted_dataset=restricted_train,
-        eval_dataset=original_eval,
-        restricted_eval_dataset=restricted_eval,
-        processing_class=processor,
-    )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.stop_reason is not None:
         logger.warning("Protection stopped early: %s.", trainer.stop_reason)

@@ -40,6 +40,7 @@ import os
 from dataclasses import dataclass, field
 
 import torch
+from transformers import set_seed
 
 from sophon_hf import SophonConfig, SophonTrainer
 from sophon_hf.diffusion import (
@@ -203,7 +204,9 @@ def load_datasets(script_args: ScriptArguments, training_args: SophonConfig, ima
         if name in OFFLINE_DATASETS:
             if OFFLINE_DATASETS[name] != domain:
                 raise ValueError(f"The offline dataset {name!r} is the {OFFLINE_DATASETS[name]} domain, not {domain}.")
-            domains[domain] = (offline[f"{domain}_train"], offline[f"{domain}_test"])
+            train, evaluation = offline[f"{domain}_train"], offline[f"{domain}_test"]
+            caps = ((train, getattr(script_args, f"max_{domain}_samples")), (evaluation, script_args.max_eval_samples))
+            domains[domain] = tuple(d if n is None else d.select(range(min(n, len(d)))) for d, n in caps)
             continue
         domains[domain] = load_domain(
             name,
@@ -228,12 +231,13 @@ def pretrain(unet, scheduler, dataset, steps: int, learning_rate: float, batch_s
     """
     task = DiffusionTask(unet, scheduler)
     pixels = task.prepare_dataset(dataset, "original train")[:]["pixel_values"]
+    device = next(unet.parameters()).device  # where the trainer put the UNet
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(unet.parameters(), lr=learning_rate)
     unet.train()
     for step in range(steps):
         index = torch.randint(len(pixels), (batch_size,), generator=generator)
-        loss, _ = task.loss(unet, {"pixel_values": pixels[index]}, generator=generator)
+        loss, _ = task.loss(unet, {"pixel_values": pixels[index].to(device)}, generator=generator)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -243,6 +247,7 @@ def pretrain(unet, scheduler, dataset, steps: int, learning_rate: float, batch_s
 
 def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: ModelArguments):
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
+    set_seed(training_args.seed)  # a UNet built from its config starts from the same weights every run
     unet, scheduler = load_model(model_args)
     size = unet.config.sample_size
     image_size = size if isinstance(size, int) else size[0]
@@ -250,17 +255,7 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
         domains = load_datasets(script_args, training_args, image_size, unet.config.in_channels)
     (original_train, original_eval), (restricted_train, restricted_eval) = domains["original"], domains["restricted"]
 
-    if model_args.pretrain_steps:
-        pretrain(
-            unet,
-            scheduler,
-            original_train,
-            model_args.pretrain_steps,
-            model_args.pretrain_learning_rate,
-            training_args.per_device_train_batch_size,
-            training_args.seed,
-        )
-
+    # The trainer is built first, so that a setting it refuses fails before any pre-training.
     trainer = SophonTrainer(
         unet,
         args=training_args,
@@ -270,6 +265,17 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
         restricted_eval_dataset=restricted_eval,
         noise_scheduler=scheduler,
     )
+    # A resumed run loads all weights from the checkpoint: pre-training again would be thrown away.
+    if model_args.pretrain_steps and not training_args.resume_from_checkpoint:
+        pretrain(
+            unet,
+            scheduler,
+            original_train,
+            model_args.pretrain_steps,
+            model_args.pretrain_learning_rate,
+            training_args.per_device_train_batch_size,
+            training_args.seed,
+        )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
 
