@@ -237,7 +237,8 @@ class ClassificationTask:
         return fresh
 
 
-def _is_diffusers_model(model: nn.Module) -> bool:
+def is_diffusers_model(model: nn.Module) -> bool:
+    """Whether `model` is a Diffusers model (a UNet denoiser here)."""
     try:
         from diffusers import ModelMixin
     except ImportError:  # pragma: no cover - diffusers is a dependency
@@ -260,7 +261,7 @@ def get_task(
         diffusion_timestep (`int` or `tuple[int, int]`, *optional*): denoisers only, a fixed timestep or an
             inclusive range of timesteps for the suppression loss.
     """
-    if _is_diffusers_model(model):
+    if is_diffusers_model(model):
         if noise_scheduler is None:
             raise ValueError(
                 f"{type(model).__name__} is a Diffusers denoiser: pass its noise scheduler, e.g. "

@@ -23,7 +23,7 @@ from .simulation import (
     parse_inner_optimizer,
     simulate_finetuning,
 )
-from .tasks import get_task
+from .tasks import get_task, is_diffusers_model
 from .utils import model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -32,14 +32,6 @@ FTS_OPTIMIZER_NAME = "fts_optimizer.pt"
 ATTACKER_STATE_NAME = "simulated_attacker_rank{}.safetensors"
 FLOOR_STATE_NAME = "original_floor_weights.safetensors"  # the last weights that met `original_accuracy_floor`
 RESTRICTED_IN_MEMORY_BYTES = 2 * 1024**3
-
-
-def _is_diffusers_model(module: nn.Module) -> bool:
-    try:
-        from diffusers import ModelMixin
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        return False
-    return isinstance(module, ModelMixin)
 
 
 def _accuracy(eval_prediction: EvalPrediction) -> dict[str, float]:
@@ -295,7 +287,7 @@ class SophonTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         module = self.accelerator.unwrap_model(self.model)
-        if _is_diffusers_model(module):
+        if is_diffusers_model(module):
             self._save_diffusers(module, output_dir)
         else:
             super()._save(output_dir, state_dict)
@@ -345,7 +337,7 @@ class SophonTrainer(Trainer):
             model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
             base_model=base_model,
             task=self.task.name,
-            library_name="diffusers" if _is_diffusers_model(module) else "transformers",
+            library_name="diffusers" if is_diffusers_model(module) else "transformers",
             model_class=type(module).__name__,
             original_domain=self.args.original_domain,
             restricted_domain=self.args.restricted_domain,
@@ -397,7 +389,7 @@ class SophonTrainer(Trainer):
             reloaded = type(module).from_pretrained(resume_from_checkpoint, config=module.config)
             module.load_state_dict(reloaded.state_dict())
             return
-        if not _is_diffusers_model(module):
+        if not is_diffusers_model(module):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 

@@ -154,12 +154,6 @@ def load_restricted(
     return dataset
 
 
-def is_diffusers_model(model) -> bool:
-    from diffusers import ModelMixin
-
-    return isinstance(model, ModelMixin)
-
-
 def check_device(device: str | None) -> None:
     """Refuse a CUDA device on a machine without one, before any model is loaded."""
     import torch
@@ -198,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from ..attacks import evaluate_finetuning_resistance, resolve_attacks
+    from ..tasks import is_diffusers_model
 
     try:
         specs = resolve_attacks(load_attacks(args.attacks_file) if args.attacks_file else args.suite)
