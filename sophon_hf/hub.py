@@ -26,7 +26,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ge
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from .utils import model_fingerprint
+from .utils import ATTACKER_STATE_NAME, FLOOR_STATE_NAME, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,11 @@ ALLOWED_PATTERNS = (
 # Pickle-based formats: refused outright, they execute code when loaded.
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.joblib", "*.npy", "*.npz")
 # Training leftovers of a Trainer output folder: checkpoints hold optimizer state, runs/ holds TensorBoard logs.
-EXCLUDED_DIRS = ("checkpoint-*", "runs", ".*", "__pycache__")
+EXCLUDED_DIRS = ("checkpoint-*", "last-checkpoint", "runs", ".*", "__pycache__")
+# Training state a checkpoint folder holds next to its weights, never part of a published model: a simulated
+# attacker's state is restricted-domain fine-tuning (weight offsets and its own head), the accuracy floor's file holds
+# other (earlier) weights.
+TRAINING_STATE_FILES = (ATTACKER_STATE_NAME.format("*"), FLOOR_STATE_NAME, "trainer_state.json")
 # Files of earlier pushes that would contradict this one if left on the branch: stale weights (pickled ones
 # included, which `from_pretrained` may still pick up), and an old report that describes other weights.
 STALE_REMOTE_PATTERNS = (
@@ -75,7 +79,7 @@ def select_files(folder: str | Path) -> tuple[list[str], list[str]]:
 
     Returns:
         `tuple[list[str], list[str]]`: relative POSIX paths to upload, and relative paths skipped (pickles,
-        checkpoints, logs and anything not in `ALLOWED_PATTERNS`).
+        checkpoints, training state, logs and anything not in `ALLOWED_PATTERNS`).
 
     Example:
     ```python
@@ -93,6 +97,7 @@ def select_files(folder: str | Path) -> tuple[list[str], list[str]]:
         parts = relative.split("/")
         in_excluded_dir = any(fnmatch.fnmatch(part, pattern) for part in parts[:-1] for pattern in EXCLUDED_DIRS)
         allowed = any(fnmatch.fnmatch(parts[-1], pattern) for pattern in ALLOWED_PATTERNS)
+        allowed = allowed and not any(fnmatch.fnmatch(parts[-1], pattern) for pattern in TRAINING_STATE_FILES)
         if in_excluded_dir or parts[-1].startswith(".") or not allowed or _is_pickle(relative):
             skipped.append(relative)
         else:

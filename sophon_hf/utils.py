@@ -7,6 +7,10 @@ import sys
 import torch
 import torch.nn as nn
 
+# Training state SophonTrainer saves in checkpoints next to the weights (never published, see `hub.select_files`).
+ATTACKER_STATE_NAME = "simulated_attacker_rank{}.safetensors"  # a persistent simulated attacker, per rank
+FLOOR_STATE_NAME = "original_floor_weights.safetensors"  # the last weights that met `original_accuracy_floor`
+
 
 def model_fingerprint(model: nn.Module) -> str:
     """A sha256 over the model's parameters and buffers (names, dtypes, shapes and values).

@@ -294,6 +294,11 @@ def test_select_files_keeps_pickles_checkpoints_and_logs_local(tmp_path):
     folder = protected_folder(tmp_path / "out")
     (folder / "runs").mkdir()
     (folder / "runs" / "events.json").write_text("{}")
+    # What SophonTrainer and Trainer keep next to checkpoint weights: training state, never a published model.
+    for name in ("simulated_attacker_rank0.safetensors", "original_floor_weights.safetensors", "trainer_state.json"):
+        (folder / name).write_bytes(b"{}")
+    (folder / "last-checkpoint").mkdir()
+    (folder / "last-checkpoint" / "model.safetensors").write_bytes(b"{}")
     upload, skipped = select_files(folder)
     assert "model.safetensors" in upload and "report.json" in upload
     assert set(skipped) == {
@@ -301,6 +306,10 @@ def test_select_files_keeps_pickles_checkpoints_and_logs_local(tmp_path):
         "checkpoint-10/optimizer.pt",
         "checkpoint-10/config.json",
         "runs/events.json",
+        "simulated_attacker_rank0.safetensors",
+        "original_floor_weights.safetensors",
+        "trainer_state.json",
+        "last-checkpoint/model.safetensors",
     }
 
 
