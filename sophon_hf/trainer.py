@@ -24,13 +24,11 @@ from .simulation import (
     simulate_finetuning,
 )
 from .tasks import get_task, is_diffusers_model
-from .utils import model_fingerprint
+from .utils import ATTACKER_STATE_NAME, FLOOR_STATE_NAME, model_fingerprint
 
 logger = logging.getLogger(__name__)
 
 FTS_OPTIMIZER_NAME = "fts_optimizer.pt"
-ATTACKER_STATE_NAME = "simulated_attacker_rank{}.safetensors"
-FLOOR_STATE_NAME = "original_floor_weights.safetensors"  # the last weights that met `original_accuracy_floor`
 RESTRICTED_IN_MEMORY_BYTES = 2 * 1024**3
 
 
@@ -599,16 +597,23 @@ class SophonTrainer(Trainer):
         def task_loss(m, batch, params):
             return self.task.loss(m, batch, params, generator=generator)
 
-        result = simulate_finetuning(
-            view,
-            task_loss,
-            suppression,
-            self.task.batch_metric,
-            attacker.optimizer,
-            supports,
-            queries,
-            first_order=args.first_order,
-        )
+        # A real linear probe runs the frozen body in eval mode (BatchNorm running statistics, no dropout; see
+        # `attacks.run_attack`): the simulated one must see the same features. The buffers are copies either way.
+        if strategy == "linear_probe":
+            module.eval()
+        try:
+            result = simulate_finetuning(
+                view,
+                task_loss,
+                suppression,
+                self.task.batch_metric,
+                attacker.optimizer,
+                supports,
+                queries,
+                first_order=args.first_order,
+            )
+        finally:
+            module.train()
         if args.simulation_horizon or args.simulation_support_size:
             attacker.steps += args.inner_steps
             attacker.offsets = {

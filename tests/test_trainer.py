@@ -368,6 +368,18 @@ def test_predict_and_evaluate_take_ordinary_datasets(tmp_output):
     assert unlabelled.predictions.shape == (8, 5) and unlabelled.label_ids is None
 
 
+@pytest.mark.parametrize("strategy, expected_mode", [("linear_probe", False), ("full", True)])
+def test_simulated_probe_sees_the_body_in_eval_mode_like_the_real_probe(strategy, expected_mode, tmp_output):
+    model = SmallCNN()
+    modes = []
+    trainer = _trainer(model, tmp_output, max_steps=1, simulation_strategies=[strategy])
+    handle = model.body.register_forward_pre_hook(lambda module, _: modes.append(module.training))
+    trainer._fine_tuning_simulation_step()
+    handle.remove()
+    assert modes and set(modes) == {expected_mode}  # BatchNorm statistics and dropout as in `attacks.run_attack`
+    assert model.training  # restored for normal training
+
+
 def test_lora_targets_matching_nothing(tmp_output):
     with pytest.raises(ValueError, match="match nothing"):
         _trainer(tiny_vit(), tmp_output, simulation_strategies=["lora"], lora_target_modules=["nope"])
