@@ -358,10 +358,13 @@ def _prepare_model(start: nn.Module, task, spec: AttackSpec, num_labels: int | N
             lora_alpha=spec.lora_alpha,
             lora_dropout=spec.lora_dropout,
             target_modules=targets,
-            # The attacker also trains the head (kept, not re-initialised); PEFT copies it, so the base stays intact.
-            modules_to_save=[head_name] if head_name else None,
         )
         model = get_peft_model(model, config)
+        if head_name:
+            # The attacker also trains the head (kept, not re-initialised), unfrozen by its exact name on this copy:
+            # PEFT's `modules_to_save` matches names by suffix and would also train e.g. DistilBERT's `pre_classifier`.
+            for param in model.base_model.model.get_submodule(head_name).parameters():
+                param.requires_grad_(True)
     return model.to(device)
 
 

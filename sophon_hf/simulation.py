@@ -7,7 +7,8 @@ meta-gradient flows back to those only):
 
 - `full`: every parameter adapts, head kept;
 - `full_reinit_head`: every parameter adapts, the head starts fresh (its gradient does not reach the model);
-- `linear_probe`: a fresh head adapts, the body is frozen (its gradient is exact, not first-order);
+- `linear_probe`: a fresh head adapts, the body is frozen (first order: the body's gradient is taken at each adapted
+  head, treating the head's updates as constants; `first_order=False` differentiates through them too);
 - `lora`: fresh LoRA adapters on a PEFT-wrapped copy adapt, everything else is frozen.
 """
 
@@ -214,8 +215,8 @@ def simulate_finetuning(
         batch_metric (`Callable`): `(outputs, batch) -> float`, logged for the last query batch.
         optimizer (`InnerOptimizer`): a fresh functional optimizer.
         support_batches, query_batches: one of each per inner step.
-        first_order (`bool`): treat the inner updates as constants (first-order MAML). Gradients of frozen model
-            parameters are exact either way.
+        first_order (`bool`): treat the inner updates as constants (first-order MAML), for adapted and frozen model
+            parameters alike: a frozen parameter's gradient is taken at each adapted point, not through the updates.
 
     Returns:
         `SimulationResult` with `meta_grads` keyed by model parameter name (parameters the attacker cannot

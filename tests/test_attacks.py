@@ -75,10 +75,8 @@ def test_every_strategy_trains_exactly_its_parameters(make_model, strategy):
     head = task.head_name
     for name, param in trained.items():
         if strategy == "lora":
-            original = before.get(
-                name.removeprefix("base_model.model.").replace(".base_layer", "").replace(".original_module", "")
-            )
-            if "lora_" in name or "modules_to_save" in name:
+            original = before.get(name.removeprefix("base_model.model.").replace(".base_layer", ""))
+            if "lora_" in name or name.startswith(f"base_model.model.{head}."):
                 assert param.requires_grad, name
             else:
                 assert not param.requires_grad and torch.equal(param, original), name
@@ -115,8 +113,21 @@ def test_lora_leaves_the_base_untouched_and_trains_the_head_copy():
     assert default_lora_targets(model, task.head_name) == ["q_proj", "v_proj"]
     q_proj = base.vit.layers[0].attention.q_proj
     assert torch.equal(q_proj.base_layer.weight, before["vit.layers.0.attention.q_proj.weight"])
-    assert not torch.equal(base.classifier.modules_to_save["default"].weight, before["classifier.weight"])
-    assert torch.equal(base.classifier.original_module.weight, before["classifier.weight"])
+    assert not torch.equal(base.classifier.weight, before["classifier.weight"])  # the copy's head trained
+
+
+def test_lora_trains_the_head_and_nothing_named_like_it():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    config = DistilBertConfig(vocab_size=50, dim=16, n_layers=1, n_heads=2, hidden_dim=32, num_labels=5)
+    model = DistilBertForSequenceClassification(config)  # its `pre_classifier` ends with the head's name
+    task = get_task(model)
+    train = task.prepare_dataset(text_dataset(24), "train")[:]
+    test = task.prepare_dataset(text_dataset(16, seed=1), "test")
+    spec = AttackSpec(strategy="lora", learning_rate=1e-2, steps=2, batch_size=8, lora_rank=2)
+    trained = run_attack(model, task, train, test, spec, return_model=True)["model"]
+    trainable = {n for n, p in trained.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trainable == {"base_model.model.classifier.weight", "base_model.model.classifier.bias"}
 
 
 def test_default_lora_targets_for_bert_and_plain_modules():

@@ -47,3 +47,13 @@ def test_denial_of_service_is_mean_squared_prediction():
 def test_unknown_or_wrong_task_loss_is_refused():
     with pytest.raises(ValueError, match="denial_of_service"):
         classification_suppression_loss("denial_of_service", torch.zeros(1, 2), torch.tensor([0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_logits_are_scored_in_float32(dtype):
+    g = torch.Generator().manual_seed(0)
+    logits, labels = (torch.randn(16, 100, generator=g) * 4).to(dtype), torch.randint(100, (16,), generator=g)
+    for loss in (inverse_cross_entropy, inverse_cross_entropy_negated_logits, kl_uniform):
+        low = loss(logits, labels)
+        assert low.dtype == torch.float32
+        torch.testing.assert_close(low, loss(logits.float(), labels))  # the same numbers as float32 logits
