@@ -36,7 +36,7 @@ ALL_STRATEGIES = ["full", "full_reinit_head", "linear_probe", "lora"]
 
 
 def _demo_recipe(**changes) -> dict:
-    """The demo's protection recipe (outer iterations and K are set by `run`), with `changes`."""
+    """The demo's protection recipe (300 outer iterations and K=10 unless `changes` say otherwise), with `changes`."""
     recipe = {k: v for k, v in DemoSettings().protection.items() if k not in ("max_steps", "inner_steps")}
     return {**recipe, **changes}
 
@@ -98,6 +98,8 @@ VARIANTS = {
     "second_order": _demo_recipe(first_order=False, simulation_horizon=None),
     # The demo's recipe whose fresh-head attackers also re-initialise everything above the first stage.
     "reinit_above_first_stage": _demo_recipe(),
+    # The demo's recipe for twice as many outer iterations, with a fourth normal-training step to hold the original.
+    "demo_600_ntr4": _demo_recipe(max_steps=600, ntr_steps=4),
     # The most extreme schedule over the attacker distribution: only the attackers that break the recipe.
     "worst_attackers_only": _demo_recipe(
         lr_scheduler_type="linear",
@@ -166,17 +168,15 @@ def run(variant: str, seed: int, attacks, attacker_images: int = 50) -> dict:
     original_test = task.prepare_dataset(data["original_test"], "original_test")
     protected = copy.deepcopy(unprotected)
     started = time.time()
+    settings = {"max_steps": 300, "per_device_train_batch_size": 32, "inner_steps": 10, **VARIANTS[variant]}
     args = SophonConfig(
         output_dir=f"/tmp/sophon-ablation/{variant}-{seed}",
-        max_steps=300,
-        per_device_train_batch_size=32,
-        inner_steps=10,
         use_cpu=True,
         report_to="none",
         save_strategy="no",
         disable_tqdm=True,
         seed=seed,
-        **VARIANTS[variant],
+        **settings,
     )
     TRAINERS.get(variant, SophonTrainer)(
         protected, args=args, train_dataset=data["original_train"], restricted_dataset=defender
