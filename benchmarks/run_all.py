@@ -1,11 +1,12 @@
-"""Run every benchmark and write `benchmarks/RESULTS.md` with the commands and their printed results.
+"""Run every benchmark and write the commands and their printed results into `benchmarks/RESULTS.md`.
 
     python benchmarks/run_all.py                  # everything (about 2.5 hours on 2 CPU cores)
     python benchmarks/run_all.py --skip-quality   # speed benchmarks and diffusion only
     python benchmarks/run_all.py --only bench_trainer.py
 
 Each benchmark is a standalone script (see its docstring); this runner only calls them one after another, so that
-they do not compete for the cores, and records what they printed.
+they do not compete for the cores, and records what they printed. The record goes between the markers below in
+RESULTS.md (appended at the end the first time), so the analysis written around it is kept.
 """
 
 from __future__ import annotations
@@ -60,12 +61,26 @@ def main() -> None:
         status = "" if out.returncode == 0 else f"\n(exit code {out.returncode}; stderr tail)\n{out.stderr[-2000:]}"
         sections.append(f"## {title}\n\nCommand: `{printable}`\n\n```\n{text.strip()[-6000:]}{status}\n```\n")
     header = (
-        "# Benchmark results\n\n"
+        "# Latest `run_all.py` record\n\n"
         f"Written by `python benchmarks/run_all.py` on {datetime.date.today()}: {platform.machine()}, "
         f"{os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}.\n\n"
     )
-    with open(args.results, "w") as f:
-        f.write(header + "\n".join(sections))
+    write_record(args.results, header + "\n".join(sections))
+
+
+BEGIN, END = "<!-- run_all.py: begin -->", "<!-- run_all.py: end -->"
+
+
+def write_record(path: str, record: str) -> None:
+    """Put `record` between the run_all markers of `path`, keeping everything outside them."""
+    text = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmark results\n"
+    block = f"{BEGIN}\n{record.strip()}\n{END}\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 if __name__ == "__main__":
