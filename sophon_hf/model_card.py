@@ -313,17 +313,29 @@ def _untested(report: dict[str, Any], task: str) -> list[str]:
         lines.append(f"batch sizes other than {batch_sizes.pop()}")
     seeds = {spec.get("seed") for spec in specs}
     if len(seeds) <= 1:
-        lines.append("more than one seed per attack (each number above is a single run)")
+        lines.append("more than one seed per attack (each protected or unprotected number above is a single run)")
     if not any("unprotected" in attack.get("curves", attack.get("final", {})) for attack in report.get("attacks", [])):
         lines.append("the unprotected original as a starting point (no reference model was given)")
     return lines
 
 
 def _simulated(spec: dict[str, Any], sophon_config: dict[str, Any]) -> str:
-    strategies = sophon_config.get("simulation_strategies") or []
-    optimizers = [str(o).split(":")[0] for o in sophon_config.get("inner_optimizers") or []]
-    seen = spec.get("strategy") in strategies and spec.get("optimizer") in optimizers
-    return "yes" if seen else "no"
+    """Whether the protection simulated this attack: its strategy, its optimizer, and that optimizer's step size."""
+    if spec.get("strategy") not in (sophon_config.get("simulation_strategies") or []):
+        return "no"
+    default_lr = sophon_config.get("inner_learning_rate")
+    rates = {}
+    for entry in sophon_config.get("inner_optimizers") or []:
+        name, _, lr = str(entry).partition(":")
+        rates.setdefault(name, set()).add(float(lr) if lr else default_lr)
+    if spec.get("optimizer") not in rates:
+        return "no"
+    learning_rate = spec.get("learning_rate")
+    if _is_number(learning_rate) and any(
+        _is_number(r) and math.isclose(learning_rate, r) for r in rates[spec["optimizer"]]
+    ):
+        return "yes"
+    return "optimizer only (other step size)"
 
 
 def generate_model_card(

@@ -324,3 +324,16 @@ def test_template_ships_in_the_wheel_and_renders_from_an_install(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "```"
+
+
+def test_seen_in_simulation_compares_the_step_size_too():
+    from sophon_hf.model_card import _simulated
+
+    config = {"simulation_strategies": ["full"], "inner_optimizers": ["adam:1e-3", "sgd"], "inner_learning_rate": 1e-2}
+    assert _simulated({"strategy": "full", "optimizer": "adam", "learning_rate": 1e-3}, config) == "yes"
+    assert _simulated({"strategy": "full", "optimizer": "sgd", "learning_rate": 0.01}, config) == "yes"  # default lr
+    assert _simulated({"strategy": "full", "optimizer": "adam", "learning_rate": 1e-4}, config).startswith(
+        "optimizer only"
+    )
+    assert _simulated({"strategy": "lora", "optimizer": "adam", "learning_rate": 1e-3}, config) == "no"
+    assert _simulated({"strategy": "full", "optimizer": "rmsprop", "learning_rate": 1e-3}, config) == "no"
