@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 import torch.nn as nn
-from conftest import SmallCNN, image_dataset, text_dataset, tiny_bert, tiny_vit
+from conftest import SmallCNN, image_dataset, run_two_processes, text_dataset, tiny_bert, tiny_vit
 from datasets import Dataset
 
 from sophon_hf.attacks import (
@@ -431,9 +431,7 @@ def test_nan_during_an_attack_is_recorded_as_diverged_and_the_rest_continues(tmp
 
 
 # ------------------------------------------------------------------------------------------------ processes
-def _two_process_attacks(rank, output_dir, expected_path):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)  # two processes on two shared cores: OpenMP spinning would make each step crawl
+def _two_process_attacks(output_dir, expected_path):
     specs = [AttackSpec(optimizer=o, steps=3, batch_size=8) for o in ("adam", "sgd", "rmsprop")]
     report = evaluate_finetuning_resistance(
         MLP(), image_dataset(24), image_dataset(16, seed=1), specs, output_dir=output_dir
@@ -446,25 +444,13 @@ def _two_process_attacks(rank, output_dir, expected_path):
 
 
 def test_attacks_split_across_two_processes(tmp_path):
-    import socket
-
-    from accelerate.utils import patch_environment
-
     specs = [AttackSpec(optimizer=o, steps=3, batch_size=8) for o in ("adam", "sgd", "rmsprop")]
     single = evaluate_finetuning_resistance(MLP(), image_dataset(24), image_dataset(16, seed=1), specs)
     expected_path = str(tmp_path / "expected.json")
     with open(expected_path, "w") as f:
         json.dump(single.attacks, f)
     output_dir = str(tmp_path / "out")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # What `accelerate.debug_launcher` sets up, but spawned: forking a process whose OpenMP pool is already running
-    # (any earlier torch work in this pytest process) deadlocks the children.
-    with patch_environment(world_size=2, master_addr="127.0.0.1", master_port=str(port), accelerate_use_cpu="yes"):
-        torch.multiprocessing.start_processes(
-            _two_process_attacks, args=(output_dir, expected_path), nprocs=2, start_method="spawn"
-        )
+    run_two_processes(_two_process_attacks, output_dir, expected_path)
     ranks = set()
     for name in os.listdir(os.path.join(output_dir, "runs")):
         with open(os.path.join(output_dir, "runs", name)) as f:

@@ -232,4 +232,10 @@ def run(args: argparse.Namespace) -> int:
         summary = report.summary
         print(f"{summary['verdict']}.")
         print(f"Report: {os.path.join(args.output, 'report.md')}")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        # Exiting with a live gloo/NCCL group can abort the process ("terminate called without an active exception").
+        dist.barrier()
+        dist.destroy_process_group()
     return 0
