@@ -506,8 +506,8 @@ def run_attack(
 def _restricted_label_count(task, datasets, num_labels: int | None) -> int | None:
     """Label count of the restricted data: `num_labels`, a `ClassLabel` feature, else the largest label id + 1.
 
-    Without either, labels that fit in the model's head count as the head's size: a few-shot sample that happens to
-    lack the top class is not a different label set.
+    Labels that fit in the model's head count as the head's size (a few-shot sample that lacks the top class, or a
+    2-class task on a 4-way head, needs no new head); pass `num_labels` for an exact count.
     """
     if task.head_name is None or getattr(task, "label_column", None) is None:
         return None
@@ -520,7 +520,7 @@ def _restricted_label_count(task, datasets, num_labels: int | None) -> int | Non
             return None  # prepare_dataset reports the missing column with a hint
         feature = dataset.features.get(column)
         if getattr(feature, "num_classes", None):
-            counts.append(feature.num_classes)
+            counts.append(max(feature.num_classes, getattr(task, "num_labels", 0)))
         else:
             labels = dataset.with_format("torch", columns=[column])[column]
             counts.append(max(int(torch.as_tensor(labels).max()) + 1, getattr(task, "num_labels", 0)))

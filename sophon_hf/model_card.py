@@ -461,6 +461,7 @@ def generate_model_card(
         "task_label": _TASK_LABELS[task],
         "model_class": model_class or ("UNet2DModel" if is_diffusion else _AUTO_CLASSES[task]),
         "auto_class": _AUTO_CLASSES.get(task, ""),
+        "task": task,
         "model_ref": repo_id or "path/to/this/model",
         "repo_ref": repo_id or "<your-name>/<model-name>",
         "local_dir": "path/to/this/model",

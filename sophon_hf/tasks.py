@@ -144,6 +144,16 @@ class ClassificationTask:
             )
         if self.input_names and names[0] != self.input_names[0]:
             raise ValueError(f"`{role}` holds {name} data but the other datasets hold {self.name} data.")
+        if self.input_names:
+            # The first dataset fixes the model inputs: a later one without e.g. `attention_mask` must not silently
+            # drop it from every batch.
+            missing = [n for n in self.input_names if n not in names]
+            if missing:
+                raise ValueError(
+                    f"`{role}` has no {missing} column(s) but the other datasets do; tokenize every dataset the same "
+                    "way (e.g. with `return_attention_mask=True`)."
+                )
+            names = self.input_names
         self.input_names, self.name = names, name
         dataset = dataset.with_format("torch", columns=[*names, "labels"])
         if name == "text-classification" and not isinstance(dataset[:]["input_ids"], torch.Tensor):

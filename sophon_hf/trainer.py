@@ -289,6 +289,12 @@ class SophonTrainer(Trainer):
             self._save_diffusers(module, output_dir)
         else:
             super()._save(output_dir, state_dict)
+        if self.task.name == "text-classification" and self.processing_class is None and self.args.should_save:
+            logger.warning(
+                "Saving a text classifier without its tokenizer: pass `processing_class=tokenizer` to SophonTrainer "
+                "(or save the tokenizer into %s) so that the folder can be used and published as it is.",
+                output_dir,
+            )
         # Every saved folder (final model and checkpoints) carries its model card.
         self.create_model_card(output_dir=output_dir)
 

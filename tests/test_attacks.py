@@ -347,6 +347,16 @@ def test_a_sample_that_lacks_the_top_class_keeps_the_head():
     assert report.to_dict()["attacks"][0]["final"]["protected"] is not None
 
 
+def test_a_class_label_task_smaller_than_the_head_keeps_the_head():
+    from datasets import ClassLabel
+
+    # A 2-class restricted task (ClassLabel) on a 5-way head: head-kept attacks run on the existing head.
+    train = image_dataset(24, num_labels=2).cast_column("labels", ClassLabel(num_classes=2))
+    test = image_dataset(16, num_labels=2, seed=1).cast_column("labels", ClassLabel(num_classes=2))
+    report = evaluate_finetuning_resistance(MLP(), train, test, [AttackSpec(strategy="full", steps=2, batch_size=8)])
+    assert report.to_dict()["attacks"][0]["final"]["protected"] is not None
+
+
 def test_missing_columns_are_reported():
     no_labels = image_dataset(8).rename_column("labels", "label")
     with pytest.raises(ValueError, match="rename_column"):

@@ -337,3 +337,9 @@ def test_seen_in_simulation_compares_the_step_size_too():
     )
     assert _simulated({"strategy": "lora", "optimizer": "adam", "learning_rate": 1e-3}, config) == "no"
     assert _simulated({"strategy": "full", "optimizer": "rmsprop", "learning_rate": 1e-3}, config) == "no"
+
+
+def test_text_card_loads_the_tokenizer_too():
+    text = generate_model_card(model_name="bert-sophon", task="text-classification").text
+    assert 'AutoTokenizer.from_pretrained("path/to/this/model")' in text
+    assert "AutoTokenizer" not in generate_model_card(model_name="vit-sophon").text

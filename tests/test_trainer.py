@@ -291,8 +291,22 @@ def test_support_size_that_leaves_no_query_examples(tmp_output):
         _trainer(SmallCNN(), tmp_output, simulation_support_size=32, simulation_horizon=4)
 
 
+def test_a_dataset_missing_an_input_column_of_the_others_is_refused(tmp_output):
+    no_mask = text_dataset(8, seed=3).remove_columns("attention_mask")
+    with pytest.raises(ValueError, match=r"`eval_dataset` has no \['attention_mask'\] column"):
+        SophonTrainer(
+            tiny_bert(),
+            args=_config(tmp_output),
+            train_dataset=text_dataset(),
+            restricted_dataset=text_dataset(seed=2),
+            eval_dataset=no_mask,
+        )
+
+
 def test_unpadded_text_is_refused_with_the_fix(tmp_output):
-    ragged = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5, 6, 7]], "labels": [0, 1]})
+    ragged = Dataset.from_dict(
+        {"input_ids": [[1, 2, 3], [4, 5, 6, 7]], "attention_mask": [[1, 1, 1], [1, 1, 1, 1]], "labels": [0, 1]}
+    )
     with pytest.raises(ValueError, match="padding='max_length'"):
         _trainer(tiny_bert(), tmp_output, train=text_dataset(), restricted=ragged)
 

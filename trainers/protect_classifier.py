@@ -416,6 +416,12 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
     # Model and its processor
     model = load_model(model_args, kind, num_labels, label_names)
     processor = load_processor(model_args, kind)
+    if kind == "text" and processor is not None and processor.pad_token is None:
+        # Decoder tokenizers (GPT-2, LLaMA) have no pad token: pad with end-of-sequence, and tell the model, whose
+        # sequence classifier reads the last non-pad token.
+        processor.pad_token = processor.eos_token
+    if kind == "text" and processor is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = processor.pad_token_id
     num_channels = getattr(model.config, "num_channels", None)
     with training_args.main_process_first(desc="preprocessing"):
         original_train, original_eval, restricted_train, restricted_eval = (
