@@ -276,6 +276,43 @@ def test_text_columns_are_tokenized_to_a_fixed_length(tmp_path):
     assert mapped["input_ids"].shape == (2, 6) and mapped["attention_mask"][0].tolist() == [1, 1, 1, 1, 0, 0]
 
 
+def test_decoder_classifiers_are_padded_with_their_end_of_sequence_token(tmp_path, one_thread):
+    import json
+    import random
+
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["good", "bad", "film", "plot", "dull", "fun"]
+    core = Tokenizer(WordLevel({w: i for i, w in enumerate(["[UNK]", "<eos>", *words])}, unk_token="[UNK]"))
+    core.pre_tokenizer = Whitespace()
+    # Like GPT-2's and LLaMA's: an end-of-sequence token and no padding token.
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", eos_token="<eos>").save_pretrained(
+        tmp_path / "tok"
+    )
+
+    def texts(n, num_labels, seed):
+        rng = random.Random(seed)
+        rows = [(" ".join(rng.choices(words, k=rng.randint(2, 6))), rng.randrange(num_labels)) for _ in range(n)]
+        return Dataset.from_dict({"text": [t for t, _ in rows], "label": [label for _, label in rows]})
+
+    DatasetDict(train=texts(24, 4, 0), test=texts(8, 4, 1)).save_to_disk(tmp_path / "original")
+    DatasetDict(train=texts(24, 2, 2), test=texts(8, 2, 3)).save_to_disk(tmp_path / "restricted")
+    output_dir = tmp_path / "protected"
+    parsed = script.parse_args(
+        ["--original_dataset", str(tmp_path / "original"), "--restricted_dataset", str(tmp_path / "restricted"),
+         "--model_type", "gpt2", "--config_overrides", "n_embd=16,n_layer=1,n_head=2,vocab_size=8,n_positions=16",
+         "--tokenizer_name_or_path", str(tmp_path / "tok"), "--max_length", "8", "--output_dir", str(output_dir),
+         "--max_steps", "2", "--inner_steps", "2", "--per_device_train_batch_size", "4", "--use_cpu", "true",
+         "--report_to", "none", "--save_strategy", "no", "--simulation_strategies", "full", "--max_eval_samples", "4"]
+    )  # fmt: skip
+    metrics = script.main(*parsed)
+    assert "eval_restricted_accuracy" in metrics
+    assert json.loads((output_dir / "config.json").read_text())["pad_token_id"] == 1  # "<eos>"
+
+
 def test_raw_images_without_a_processor_fail_clearly(stand_ins):
     raw = load_from_disk(str(stand_ins / "cifar10"))["test"].rename_column("label", "labels")
     with pytest.raises(ValueError, match="image_processor_name_or_path"):
