@@ -42,8 +42,7 @@ def main() -> None:
         protected, attacker, data["restricted_test"], attacks=attacks, reference_model=unprotected
     ).to_dict()
     for attack in report["attacks"]:
-        scratch = dict(map(tuple, attack["curves"]["scratch"]))
-        excess = max(v - scratch[s] for s, v in attack["curves"]["protected"] if s in scratch)
+        excess = attack["largest_head_start"]["value"]  # the largest lead over scratch at any evaluation point
         final = attack["final"]
         print(
             f"{attack['name']:48s} protected {final['protected']:.3f}  unprotected {final['unprotected']:.3f}  "

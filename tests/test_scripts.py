@@ -47,15 +47,6 @@ NO_GPU = [] if torch.cuda.is_available() else ["--bf16", "false"]
 TINY_VIT_28 = "image_size=28,patch_size=14,num_channels=1,hidden_size=16,num_hidden_layers=1,num_attention_heads=2,intermediate_size=32"
 
 
-@pytest.fixture
-def one_thread():
-    # The test machine's cores are shared: one intra-op thread avoids OpenMP contention (100x slower steps measured).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _images(n: int, labels: np.ndarray, rng: np.random.Generator, size) -> list:
     images = []
     for i, label in enumerate(labels):
