@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from .report import ResistanceReport
 from .simulation import default_lora_targets
-from .tasks import get_task
+from .tasks import check_label_column, get_task
 from .utils import model_fingerprint
 
 STRATEGIES = ("full", "full_reinit_head", "linear_probe", "lora")
@@ -149,6 +149,11 @@ class AttackSpec:
             raise ValueError(f"eval_interval must be at least 1 (or None), got {self.eval_interval}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if self.schedule == "constant" and self.warmup_ratio != AttackSpec.warmup_ratio:
+            raise ValueError(
+                f"warmup_ratio={self.warmup_ratio} has no effect with schedule='constant': use "
+                "schedule='warmup_cosine' (or leave warmup_ratio unset)."
+            )
         if isinstance(self.lora_target_modules, str):
             self.lora_target_modules = [self.lora_target_modules]
 
@@ -515,9 +520,10 @@ def _restricted_label_count(task, datasets, num_labels: int | None) -> int | Non
         return num_labels
     column = task.label_column
     counts = []
-    for dataset in datasets:
-        if column not in dataset.column_names:
-            return None  # prepare_dataset reports the missing column with a hint
+    for dataset, role in zip(datasets, ("restricted_train", "restricted_test")):
+        if not hasattr(dataset, "column_names") or column not in dataset.column_names:
+            return None  # prepare_dataset reports the missing column (or a DatasetDict) with a hint
+        check_label_column(dataset, column, role)
         feature = dataset.features.get(column)
         if getattr(feature, "num_classes", None):
             counts.append(max(feature.num_classes, getattr(task, "num_labels", 0)))
@@ -537,6 +543,23 @@ def _materialise(dataset) -> dict[str, torch.Tensor]:
                 "e.g. tokenize with `padding='max_length'`."
             )
     return columns
+
+
+class _TensorRows:
+    """Stacked columns that slice like a torch-format `datasets.Dataset` (`rows[a:b]` is a dict of tensors).
+
+    Evaluation then indexes tensors instead of converting Arrow rows at every evaluation point.
+    """
+
+    def __init__(self, columns: dict[str, torch.Tensor]):
+        self.columns = columns
+        self.num_rows = len(next(iter(columns.values())))
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __getitem__(self, index) -> dict[str, torch.Tensor]:
+        return {name: value[index] for name, value in self.columns.items()}
 
 
 def _data_fingerprint(*column_sets: dict[str, torch.Tensor]) -> str:
@@ -692,7 +715,9 @@ def evaluate_finetuning_resistance(
     train_dataset = task.prepare_dataset(restricted_train, "restricted_train")
     test_dataset = task.prepare_dataset(restricted_test, "restricted_test")
     train_columns = {k: v.cpu() for k, v in _materialise(train_dataset).items()}
-    data_fingerprint = _data_fingerprint(train_columns, _materialise(test_dataset))
+    test_columns = _materialise(test_dataset)
+    data_fingerprint = _data_fingerprint(train_columns, test_columns)
+    test_dataset = _TensorRows(test_columns)
 
     rank, world, state = _distributed_state()
     if device is None:

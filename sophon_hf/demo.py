@@ -221,16 +221,30 @@ def summary_table(report: dict, seconds: float, timings: dict[str, float] | None
         "",
         f"{'attack':40s} {'protected':>9s} {'unprotected':>11s} {'scratch':>8s}",
     ]
+
+    def cell(attack, start, width):  # the value the verdicts use; a diverged run shows its best value and a '*'
+        value = attack["effective_final"].get(start)
+        if value is None:
+            return f"{'-':>{width}s}"
+        mark = "*" if attack.get("diverged", {}).get(start) else ""
+        return f"{value:.3f}{mark}".rjust(width)
+
     for attack in report["attacks"]:
-        final = attack["final"]
         lines.append(
-            f"{attack['name']:40s} {final['protected']:9.3f} {final.get('unprotected', float('nan')):11.3f} "
-            f"{final.get('scratch', float('nan')):8.3f}"
+            f"{attack['name']:40s} {cell(attack, 'protected', 9)} {cell(attack, 'unprotected', 11)} "
+            f"{cell(attack, 'scratch', 8)}"
         )
     attacks = report["attacks"]
+    if any(any(a.get("diverged", {}).values()) for a in attacks):
+        lines.append("* the run diverged (NaN loss): its best value before diverging")
     wins = sum(1 for a in attacks if a["head_start"] <= 0)
     close = sum(1 for a in attacks if a["largest_head_start"]["value"] <= 0.02)
-    head_starts = sum(1 for a in attacks if round(a["final"].get("unprotected", 0) - a["final"]["scratch"], 12) > 0)
+    head_starts = sum(
+        1
+        for a in attacks
+        if a["effective_final"].get("unprotected") is not None
+        and round(a["effective_final"]["unprotected"] - a["effective_final"]["scratch"], 12) > 0
+    )
     summary = report["summary"]
     lines += [
         "",

@@ -34,11 +34,36 @@ def _is_transformers_model(model: nn.Module) -> bool:
 
 
 def check_not_empty(dataset, role: str) -> None:
-    """Clear errors for a missing or empty dataset (`role` names it, e.g. `"restricted_dataset"`)."""
+    """Clear errors for a missing, empty or non-`datasets.Dataset` dataset (`role` names it, e.g. `"restricted_dataset"`)."""
     if dataset is None:
         raise ValueError(f"`{role}` is required.")
+    if isinstance(dataset, dict) and all(hasattr(v, "column_names") for v in dataset.values()):
+        raise ValueError(
+            f"`{role}` is a DatasetDict with splits {list(dataset)} (what `load_dataset` returns without `split=`): "
+            f"pass one split, e.g. `{role}['{next(iter(dataset), 'train')}']`."
+        )
+    if not hasattr(dataset, "column_names"):
+        raise ValueError(
+            f"`{role}` is a {type(dataset).__name__}, not a `datasets.Dataset`: build one with "
+            "`datasets.Dataset.from_dict({'pixel_values': ..., 'labels': ...})`."
+        )
+    if getattr(dataset, "format", {}).get("type") == "custom":
+        raise ValueError(
+            f"`{role}` has an on-the-fly transform (`with_transform` / `set_transform`), whose output columns cannot "
+            "be read as tensors here: apply it once with `dataset.map(transform, batched=True, remove_columns=[...])`."
+        )
     if len(dataset) == 0:
         raise ValueError(f"`{role}` is empty: it needs at least one example.")
+
+
+def check_label_column(dataset, column: str, role: str) -> None:
+    """A clear error for string labels (torch cannot stack them): say how to turn them into class ids."""
+    feature = getattr(dataset, "features", {}).get(column)
+    if getattr(feature, "dtype", None) in ("string", "large_string"):
+        raise ValueError(
+            f"`{role}` has string labels in '{column}'; classification needs integer class ids. Encode them with "
+            f"`{role} = {role}.class_encode_column('{column}')` (use the same label order for every dataset)."
+        )
 
 
 def find_classification_head(model: nn.Module, head_name: str | None = None) -> str:
@@ -131,8 +156,8 @@ class ClassificationTask:
             names, name = tuple(n for n in TEXT_INPUTS if n in columns), "text-classification"
         else:
             hint = (
-                " Map raw images to 'pixel_values' with an image processor first "
-                "(`dataset.with_transform(...)` or `dataset.map(...)`)."
+                " Map raw images to 'pixel_values' with the model's image processor first "
+                "(`dataset.map(lambda b: processor(b['image']), batched=True, remove_columns=['image'])`)."
                 if {"image", "img"} & columns
                 else " Tokenize text into 'input_ids' first."
                 if {"text", "sentence"} & columns
@@ -155,7 +180,17 @@ class ClassificationTask:
                 )
             names = self.input_names
         self.input_names, self.name = names, name
+        check_label_column(dataset, "labels", role)
         dataset = dataset.with_format("torch", columns=[*names, "labels"])
+        if name == "image-classification":
+            sample = dataset[:1]["pixel_values"]
+            if isinstance(sample, torch.Tensor) and not sample.dtype.is_floating_point:
+                dtype = str(sample.dtype).removeprefix("torch.")
+                raise ValueError(
+                    f"`{role}` has {dtype} 'pixel_values' (raw images, 0-255?), but models take float pixel values "
+                    "prepared by their image processor (rescaled, normalised). Apply it first, e.g. "
+                    "`dataset.map(lambda b: processor(b['pixel_values']), batched=True)`."
+                )
         if name == "text-classification" and not isinstance(dataset[:]["input_ids"], torch.Tensor):
             raise ValueError(
                 f"`{role}` has 'input_ids' of different lengths. Pad every example to one length when tokenizing, "

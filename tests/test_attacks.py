@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn as nn
 from conftest import SmallCNN, image_dataset, run_two_processes, text_dataset, tiny_bert, tiny_vit
-from datasets import Dataset
+from datasets import Dataset, DatasetDict, Value
+from torch.utils.data import TensorDataset
 
 from sophon_hf.attacks import (
     OPTIMIZERS,
@@ -366,10 +367,28 @@ def test_missing_columns_are_reported():
         evaluate_finetuning_resistance(MLP(), image_dataset(8), no_inputs, [AttackSpec(steps=1)])
 
 
+def test_inputs_that_cannot_be_measured_are_refused_with_the_fix():
+    good = image_dataset(8)
+    raw = Dataset.from_dict({"pixel_values": [[[[255] * 8] * 8]] * 8, "labels": good["labels"]})
+    with pytest.raises(ValueError, match="int64 'pixel_values' \\(raw images.*image processor"):
+        evaluate_finetuning_resistance(MLP(), raw, good, [AttackSpec(steps=1)])
+    strings = good.cast_column("labels", Value("string"))
+    with pytest.raises(ValueError, match="string labels.*class_encode_column"):
+        evaluate_finetuning_resistance(MLP(), strings, good, [AttackSpec(steps=1)])
+    with pytest.raises(ValueError, match=r"DatasetDict with splits \['train'\].*restricted_train\['train'\]"):
+        evaluate_finetuning_resistance(MLP(), DatasetDict(train=good), good, [AttackSpec(steps=1)])
+    with pytest.raises(ValueError, match="TensorDataset, not a `datasets.Dataset`"):
+        evaluate_finetuning_resistance(MLP(), good, TensorDataset(torch.zeros(2, 1)), [AttackSpec(steps=1)])
+    transformed = good.with_transform(lambda b: b)
+    with pytest.raises(ValueError, match="on-the-fly transform.*map"):
+        evaluate_finetuning_resistance(MLP(), transformed, good, [AttackSpec(steps=1)])
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [
         ({"strategy": "prompt_tuning"}, "Unknown attack strategy"),
+        ({"schedule": "constant", "warmup_ratio": 0.5}, "has no effect with schedule='constant'"),
         ({"optimizer": "lion"}, "Unknown optimizer"),
         ({"schedule": "linear"}, "Unknown schedule"),
         ({"steps": 0}, "steps must be at least 1"),

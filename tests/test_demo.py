@@ -8,7 +8,8 @@ from transformers import AutoModelForImageClassification
 
 from sophon_hf.attacks import AttackSpec
 from sophon_hf.cli import main
-from sophon_hf.demo import DemoSettings, run_demo
+from sophon_hf.demo import DemoSettings, run_demo, summary_table
+from sophon_hf.report import ResistanceReport
 from sophon_hf.utils import model_fingerprint
 
 
@@ -75,3 +76,21 @@ def test_protect_command_runs_a_shipped_recipe(tmp_path):
     assert code == 0
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
     assert (reference / "config.json").is_file()
+
+
+def test_summary_table_shows_diverged_runs_by_their_best_value():
+    curves = {
+        "protected": [[0, 0.1], [10, 0.6]],
+        "unprotected": [[0, 0.1], [10, 0.8], [20, 0.9]],
+        "scratch": [[0, 0.1], [10, 0.2], [20, 0.5]],
+    }
+    diverged = {"name": "full-adadelta-lr1", "spec": {}, "curves": curves, "diverged": {"protected": True}}
+    report = ResistanceReport(
+        "image-classification", "accuracy", True, [diverged], original={"unprotected": 0.98, "protected": 0.97}
+    ).to_dict()
+    assert report["attacks"][0]["final"]["protected"] is None
+    table = summary_table(report, 60.0)
+    row = next(line for line in table.splitlines() if line.startswith("full-adadelta-lr1"))
+    assert row.split()[1:] == ["0.600*", "0.900", "0.500"]
+    assert "* the run diverged" in table
+    assert "unprotected model beats scratch in 1/1" in table
