@@ -102,6 +102,21 @@ def test_diverged_runs_use_their_best_value_before_divergence():
     assert data["summary"]["diverged_attacks"] == ["c"]
 
 
+def test_text_table_lists_worst_first_with_diverged_runs_marked():
+    report = _report()
+    report.attacks.append(
+        _record("c", [[0, 0.2], [5, 0.8]], [[0, 0.2], [10, 0.9]], [[0, 0.2], [10, 0.7]], diverged={"protected": 7})
+    )
+    rows = report.to_text().splitlines()
+    assert rows[0].split() == ["attack", "protected", "unprotected", "scratch", "prot-scratch", "largest", "lead"]
+    assert [r.split()[0] for r in rows[1:4]] == ["c", "b", "a"]  # worst first
+    assert rows[1].split()[1:] == ["0.8*", "0.9", "0.7", "+0.100", "+0.000", "at", "step", "0"]
+    assert rows[3].split()[1:5] == ["0.3", "0.9", "0.7", "-0.400"]
+    assert rows[-2].startswith("* the run diverged")
+    shortened = report.to_text(max_rows=1).splitlines()
+    assert len(shortened) == 5 and shortened[2] == "... 2 more attacks in report.md"
+
+
 def test_without_scratch_the_worst_attack_is_the_best_protected_result():
     attacks = [
         {"name": "a", "spec": {}, "curves": {"protected": [[0, 0.1], [5, 0.4]]}},

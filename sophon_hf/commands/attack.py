@@ -230,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
 
     if int(os.environ.get("RANK", "0")) == 0:  # under a launcher, only the main process speaks
         summary = report.summary
-        print(f"{summary['verdict']}.")
+        print(report.to_text())
+        print(f"\n{summary['verdict']}.")
         print(f"Report: {os.path.join(args.output, 'report.md')}")
     import torch.distributed as dist
 
