@@ -271,16 +271,20 @@ class SophonTrainer(Trainer):
         path = os.path.join(checkpoint, FTS_OPTIMIZER_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by SophonTrainer.")
-        state = torch.load(path, map_location=self.args.device, weights_only=True)
+        # Read onto the CPU and move afterwards: under multi-process CPU training `args.device` is `cpu:0`, a location
+        # neither torch.load nor safetensors accepts.
+        state = torch.load(path, map_location="cpu", weights_only=True)
         self._get_fts_optimizer().load_state_dict(state)
         path = os.path.join(checkpoint, ATTACKER_STATE_NAME.format(self.args.process_index))
         if os.path.isfile(path):
-            with safetensors.safe_open(path, framework="pt", device=str(self.args.device)) as f:
-                tensors = {key: f.get_tensor(key) for key in f.keys()}
+            with safetensors.safe_open(path, framework="pt", device="cpu") as f:
+                tensors = {key: f.get_tensor(key).to(self.args.device) for key in f.keys()}
                 self._attacker = _PersistentAttacker.from_safetensors(tensors, f.metadata())
         path = os.path.join(checkpoint, FLOOR_STATE_NAME)
         if os.path.isfile(path):
-            self._best_state = safetensors.torch.load_file(path, device=str(self.args.device))
+            self._best_state = {
+                k: v.to(self.args.device) for k, v in safetensors.torch.load_file(path, device="cpu").items()
+            }
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -402,7 +406,7 @@ class SophonTrainer(Trainer):
             raise FileNotFoundError(
                 f"{path} is missing: not a checkpoint of a Diffusers model written by SophonTrainer."
             )
-        module.load_state_dict(safetensors.torch.load_file(path, device=str(self.args.device)))
+        module.load_state_dict(safetensors.torch.load_file(path, device="cpu"))
 
     def _load_best_model(self) -> None:
         # `load_best_model_at_end`: the same loading path as resuming (Trainer's raw state-dict load would skip ViT's
@@ -442,7 +446,12 @@ class SophonTrainer(Trainer):
 
     def _ntr_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         loss, _ = self.task.loss(model, batch)
-        if not torch.isfinite(loss):
+        finite = torch.isfinite(loss.detach()).float()
+        if self.args.world_size > 1:
+            # Every rank must take the same decision: a rank that skipped its backward would leave the others
+            # blocked in DDP's gradient all-reduce.
+            finite = self.accelerator.reduce(finite, reduction="sum") / self.args.world_size
+        if finite.item() < 1:
             self._stop("the normal-training loss became non-finite; lower learning_rate")
             return None
         self._metrics["ntr/loss"].append(loss.item())
@@ -676,7 +685,15 @@ class SophonTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         if mode == "train":
-            logs = {**logs, **{k: float(np.mean(v)) for k, v in self._metrics.items() if v}}
+            means = {k: float(np.mean(v)) for k, v in self._metrics.items() if v}
+            if self.args.world_size > 1:
+                # Every rank simulates its own attackers: log the mean over ranks, not rank 0's alone. Trainer calls
+                # `log` on every rank at the same step, so this gather is matched.
+                from accelerate.utils import gather_object
+
+                parts = gather_object([means])
+                means = {k: float(np.mean([p[k] for p in parts if k in p])) for k in {k for p in parts for k in p}}
+            logs = {**logs, **means}
             self._metrics.clear()
         super().log(logs, start_time)
 

@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny models built from configs and small datasets. Everything is offline."""
 
 import os
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -120,11 +121,13 @@ def _rank_entry(rank: int, fn, args):
         dist.destroy_process_group()
 
 
-def run_two_processes(fn, *args) -> None:
+def run_two_processes(fn, *args, timeout: float = 300) -> None:
     """Run `fn(*args)` on 2 CPU processes (gloo), like `accelerate.debug_launcher` but spawned, not forked.
 
     Forking a process whose OpenMP pool already runs (any earlier torch work in this pytest process) deadlocks the
     children, so `debug_launcher` hangs when it is not the first torch test. `fn` must be importable (module level).
+    A run still going after `timeout` seconds (e.g. one rank blocked in a collective the other skipped) is killed and
+    fails the test instead of hanging the suite.
     """
     import socket
 
@@ -134,4 +137,12 @@ def run_two_processes(fn, *args) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with patch_environment(world_size=2, master_addr="127.0.0.1", master_port=str(port), accelerate_use_cpu="yes"):
-        torch.multiprocessing.start_processes(_rank_entry, args=(fn, args), nprocs=2, start_method="spawn")
+        context = torch.multiprocessing.start_processes(
+            _rank_entry, args=(fn, args), nprocs=2, start_method="spawn", join=False
+        )
+        deadline = time.monotonic() + timeout
+        while not context.join(timeout=5):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    process.kill()
+                pytest.fail(f"the two processes were still running after {timeout:.0f} s (a rank is blocked)")

@@ -1,4 +1,4 @@
-"""Two CPU processes (gloo): every rank simulates its own attacker, and the replicas stay identical."""
+"""Two CPU processes (gloo): every rank simulates its own attacker, the replicas stay identical, resume works."""
 
 import tempfile
 
@@ -27,6 +27,7 @@ def _train_on_two_ranks():
         inner_optimizers=["sgd", "adam:1e-3"],
         simulation_horizon=4,  # persistent attackers, one per rank
         simulation_support_size=8,
+        logging_steps=1,
     )
     trainer = SophonTrainer(
         model, args=args, train_dataset=image_dataset(64, seed=1), restricted_dataset=image_dataset(64, seed=2)
@@ -44,9 +45,78 @@ def _train_on_two_ranks():
     assert not torch.equal(pixels[0], pixels[1]), "both ranks simulated on the same restricted data"
     assert torch.equal(gathered[0], gathered[1]), "replicas diverged: the meta-gradient was not averaged"
     assert not torch.equal(gathered[0], initial)
+    # The logged simulation metrics are the mean over the ranks' attackers, the same on every rank.
+    logged = [[h["fts/query_loss"] for h in trainer.state.log_history if "fts/query_loss" in h] for _ in range(2)]
+    dist.all_gather_object(logged, logged[0])
+    assert len(logged[0]) == 4 and logged[0] == logged[1], logged
     # Each rank's persistent attacker trains on examples of its own shard.
     assert all(i % 2 == args.process_index for i in trainer._attacker.support_pool.tolist())
 
 
 def test_two_process_training_keeps_replicas_identical():
     run_two_processes(_train_on_two_ranks)
+
+
+def _two_rank_trainer(output_dir, trainer_class=None, **overrides):
+    from sophon_hf import SophonConfig, SophonTrainer
+
+    torch.manual_seed(0)
+    settings = dict(
+        output_dir=output_dir,
+        max_steps=4,
+        per_device_train_batch_size=8,
+        inner_steps=2,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        simulation_strategies=["full", "full_reinit_head"],
+        inner_optimizers=["sgd", "adam:1e-3"],
+        simulation_horizon=4,
+    )
+    args = SophonConfig(**{**settings, **overrides})
+    return (trainer_class or SophonTrainer)(
+        SmallCNN(), args=args, train_dataset=image_dataset(64, seed=1), restricted_dataset=image_dataset(64, seed=2)
+    )
+
+
+def _resume_on_two_ranks(output_dir):
+    from transformers import TrainerCallback
+
+    class Interrupt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 2
+
+    straight = _two_rank_trainer(f"{output_dir}/straight")
+    straight.train()
+    interrupted = _two_rank_trainer(f"{output_dir}/interrupted", save_strategy="steps", save_steps=2)
+    interrupted.add_callback(Interrupt())
+    interrupted.train()
+    # Multi-process CPU training runs on device "cpu:0", a location torch.load and safetensors reject.
+    resumed = _two_rank_trainer(f"{output_dir}/interrupted", save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=f"{output_dir}/interrupted/checkpoint-2")
+    for (name, a), (_, b) in zip(straight.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_two_process_resume_continues_exactly(tmp_path):
+    run_two_processes(_resume_on_two_ranks, str(tmp_path))
+
+
+def _non_finite_on_one_rank(output_dir):
+    from sophon_hf import SophonTrainer
+
+    class NaNOnRankOne(SophonTrainer):
+        def _ntr_loss(self, model, batch):
+            if self.args.process_index == 1 and self.state.global_step == 2:
+                batch = {**batch, "pixel_values": batch["pixel_values"] * float("nan")}
+            return super()._ntr_loss(model, batch)
+
+    trainer = _two_rank_trainer(output_dir, NaNOnRankOne)
+    trainer.train()
+    assert trainer.state.global_step == 3 and "non-finite" in trainer.stop_reason
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    # The rank that stops skips its backward: the other would wait in DDP's all-reduce forever.
+    run_two_processes(_non_finite_on_one_rank, str(tmp_path), timeout=120)

@@ -360,6 +360,24 @@ def test_builtin_mnist_recipe_end_to_end(tmp_path, one_thread):
         assert model(pixel_values=torch.rand(2, 1, 28, 28)).logits.shape == (2, 5)
 
 
+def test_resuming_the_recipe_keeps_the_unprotected_reference(tmp_path, one_thread):
+    from transformers import AutoModelForImageClassification
+
+    command = ["--config", "mnist_vit_cpu.yaml", *FAST, "--output_dir", str(tmp_path / "protected"),
+               "--config_overrides", TINY_VIT_28, "--max_original_samples", "64", "--max_restricted_samples", "64",
+               "--max_eval_samples", "32", "--unprotected_output_dir", str(tmp_path / "unprotected"),
+               "--save_strategy", "steps", "--save_steps", "1"]  # fmt: skip
+    script.main(*script.parse_args(command))
+    reference = AutoModelForImageClassification.from_pretrained(tmp_path / "unprotected")
+    # Pre-training is skipped on resume: the model built by the script is not the reference and must not replace it.
+    script.main(
+        *script.parse_args([*command, "--resume_from_checkpoint", str(tmp_path / "protected" / "checkpoint-1")])
+    )
+    after = AutoModelForImageClassification.from_pretrained(tmp_path / "unprotected")
+    for name, parameter in reference.named_parameters():
+        assert torch.equal(parameter, after.get_parameter(name)), name
+
+
 def test_builtin_mnist_must_be_both_domains(stand_ins):
     script_args = script.ScriptArguments(restricted_dataset=str(stand_ins / "cifar10"))
     with pytest.raises(ValueError, match="set both original_dataset"):

@@ -451,10 +451,20 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
         )
 
     if model_args.unprotected_output_dir is not None and training_args.process_index == 0:
-        # The reference an attack report compares against: the same model, unprotected.
-        model.save_pretrained(model_args.unprotected_output_dir)
-        if processor is not None:
-            processor.save_pretrained(model_args.unprotected_output_dir)
+        if training_args.resume_from_checkpoint:
+            # A resumed run skips pre-training: the model here is not the reference, and saving it would overwrite the
+            # one the interrupted run wrote.
+            if not os.path.isfile(os.path.join(model_args.unprotected_output_dir, "config.json")):
+                logger.warning(
+                    "Resuming: %s holds no unprotected reference, and none can be written now (the model was not "
+                    "pre-trained in this run).",
+                    model_args.unprotected_output_dir,
+                )
+        else:
+            # The reference an attack report compares against: the same model, unprotected.
+            model.save_pretrained(model_args.unprotected_output_dir)
+            if processor is not None:
+                processor.save_pretrained(model_args.unprotected_output_dir)
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.stop_reason is not None:
