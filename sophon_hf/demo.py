@@ -67,6 +67,19 @@ class DemoSettings:
         return settings
 
 
+def demo_image_processor():
+    """The demo's input pipeline as a Transformers image processor: a grayscale (`"L"`) image of any size becomes
+    `pixel_values` of shape 1x28x28 in [0, 1] (resized, divided by 255, not normalised), as in `mnist_domains`."""
+    try:  # the PIL backend needs no torchvision (transformers >= 5.x); it saves as a plain `ViTImageProcessor`
+        from transformers import ViTImageProcessorPil as ViTImageProcessor
+    except ImportError:
+        from transformers import ViTImageProcessor
+
+    return ViTImageProcessor(
+        do_resize=True, size={"height": 28, "width": 28}, do_rescale=True, rescale_factor=1 / 255, do_normalize=False
+    )
+
+
 def demo_model(seed: int = 0):
     """The demo's classifier: a small Transformers ResNet for 1x28x28 images with 5 classes (9.3k parameters)."""
     from transformers import ResNetConfig, ResNetForImageClassification
@@ -133,6 +146,9 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Demo
     defender_restricted = data["restricted_train"].select(
         range(settings.attacker_images, data["restricted_train"].num_rows)
     )
+    # Saved so that `sophon-hf attack` / `verify` can re-run the measurement on exactly the attacker's data.
+    attacker_train.save_to_disk(os.path.join(output_dir, "data", "attacker_train"))
+    data["restricted_test"].save_to_disk(os.path.join(output_dir, "data", "restricted_test"))
     counts = torch.bincount(torch.as_tensor(attacker_train["labels"]), minlength=5).tolist()
     per_digit = "/".join(str(c) for c in counts)
     print(
@@ -154,7 +170,11 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Demo
         os.path.join(output_dir, "pretraining"),
     )
     timings["pretraining_seconds"] = time.time() - timings["pretraining_seconds"]
+    # The demo's inputs as an image processor, saved with both models: grayscale images resized to 28x28 and scaled to
+    # [0, 1], nothing else (`AutoImageProcessor.from_pretrained(folder)` then prepares anyone's images the same way).
+    processor = demo_image_processor()
     unprotected.save_pretrained(os.path.join(output_dir, "unprotected"))
+    processor.save_pretrained(os.path.join(output_dir, "unprotected"))
 
     print("\n[2/3] Protecting a copy with SOPHON", flush=True)
     timings["protection_seconds"] = time.time()
@@ -172,7 +192,11 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Demo
         **settings.protection,
     )
     trainer = SophonTrainer(
-        protected, args=args, train_dataset=data["original_train"], restricted_dataset=defender_restricted
+        protected,
+        args=args,
+        train_dataset=data["original_train"],
+        restricted_dataset=defender_restricted,
+        processing_class=processor,
     )
     trainer.train()
     timings["protection_seconds"] = time.time() - timings["protection_seconds"]
@@ -207,7 +231,10 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Demo
 
     result = report.to_dict()
     print(summary_table(result, time.time() - started, timings))
-    print(f"\nWrote {output_dir}/: unprotected/, protected/ (with its model card), report.json, report.md, plots.")
+    print(
+        f"\nWrote {output_dir}/: unprotected/, protected/ (with its model card and image processor), report.json, "
+        "report.md, plots, data/ (the attacker's images and the restricted test set)."
+    )
     return result
 
 

@@ -85,7 +85,7 @@ def select_files(folder: str | Path) -> tuple[list[str], list[str]]:
     ```python
     >>> upload, skipped = select_files("out")
     >>> upload
-    ['README.md', 'attack_curves.png', 'config.json', 'model.safetensors', 'report.json', 'report.md']
+    ['README.md', 'attack_curves.png', 'config.json', 'model.safetensors', 'report.json', 'report.md', 'sophon_card.json']
     >>> skipped
     ['checkpoint-500/optimizer.pt', 'training_args.bin']
     ```
@@ -202,6 +202,7 @@ def check_card_matches(folder: str | Path) -> None:
     Example:
     ```python
     >>> write_model_card("out")
+    PosixPath('out/README.md')
     >>> check_card_matches("out")  # passes silently
     ```
     """
@@ -384,7 +385,7 @@ def download_model(repo_id: str, revision: str | None = None, token: str | None 
     ```python
     >>> folder = download_model("my-name/vit-sophon-protected")
     >>> sorted(p.name for p in folder.iterdir())
-    ['README.md', 'attack_curves.png', 'config.json', 'model.safetensors', 'report.json', 'report.md']
+    ['README.md', 'attack_curves.png', 'config.json', 'model.safetensors', 'report.json', 'report.md', 'sophon_card.json']
     ```
     """
     from huggingface_hub import snapshot_download

@@ -356,6 +356,7 @@ def generate_model_card(
     license: str | None = None,
     curves_image: str | None = None,
     has_report_md: bool = False,
+    has_image_processor: bool = False,
 ) -> ModelCard:
     """Render the model card of a SOPHON-protected model (pure: reads no files, writes none).
 
@@ -391,6 +392,9 @@ def generate_model_card(
             Relative path of the attack-curves PNG to embed (e.g. `"attack_curves.png"`).
         has_report_md (`bool`, *optional*, defaults to `False`):
             Whether a `report.md` is published next to the card (linked when true).
+        has_image_processor (`bool`, *optional*, defaults to `False`):
+            Whether an image processor (`preprocessor_config.json`) is published with an image classifier: the usage
+            snippet then prepares an image with it; otherwise it says that no processor ships with the model.
 
     Returns:
         [`~huggingface_hub.ModelCard`]: the card; `card.data.eval_results` holds the report's numbers.
@@ -480,6 +484,7 @@ def generate_model_card(
         "report": report,
         "curves_image": curves_image,
         "has_report_md": has_report_md,
+        "has_image_processor": has_image_processor,
         "datasets": datasets or [],
         "outside_suite": OUTSIDE_HARNESS["diffusion" if is_diffusion else "classification"],
         "framework_versions": framework_versions(),
@@ -727,6 +732,7 @@ def write_model_card(output_dir: str | Path, **kwargs: Any) -> Path:
         if kwargs.get("curves_image") is None and (output_dir / "attack_curves.png").is_file():
             kwargs["curves_image"] = "attack_curves.png"
         kwargs.setdefault("has_report_md", (output_dir / "report.md").is_file())
+    kwargs.setdefault("has_image_processor", (output_dir / "preprocessor_config.json").is_file())
     card = generate_model_card(**kwargs)
     path = output_dir / "README.md"
     card.save(path)

@@ -316,7 +316,7 @@ class ResistanceReport:
             max_rows (`int`, *optional*, defaults to `20`): rows shown (the worst ones); `None` shows every attack.
         """
         starts = self._starts()
-        fmt = lambda v, width: f"{'-' if v is None else f'{v:+.3f}':>{width}s}"  # noqa: E731
+        fmt = lambda v, width: f"{'-' if v is None else f'{v:+.4f}':>{width}s}"  # noqa: E731
         lines = [f"{'attack':44s}" + "".join(f"{s:>12s}" for s in starts) + f"{'prot-scratch':>14s}  largest lead"]
         records = self._worst_first()
         for record in records if max_rows is None else records[:max_rows]:
@@ -325,9 +325,9 @@ class ResistanceReport:
             for start in starts:
                 value = s["effective_final"].get(start)
                 mark = "*" if record.get("diverged", {}).get(start) else ""
-                cells.append(f"{'-' if value is None else f'{value:.4g}{mark}':>12s}")
+                cells.append(f"{'-' if value is None else f'{value:.4f}{mark}':>12s}")
             lead = s["largest_head_start"]
-            lead = "-" if lead is None else f"{lead['value']:+.3f} at step {lead['step']}"
+            lead = "-" if lead is None else f"{lead['value']:+.4f} at step {lead['step']}"
             lines.append(
                 f"{record['name']:44s}" + "".join(cells) + fmt(s["protected_minus_scratch"], 14) + f"  {lead}"
             )

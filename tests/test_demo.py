@@ -3,11 +3,15 @@
 import json
 import os
 
+import PIL.Image
+import torch
+from datasets import load_from_disk
 from huggingface_hub import ModelCard
-from transformers import AutoModelForImageClassification
+from transformers import AutoImageProcessor, AutoModelForImageClassification
 
 from sophon_hf.attacks import AttackSpec
 from sophon_hf.cli import main
+from sophon_hf.data import mnist_domains
 from sophon_hf.demo import DemoSettings, run_demo, summary_table
 from sophon_hf.report import ResistanceReport
 from sophon_hf.utils import model_fingerprint
@@ -29,12 +33,19 @@ def test_demo_pipeline_writes_models_report_plots_and_card(tmp_path, capsys):
 
     printed = capsys.readouterr().out
     assert "20 labelled restricted images" in printed and "Worst attack" in printed
+    data = mnist_domains(num_restricted_train=None)["restricted_test"].with_format("torch")[:4]
+    image = PIL.Image.fromarray((data["pixel_values"][0, 0] * 255).round().byte().numpy(), "L")
     for folder in ("unprotected", "protected"):
         model = AutoModelForImageClassification.from_pretrained(out / folder)
         assert model.config.num_labels == 5
+        # The saved image processor prepares a PIL image exactly as the demo's data is prepared.
+        pixel_values = AutoImageProcessor.from_pretrained(out / folder)(image, return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(pixel_values, data["pixel_values"][:1])
     assert {"report.json", "report.md", "attack_curves.png", "demo_settings.json", "timings.json"} <= set(
         os.listdir(out)
     )
+    attacker = load_from_disk(str(out / "data" / "attacker_train"))
+    assert attacker.num_rows == 20 and load_from_disk(str(out / "data" / "restricted_test")).num_rows == 500
     timings = json.loads((out / "timings.json").read_text())
     assert all(timings[k] > 0 for k in ("pretraining_seconds", "protection_seconds", "attacks_seconds"))
     assert "x the" in printed and "s of pre-training" in printed
@@ -50,6 +61,7 @@ def test_demo_pipeline_writes_models_report_plots_and_card(tmp_path, capsys):
     card = ModelCard.load(out / "protected" / "README.md")
     assert "MNIST digits 5-9" in card.text and "scratch" in card.text
     assert card.data.eval_results
+    assert 'processor = AutoImageProcessor.from_pretrained("path/to/this/model")' in card.text
 
 
 def test_protect_command_runs_a_shipped_recipe(tmp_path):

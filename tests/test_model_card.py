@@ -343,3 +343,10 @@ def test_text_card_loads_the_tokenizer_too():
     text = generate_model_card(model_name="bert-sophon", task="text-classification").text
     assert 'AutoTokenizer.from_pretrained("path/to/this/model")' in text
     assert "AutoTokenizer" not in generate_model_card(model_name="vit-sophon").text
+
+
+def test_image_card_prepares_inputs_with_the_shipped_processor_or_says_there_is_none():
+    with_processor = generate_model_card(model_name="vit-sophon", has_image_processor=True).text
+    assert 'processor = AutoImageProcessor.from_pretrained("path/to/this/model")' in with_processor
+    without = generate_model_card(model_name="vit-sophon").text
+    assert "AutoImageProcessor" not in without and "No image processor ships with this model" in without

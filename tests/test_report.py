@@ -110,8 +110,8 @@ def test_text_table_lists_worst_first_with_diverged_runs_marked():
     rows = report.to_text().splitlines()
     assert rows[0].split() == ["attack", "protected", "unprotected", "scratch", "prot-scratch", "largest", "lead"]
     assert [r.split()[0] for r in rows[1:4]] == ["c", "b", "a"]  # worst first
-    assert rows[1].split()[1:] == ["0.8*", "0.9", "0.7", "+0.100", "+0.000", "at", "step", "0"]
-    assert rows[3].split()[1:5] == ["0.3", "0.9", "0.7", "-0.400"]
+    assert rows[1].split()[1:] == ["0.8000*", "0.9000", "0.7000", "+0.1000", "+0.0000", "at", "step", "0"]
+    assert rows[3].split()[1:5] == ["0.3000", "0.9000", "0.7000", "-0.4000"]
     assert rows[-2].startswith("* the run diverged")
     shortened = report.to_text(max_rows=1).splitlines()
     assert len(shortened) == 5 and shortened[2] == "... 2 more attacks in report.md"

@@ -100,6 +100,12 @@ def test_verify_refuses_to_train_on_its_test_rows(published, tmp_path):
         cli_main(["verify", "--model", str(folder), "--restricted-test", str(tmp_path / "single")])
 
 
+def test_verify_a_hub_id_that_cannot_be_downloaded_is_a_message(published):
+    folder, data_dir = published
+    with pytest.raises(SystemExit, match="Cannot load the model 'nobody/not-a-model'.*downloading it from the Hub"):
+        cli_main(["verify", "--model", "nobody/not-a-model", "--restricted-test", str(data_dir)])
+
+
 def test_verify_without_a_report_or_with_unknown_attacks(published):
     folder, data_dir = published
     with pytest.raises(SystemExit, match="has no attack"):

@@ -131,7 +131,18 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tolerance < 0:
         raise SystemExit(f"--tolerance must be non-negative, got {args.tolerance}.")
-    folder = Path(args.model) if os.path.isdir(args.model) else download_model(args.model, args.revision, args.token)
+    if os.path.isdir(args.model):
+        folder = Path(args.model)
+    else:
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        try:
+            folder = download_model(args.model, args.revision, args.token)
+        except (HfHubHTTPError, LocalEntryNotFoundError) as error:
+            raise SystemExit(
+                f"Cannot load the model {args.model!r}: it is not a local folder, and downloading it from the Hub "
+                f"failed ({error})."
+            ) from error
     report_path = folder / "report.json"
     if not report_path.is_file():
         raise SystemExit(
