@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import time
@@ -25,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from sophon_hf import AttackSpec, SophonConfig, SophonTrainer, evaluate_finetuning_resistance  # noqa: E402
 from sophon_hf.data import mnist_domains  # noqa: E402
@@ -100,6 +102,13 @@ VARIANTS = {
     "reinit_above_first_stage": _demo_recipe(),
     # The demo's recipe for twice as many outer iterations, with a fourth normal-training step to hold the original.
     "demo_600_ntr4": _demo_recipe(max_steps=600, ntr_steps=4),
+    # The demo's recipe plus a suppression term on the first stage's output for restricted query batches (benchmark-
+    # only trainer below): its activations driven to zero, or its class information (between-class over total
+    # variance of the pooled activations) removed; weight 1 or 10.
+    "stage1_zero": _demo_recipe(),
+    "stage1_zero_x10": _demo_recipe(),
+    "stage1_class_info": _demo_recipe(),
+    "stage1_class_info_x10": _demo_recipe(),
     # The most extreme schedule over the attacker distribution: only the attackers that break the recipe.
     "worst_attackers_only": _demo_recipe(
         lr_scheduler_type="linear",
@@ -131,7 +140,62 @@ class ReinitAboveFirstStageTrainer(SophonTrainer):
         return SimulationView(module, adapted, buffers, {n: n for n in kept})
 
 
-TRAINERS = {"reinit_above_first_stage": ReinitAboveFirstStageTrainer}
+def _first_stage_zero(features, labels):
+    return features.pow(2).mean()
+
+
+def _first_stage_class_info(features, labels):
+    """Between-class over total variance of the first stage's activations pooled to 4x4 (0: no class information)."""
+    pooled = F.adaptive_avg_pool2d(features, 4).flatten(1)
+    mean = pooled.mean(0)
+    total = (pooled - mean).pow(2).sum(1).mean()
+    between = sum(
+        (labels == c).float().mean() * (pooled[labels == c].mean(0) - mean).pow(2).sum() for c in labels.unique()
+    )
+    return between / (total + 1e-8)
+
+
+class _FirstStageSuppression:
+    """Wraps a `ClassificationTask`: its suppression loss gains `weight * objective(first stage output, labels)`."""
+
+    def __init__(self, task, objective, weight: float):
+        self._task, self._objective, self._weight = task, objective, weight
+
+    def __getattr__(self, name):
+        return getattr(self._task, name)
+
+    def suppression_loss(self, loss_name, model, batch, params=None, generator=None):
+        stage = next(m for n, m in model.named_modules() if n.endswith("encoder.stages.0"))
+        features = []
+        handle = stage.register_forward_hook(lambda _module, _inputs, output: features.append(output))
+        try:
+            loss, logits = self._task.suppression_loss(loss_name, model, batch, params, generator=generator)
+        finally:
+            handle.remove()
+        return loss + self._weight * self._objective(features[0], batch["labels"]), logits
+
+
+class FirstStageSuppressionTrainer(SophonTrainer):
+    """The demo's trainer with a representation-level suppression term on the first stage (demo ResNet only).
+
+    Section 5c of RESULTS.md found the fresh-head attacker's remaining head start in the stem and first stage; this
+    asks whether suppressing the restricted domain's activations there, rather than only at the output layer's input
+    (`feature_suppression_weight`), removes it.
+    """
+
+    def __init__(self, *args, objective, weight: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.task = _FirstStageSuppression(self.task, objective, weight)
+
+
+TRAINERS = {
+    "reinit_above_first_stage": ReinitAboveFirstStageTrainer,
+    **{
+        f"stage1_{name}{suffix}": functools.partial(FirstStageSuppressionTrainer, objective=objective, weight=weight)
+        for name, objective in (("zero", _first_stage_zero), ("class_info", _first_stage_class_info))
+        for suffix, weight in (("", 1.0), ("_x10", 10.0))
+    },
+}
 KEY_ATTACKS = [
     AttackSpec(strategy="full", optimizer="sgd_momentum", learning_rate=1e-2, steps=300),
     AttackSpec(strategy="full_reinit_head", optimizer="adam", learning_rate=1e-3, steps=300),

@@ -34,7 +34,7 @@ def _is_transformers_model(model: nn.Module) -> bool:
 
 
 def check_not_empty(dataset, role: str) -> None:
-    """Clear errors for a missing, empty or non-`datasets.Dataset` dataset (`role` names it, e.g. `"restricted_dataset"`)."""
+    """Clear errors for a missing or empty dataset, or one that is not a `datasets.Dataset` (`role` names it)."""
     if dataset is None:
         raise ValueError(f"`{role}` is required.")
     if isinstance(dataset, dict) and all(hasattr(v, "column_names") for v in dataset.values()):
