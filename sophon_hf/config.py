@@ -99,7 +99,13 @@ class SophonConfig(TrainingArguments):
             Human-readable names of the original and the restricted domains.
 
     Defaults that differ from `TrainingArguments`: `learning_rate=5e-4` (the paper's beta for ICE), `max_steps=1000`
-    (outer iterations of the authors' code), `logging_steps=10`, `remove_unused_columns=False`.
+    (outer iterations of the authors' code) unless `num_train_epochs` is given, `logging_steps=10`,
+    `remove_unused_columns=False`.
+
+    Epochs: an epoch is one pass of normal training over `train_dataset`, i.e.
+    `len(train_dataset) / (per_device_train_batch_size * ntr_steps * world_size)` outer iterations (each outer iteration
+    consumes `ntr_steps` batches). Give `num_train_epochs` without `max_steps` to train for that many epochs; when both
+    are given, `max_steps` wins (as in `TrainingArguments`).
     """
 
     # Suppression objective
@@ -168,13 +174,27 @@ class SophonConfig(TrainingArguments):
     )
     # Defaults that differ from TrainingArguments
     learning_rate: float = field(default=5e-4, metadata={"help": "Adam step size of normal training (NTR)."})
-    max_steps: int = field(default=1000, metadata={"help": "Number of outer iterations."})
+    max_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "Number of outer iterations (default: 1000, or num_train_epochs epochs when that is given)."
+        },
+    )
+    num_train_epochs: float | None = field(
+        default=None,
+        metadata={"help": "Epochs of normal training over train_dataset, used when max_steps is not given."},
+    )
     logging_steps: float = field(default=10, metadata={"help": "Log every X outer iterations."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: datasets are reduced to the model's inputs by the trainer."}
     )
 
     def __post_init__(self):
+        # `max_steps` defaults to 1000 outer iterations, but an explicit `num_train_epochs` alone must not be ignored.
+        if self.max_steps is None:
+            self.max_steps = -1 if self.num_train_epochs is not None else 1000
+        if self.num_train_epochs is None:
+            self.num_train_epochs = 3.0
         if self.restricted_loss not in RESTRICTED_LOSSES:
             raise ValueError(f"Unknown restricted_loss={self.restricted_loss!r}; choose one of {RESTRICTED_LOSSES}.")
         if isinstance(self.simulation_strategies, str):

@@ -231,10 +231,12 @@ class ClassificationTask:
         batch: Mapping[str, torch.Tensor],
         params: Mapping[str, torch.Tensor] | None = None,
         generator: torch.Generator | None = None,
+        label_smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ordinary task loss (cross-entropy) and the logits: what normal training and attackers minimise."""
+        """The ordinary task loss (cross-entropy, optionally label-smoothed) and the logits: what normal training and
+        attackers minimise."""
         logits = self.forward(model, batch, params)
-        return F.cross_entropy(logits, batch["labels"]), logits
+        return F.cross_entropy(logits, batch["labels"], label_smoothing=label_smoothing), logits
 
     def suppression_loss(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections import defaultdict
@@ -12,7 +13,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 from transformers import PreTrainedModel, Trainer
-from transformers.trainer_utils import EvalPrediction
+from transformers.trainer_utils import EvalPrediction, HubStrategy
 
 from .config import SophonConfig
 from .simulation import (
@@ -76,6 +77,26 @@ class _PersistentAttacker:
             else:
                 attacker.support_pool = tensor
         return attacker
+
+
+@contextlib.contextmanager
+def _without_activation_checkpointing(*modules: nn.Module):
+    """Run checkpointed layers (Transformers' and Diffusers' `gradient_checkpointing` flag) without checkpointing.
+
+    A checkpointed layer recomputes its forward during backward through the module's own parameters, after
+    `functional_call` has put them back: the simulated attacker's gradients would be taken at the model's weights,
+    not at its fast weights. Normal training keeps checkpointing.
+    """
+    flagged = [
+        m for module in modules for m in module.modules() if getattr(m, "gradient_checkpointing", False) is True
+    ]
+    for m in flagged:
+        m.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for m in flagged:
+            m.gradient_checkpointing = True
 
 
 def _collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -184,6 +205,8 @@ class SophonTrainer(Trainer):
                 f"restricted_loss={args.restricted_loss!r} is a classification loss; diffusion UNets use "
                 "restricted_loss='denial_of_service'."
             )
+        if is_denoiser and args.label_smoothing_factor:
+            raise ValueError("label_smoothing_factor applies to classifiers; diffusion UNets have no labels.")
         if is_denoiser and {"full_reinit_head", "linear_probe"} & set(args.simulation_strategies):
             raise ValueError(
                 f"simulation_strategies={args.simulation_strategies} includes head strategies, but a diffusion UNet "
@@ -224,17 +247,39 @@ class SophonTrainer(Trainer):
         self._best_state: dict[str, torch.Tensor] | None = None
         self._eval_generator: torch.Generator | None = None
         self.stop_reason: str | None = None
-        super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator or _collate,
-            train_dataset=train_dataset,
-            eval_dataset=eval_datasets or None,
-            processing_class=processing_class,
-            compute_metrics=compute_metrics or (_accuracy if self.task.metric_name == "accuracy" else None),
-            callbacks=callbacks,
-            optimizers=optimizers,
-        )
+        metric = args.metric_for_best_model
+        if metric is not None and compute_metrics is None and eval_datasets:
+            # Evaluation metrics are namespaced per dataset: fail now, not after the first `eval_steps` iterations.
+            names = ["loss"] + ([self.task.metric_name] if self.task.metric_name == "accuracy" else [])
+            allowed = [f"{split}_{name}" for split in eval_datasets for name in names]
+            if metric.removeprefix("eval_") not in allowed:
+                raise ValueError(
+                    f"metric_for_best_model={metric!r} is not an evaluation metric of SophonTrainer: evaluations are "
+                    f"logged per dataset, choose one of {allowed} (e.g. metric_for_best_model='original_accuracy')."
+                )
+        if args.push_to_hub and args.hub_strategy != HubStrategy.END:
+            logger.warning(
+                "push_to_hub=True with hub_strategy=%r: SophonTrainer uploads no checkpoints (their weights are not "
+                "measured); `trainer.save_model()` / `trainer.push_to_hub()` upload the final model.",
+                HubStrategy(args.hub_strategy).value,
+            )
+        # Label smoothing is applied to normal training by `_ntr_loss`; Trainer's own LabelSmoother is never used (and
+        # reads `model.config`, which plain modules lack).
+        label_smoothing, args.label_smoothing_factor = args.label_smoothing_factor, 0.0
+        try:
+            super().__init__(
+                model=model,
+                args=args,
+                data_collator=data_collator or _collate,
+                train_dataset=train_dataset,
+                eval_dataset=eval_datasets or None,
+                processing_class=processing_class,
+                compute_metrics=compute_metrics or (_accuracy if self.task.metric_name == "accuracy" else None),
+                callbacks=callbacks,
+                optimizers=optimizers,
+            )
+        finally:
+            args.label_smoothing_factor = label_smoothing
         # Every NTR step of an outer iteration gets a full per-device batch.
         self._train_batch_size = self._train_batch_size * args.ntr_steps
         if self._lora is not None:
@@ -371,7 +416,8 @@ class SophonTrainer(Trainer):
         """
         from .hub import push_folder
 
-        self.save_model()
+        # `_internal_call`: with `args.push_to_hub`, a plain `save_model()` calls `push_to_hub` again.
+        self.save_model(_internal_call=True)
         if not self.is_world_process_zero():
             return None
         repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
@@ -414,6 +460,21 @@ class SophonTrainer(Trainer):
         logger.info("Loading the best model from %s.", self.state.best_model_checkpoint)
         self._load_from_checkpoint(self.state.best_model_checkpoint)
 
+    def _remove_unused_columns(self, dataset, description: str | None = None):
+        # Every dataset is already reduced to the model's inputs and labels (`task.prepare_dataset`); Trainer's
+        # signature-based removal would drop `labels` for plain modules whose forward takes only the inputs.
+        return dataset
+
+    def _get_collator_with_removed_columns(self, data_collator, description: str | None = None):
+        return data_collator
+
+    def hyperparameter_search(self, *args, **kwargs):
+        raise NotImplementedError(
+            "SophonTrainer does not support hyperparameter_search: Trainer's search re-creates the model through "
+            "`model_init`, while SophonTrainer derives its task, head and simulated LoRA attacker from the model it is "
+            "given. Run one SophonTrainer per configuration instead."
+        )
+
     # ------------------------------------------------------------------ one outer iteration
     def training_step(self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch=None):
         model.train()
@@ -445,7 +506,8 @@ class SophonTrainer(Trainer):
         return loss.detach()
 
     def _ntr_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        loss, _ = self.task.loss(model, batch)
+        smoothing = {"label_smoothing": self.args.label_smoothing_factor} if self.args.label_smoothing_factor else {}
+        loss, _ = self.task.loss(model, batch, **smoothing)
         finite = torch.isfinite(loss.detach()).float()
         if self.args.world_size > 1:
             # Every rank must take the same decision: a rank that skipped its backward would leave the others
@@ -617,16 +679,18 @@ class SophonTrainer(Trainer):
         if strategy == "linear_probe":
             module.eval()
         try:
-            result = simulate_finetuning(
-                view,
-                task_loss,
-                suppression,
-                self.task.batch_metric,
-                attacker.optimizer,
-                supports,
-                queries,
-                first_order=args.first_order,
-            )
+            checkpointing_off = _without_activation_checkpointing(module, *([self._lora[0]] if self._lora else []))
+            with checkpointing_off:
+                result = simulate_finetuning(
+                    view,
+                    task_loss,
+                    suppression,
+                    self.task.batch_metric,
+                    attacker.optimizer,
+                    supports,
+                    queries,
+                    first_order=args.first_order,
+                )
         finally:
             module.train()
         if args.simulation_horizon or args.simulation_support_size:
