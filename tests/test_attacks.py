@@ -487,3 +487,57 @@ def test_attacks_split_across_two_processes(tmp_path):
     assert ranks == {0, 1}
     with open(os.path.join(output_dir, "report.json")) as f:
         assert len(json.load(f)["attacks"]) == 3
+
+
+def test_a_real_linear_probe_runs_the_body_in_eval_mode():
+    model = SmallCNN()  # BatchNorm: train mode would move its running statistics on restricted data
+    task, train, test = _prepared(model)
+    spec = AttackSpec(strategy="linear_probe", optimizer="adam", learning_rate=1e-2, steps=3, batch_size=8)
+    probe = run_attack(model, task, train, test, spec, return_model=True)["model"]
+    for name, buffer in model.named_buffers():
+        assert torch.equal(probe.get_buffer(name), buffer), f"{name} absorbed restricted data"
+
+
+@pytest.mark.parametrize("strategy", ["full_reinit_head", "linear_probe"])
+def test_head_strategies_replace_the_released_head(strategy):
+    model = MLP()
+    with torch.no_grad():  # a released head that carries nothing: a kept copy would stay (almost) zero
+        model.out.weight.zero_()
+        model.out.bias.zero_()
+    task, train, test = _prepared(model)
+
+    def head_after(seed):
+        spec = AttackSpec(strategy=strategy, optimizer="sgd", learning_rate=1e-6, steps=1, batch_size=8, seed=seed)
+        return run_attack(model, task, train, test, spec, return_model=True)["model"].out.weight.detach()
+
+    assert head_after(0).abs().max() > 1e-2, "the attack kept the released head"
+    assert not torch.equal(head_after(0), head_after(1))  # the fresh head follows the attack's seed
+
+
+def test_sgd_nesterov_is_not_plain_momentum():
+    model = MLP()
+    task, train, test = _prepared(model)
+
+    def trained(optimizer):
+        spec = AttackSpec(optimizer=optimizer, learning_rate=0.1, steps=3, batch_size=8)
+        return run_attack(model, task, train, test, spec, return_model=True)["model"]
+
+    nesterov, momentum = trained("sgd_nesterov"), trained("sgd_momentum")
+    assert any(not torch.equal(a, b) for a, b in zip(nesterov.parameters(), momentum.parameters()))
+
+
+def test_scratch_does_not_recreate_a_model_built_under_the_same_seed():
+    model = MLP(seed=3)  # built right after torch.manual_seed(3)
+    scratch = build_scratch_model(model, seed=3)
+    for name, param in scratch.named_parameters():
+        assert not torch.equal(param, model.get_parameter(name)), name
+
+
+def test_diverged_scratch_initialisations_are_left_out_of_the_mean():
+    from sophon_hf.attacks import _mean_of_runs
+
+    healthy = [{"curve": [[0, 0.2], [4, 0.6]], "diverged": False, "diverged_at": None}]
+    healthy.append({"curve": [[0, 0.4], [4, 0.8]], "diverged": False, "diverged_at": None})
+    broken = {"curve": [[0, 0.9], [4, 0.9]], "diverged": True, "diverged_at": 4}
+    mean = _mean_of_runs([healthy[0], broken, healthy[1]])
+    assert mean["curve"] == [[0, pytest.approx(0.3)], [4, pytest.approx(0.7)]] and not mean["diverged"]

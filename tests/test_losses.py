@@ -57,3 +57,35 @@ def test_half_precision_logits_are_scored_in_float32(dtype):
         low = loss(logits, labels)
         assert low.dtype == torch.float32
         torch.testing.assert_close(low, loss(logits.float(), labels))  # the same numbers as float32 logits
+
+
+def test_negated_logits_variant_on_an_asymmetric_example():
+    # [1, 2, 3] with label 1 is symmetric: softmax(z)[1] == softmax(-z)[1], so it cannot tell the negation apart.
+    logits, label = torch.tensor([[1.0, 2.0, 4.0]]), torch.tensor([0])
+    expected = -torch.log_softmax(-logits, -1)[0, 0]  # log(e^-1 + e^-2 + e^-4) + 1
+    assert torch.allclose(inverse_cross_entropy_negated_logits(logits, label), expected)
+    assert not torch.allclose(
+        inverse_cross_entropy_negated_logits(logits, label), torch.nn.functional.cross_entropy(logits, label)
+    )
+
+
+def test_kl_uniform_is_stable_for_confident_logits():
+    # p = (e^-200, 1): softmax underflows to 0 in float32, but log_softmax is exact: KL = 100 - log 2.
+    value = kl_uniform(torch.tensor([[0.0, 200.0]]))
+    assert torch.isfinite(value) and value.item() == pytest.approx(100 - math.log(2), rel=1e-6)
+
+
+def test_dispatch_reaches_each_classification_loss():
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(6, 4, generator=g) * 3, torch.randint(4, (6,), generator=g)
+    for name, loss in [
+        ("inverse_cross_entropy", inverse_cross_entropy(logits, labels)),
+        ("inverse_cross_entropy_negated_logits", inverse_cross_entropy_negated_logits(logits, labels)),
+        ("kl_uniform", kl_uniform(logits)),
+    ]:
+        torch.testing.assert_close(classification_suppression_loss(name, logits, labels), loss, msg=name)
+    values = [
+        classification_suppression_loss(n, logits, labels).item()
+        for n in ("inverse_cross_entropy", "inverse_cross_entropy_negated_logits", "kl_uniform")
+    ]
+    assert len(set(values)) == 3  # three different losses on this batch

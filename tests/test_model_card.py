@@ -350,3 +350,54 @@ def test_image_card_prepares_inputs_with_the_shipped_processor_or_says_there_is_
     assert 'processor = AutoImageProcessor.from_pretrained("path/to/this/model")' in with_processor
     without = generate_model_card(model_name="vit-sophon").text
     assert "AutoImageProcessor" not in without and "No image processor ships with this model" in without
+
+
+def _table(text: str) -> list[dict[str, str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| attack | strategy |")]
+    assert len(lines) == 1
+    start = text.splitlines().index(lines[0])
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = []
+    for line in text.splitlines()[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")))))
+    return rows
+
+
+def test_card_table_and_worst_case_put_each_start_in_its_own_place():
+    report = classification_report().to_dict()
+    text = generate_model_card(report=report, sophon_config=SOPHON_CONFIG).text
+    rows = {row["attack"].strip("*"): row for row in _table(text)}
+    for attack in report["attacks"]:
+        values = final_metrics(attack)
+        row = rows[attack["name"]]
+        for start in ("protected", "unprotected", "scratch"):
+            assert row[start].split()[0] == f"{values[start]:.4f}", (attack["name"], start)
+    assert (
+        "**Worst case:** `full_reinit_head-adam-lr0.001`: the protected start reached accuracy 0.8000 against 0.7000 "
+        "from scratch and 0.9500 from the unprotected original" in text
+    )
+    assert "accuracy on original-domain test data: protected 0.9700; unprotected 0.9800." in text
+
+
+def test_card_applies_the_report_tolerance_to_its_headline():
+    report = classification_report()
+    report.tolerance = 0.2  # the only head start (0.1) is within it
+    text = generate_model_card(report=report.to_dict()).text
+    assert "no head start over training from scratch in any of 3 measured attacks" in text
+    assert "beat training from scratch" not in text
+
+
+def test_card_without_a_summary_picks_the_largest_head_start_as_worst():
+    report = {
+        "metric": "accuracy",
+        "higher_is_better": True,
+        "attacks": [
+            {"name": "mild", "spec": {}, "final": {"protected": 0.72, "scratch": 0.7}},
+            {"name": "severe", "spec": {}, "final": {"protected": 0.9, "scratch": 0.7}},
+            {"name": "held", "spec": {}, "final": {"protected": 0.1, "scratch": 0.7}},
+        ],
+    }
+    text = generate_model_card(report=report).text
+    assert "**Worst case:** `severe`" in text

@@ -168,3 +168,28 @@ def test_real_report_follows_the_design_schema(tmp_path):
     assert data["scratch_recipe"]["optimizer"] == "adam" and data["scratch_recipe"]["learning_rate"] == 1e-3
     assert data["fingerprints"]["protected"] != data["fingerprints"]["reference"]
     assert os.path.getsize(tmp_path / "attack_curves.png") > 1000
+
+
+@pytest.mark.parametrize("higher_is_better", [True, False])
+def test_a_diverged_run_counts_with_its_best_value_not_its_last(higher_is_better):
+    # Best before divergence differs from the last value, in the attacker's direction.
+    best, last = (0.8, 0.5) if higher_is_better else (0.3, 0.6)
+    record = _record(
+        "c",
+        [[0, 0.4], [5, best], [10, last]],
+        [[0, 0.4], [10, 0.9]],
+        [[0, 0.4], [10, 0.7]],
+        diverged={"protected": 12},
+    )
+    summary = ResistanceReport("t", "m", higher_is_better, [record]).attack_summary(record)
+    assert summary["final"]["protected"] is None
+    assert summary["effective_final"]["protected"] == best
+
+
+def test_tolerance_turns_a_small_head_start_into_none():
+    report = _report(tolerance=0.1)  # "b" is 0.05 ahead of scratch at the end
+    data = report.to_dict()
+    assert data["attacks"][1]["head_start"] == pytest.approx(0.05)
+    assert data["attacks"][1]["verdict"] == "no head start over scratch at the end"
+    assert data["summary"]["attacks_with_head_start"] == []
+    assert _report(tolerance=0.01).to_dict()["summary"]["attacks_with_head_start"] == ["b"]

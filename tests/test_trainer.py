@@ -465,3 +465,161 @@ def test_user_supplied_optimizer_keeps_a_separate_suppression_state(tmp_output):
     trainer.train()
     assert isinstance(trainer.fts_optimizer, torch.optim.Adam) and trainer.fts_optimizer is not optimizer
     assert trainer.state.global_step == 2
+
+
+class _Spy:
+    """Calls the real function and keeps what it returned (the project code still runs unchanged)."""
+
+    def __init__(self, function):
+        self.function, self.results = function, []
+
+    def __call__(self, *args, **kwargs):
+        self.results.append(self.function(*args, **kwargs))
+        return self.results[-1]
+
+
+@pytest.mark.parametrize("strategy", ["full_reinit_head", "linear_probe"])
+def test_simulated_head_strategies_start_from_a_fresh_head_and_adapt_what_they_claim(strategy, tmp_output):
+    import math
+
+    model = SmallCNN()
+    with torch.no_grad():  # the released head predicts uniformly: kept as it is, its first loss is exactly log(5)
+        model.fc.weight.zero_()
+        model.fc.bias.zero_()
+    trainer = _trainer(
+        model,
+        tmp_output,
+        simulation_strategies=[strategy],
+        inner_steps=1,
+        simulation_horizon=2,
+        inner_optimizers=["sgd:0.5"],
+    )
+    trainer.create_optimizer()
+    assert trainer._fine_tuning_simulation_step()
+    first_support_loss = trainer._metrics["fts/support_loss"][-1]
+    assert abs(first_support_loss - math.log(5)) > 1e-3, "the simulated attacker kept the released head"
+    attacker = trainer._attacker
+    head = set(trainer.task.head_param_names)
+    body = {n for n, _ in model.named_parameters()} - head
+    assert set(attacker.own) == head  # the attacker's own, fresh head
+    # A probe moves no body weight; full_reinit_head moves every body weight.
+    assert set(attacker.offsets) == (set() if strategy == "linear_probe" else body)
+    # The fresh head's gradient never reaches the model's head: it gets no suppression update.
+    assert torch.equal(model.fc.weight, torch.zeros_like(model.fc.weight))
+
+
+def test_suppression_step_is_adam_on_the_clipped_meta_gradient(tmp_output, monkeypatch):
+    import sophon_hf.trainer as trainer_module
+
+    spy = _Spy(trainer_module.simulate_finetuning)
+    monkeypatch.setattr(trainer_module, "simulate_finetuning", spy)
+    model = SmallCNN()
+    trainer = _trainer(model, tmp_output, simulation_strategies=["full"], fts_max_grad_norm=1e-3)
+    trainer.create_optimizer()
+    assert trainer._fine_tuning_simulation_step()
+    (result,) = spy.results
+    names = [n for n, _ in model.named_parameters()]
+    meta = torch.cat([result.meta_grads[n].reshape(-1) for n in names])
+    assert meta.norm() > 1e-3  # so clipping is active
+    assert trainer._metrics["fts/grad_norm"][-1] == pytest.approx(meta.norm().item(), rel=1e-5)
+    # Adam's first moment after one step is (1 - beta1) * grad: the gradient the suppression optimizer received.
+    state = trainer.fts_optimizer.state
+    applied = torch.cat([state[p]["exp_avg"].reshape(-1) / 0.1 for _, p in model.named_parameters()])
+    expected = meta * (1e-3 / (meta.norm() + 1e-6))  # same direction (descent on the suppression loss), norm clipped
+    torch.testing.assert_close(applied, expected, rtol=1e-4, atol=1e-9)
+    # The normal-training optimizer took no step.
+    assert not trainer.optimizer.state
+
+
+def test_first_order_false_reaches_the_simulation(tmp_output):
+    def grad_norm(first_order):
+        trainer = _trainer(SmallCNN(), tmp_output, simulation_strategies=["full"], first_order=first_order)
+        trainer.create_optimizer()
+        assert trainer._fine_tuning_simulation_step()
+        return trainer._metrics["fts/grad_norm"][-1]
+
+    # Same seed, batches and attacker: only the order of the meta-gradient differs.
+    assert grad_norm(True) != pytest.approx(grad_norm(False), rel=1e-4)
+
+
+def test_every_outer_iteration_simulates_on_new_restricted_batches(tmp_output):
+    trainer = _trainer(SmallCNN(), tmp_output, restricted_batch_size=4)
+    drawn = []
+    for step in (0, 1):
+        trainer.state.global_step = step
+        supports, _ = trainer._restricted_batches(trainer._generator(salt=0))
+        drawn.append(torch.cat([b["pixel_values"] for b in supports]))
+    assert not torch.equal(drawn[0], drawn[1])
+
+
+def test_persistent_attacker_resumes_from_its_offsets_head_and_support_pool(tmp_output):
+    model = SmallCNN()
+    trainer = _trainer(
+        model,
+        tmp_output,
+        simulation_strategies=["full_reinit_head"],
+        inner_optimizers=["sgd:0.1"],
+        simulation_horizon=4,
+        simulation_support_size=5,
+    )
+    trainer.create_optimizer()
+    trainer.state.global_step = 0
+    assert trainer._fine_tuning_simulation_step()
+    attacker = trainer._attacker
+    offsets = {n: t.clone() for n, t in attacker.offsets.items()}
+    own = {n: t.clone() for n, t in attacker.own.items()}
+    pool_rows = trainer._restricted_rows(attacker.support_pool)["pixel_values"]
+    expected_start = {n: model.get_parameter(n).detach() + offsets[n] for n in offsets} | own
+
+    calls = []
+    real_loss = trainer.task.loss
+
+    def recording_loss(m, batch, params=None, generator=None):
+        calls.append((batch, params))
+        return real_loss(m, batch, params, generator=generator)
+
+    trainer.task.loss = recording_loss  # records, then runs the real task loss
+    trainer.state.global_step = 1
+    assert trainer._fine_tuning_simulation_step()
+    _, first_params = calls[0]
+    for name, value in expected_start.items():
+        torch.testing.assert_close(first_params[name], value, msg=name)
+    for batch, _ in calls:  # the attacker still fine-tunes on its few examples only
+        assert all(any(torch.equal(row, p) for p in pool_rows) for row in batch["pixel_values"])
+
+
+class _RecordingTrainer(SophonTrainer):
+    def _ntr_loss(self, model, batch):
+        self.ntr_batches = [*getattr(self, "ntr_batches", []), batch]
+        return super()._ntr_loss(model, batch)
+
+
+def test_ntr_steps_split_the_batch_into_disjoint_chunks(tmp_output):
+    trainer = _RecordingTrainer(
+        SmallCNN(),
+        args=_config(tmp_output, ntr_steps=3, max_steps=1),
+        train_dataset=image_dataset(32, seed=1),
+        restricted_dataset=image_dataset(32, seed=2, shift=0.3),
+    )
+    trainer.train()
+    rows = torch.cat([b["pixel_values"].reshape(len(b["pixel_values"]), -1) for b in trainer.ntr_batches])
+    assert len(trainer.ntr_batches) == 3 and len(rows) == 24  # 3 steps x a full per-device batch of 8
+    assert len(torch.unique(rows, dim=0)) == 24  # no row trained twice
+
+
+def test_intermediate_ntr_steps_are_clipped_like_the_last(tmp_output):
+    model = SmallCNN()
+    before = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer = SophonTrainer(
+        model,
+        args=_config(tmp_output, ntr_steps=3, max_steps=1, max_grad_norm=1e-3, fts_learning_rate=1e-12),
+        train_dataset=image_dataset(32, seed=1),
+        restricted_dataset=image_dataset(32, seed=2, shift=0.3),
+        optimizers=(optimizer, scheduler),
+    )
+    trainer.train()
+    moved = (torch.cat([p.detach().reshape(-1) for p in model.parameters()]) - before).norm()
+    # Three SGD steps of lr 1 on gradients clipped to 1e-3 (plus a negligible suppression step).
+    assert moved <= 3 * 1e-3 + 1e-6
