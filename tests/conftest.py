@@ -95,6 +95,25 @@ def text_dataset(n: int = 32, num_labels: int = 5, length: int = 8, seed: int = 
     )
 
 
+def tiny_config(output_dir, **overrides):
+    """A `SophonConfig` for seconds-long CPU tests (3 outer iterations, K=2, batches of 8, seed 0, nothing saved)."""
+    from sophon_hf import SophonConfig
+
+    defaults = dict(
+        output_dir=str(output_dir),
+        max_steps=3,
+        per_device_train_batch_size=8,
+        inner_steps=2,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        seed=0,
+        disable_tqdm=True,
+    )
+    return SophonConfig(**{**defaults, **overrides})
+
+
 @pytest.fixture
 def one_thread():
     """One intra-op torch thread for the test, restored afterwards."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import SmallCNN, image_dataset
+from conftest import SmallCNN, image_dataset, tiny_config
 from datasets import Dataset
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from PIL import Image
@@ -58,20 +58,12 @@ def pixels_dataset(n: int = 16, seed: int = 0, size: int = 16, channels: int = 1
 
 def config(output_dir, **overrides) -> SophonConfig:
     defaults = dict(
-        output_dir=output_dir,
         max_steps=2,
         per_device_train_batch_size=4,
-        inner_steps=2,
         restricted_loss="denial_of_service",
         simulation_strategies=["full"],
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        disable_tqdm=True,
     )
-    return SophonConfig(**{**defaults, **overrides})
+    return tiny_config(output_dir, **{**defaults, **overrides})
 
 
 # ---------------------------------------------------------------------- losses and task maths

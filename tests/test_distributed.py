@@ -3,31 +3,24 @@
 import tempfile
 
 import torch
-from conftest import SmallCNN, image_dataset, run_two_processes
+from conftest import SmallCNN, image_dataset, run_two_processes, tiny_config
 
 
 def _train_on_two_ranks():
     import torch.distributed as dist
 
-    from sophon_hf import SophonConfig, SophonTrainer
+    from sophon_hf import SophonTrainer
 
     torch.manual_seed(0)
     model = SmallCNN()
     initial = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
-    args = SophonConfig(
-        output_dir=tempfile.mkdtemp(),
+    args = tiny_config(
+        tempfile.mkdtemp(),
         max_steps=4,
-        per_device_train_batch_size=8,
-        inner_steps=2,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
         simulation_strategies=["full", "full_reinit_head", "linear_probe", "lora"],
         inner_optimizers=["sgd", "adam:1e-3"],
         simulation_horizon=4,  # persistent attackers, one per rank
         simulation_support_size=8,
-        logging_steps=1,
     )
     trainer = SophonTrainer(
         model, args=args, train_dataset=image_dataset(64, seed=1), restricted_dataset=image_dataset(64, seed=2)
@@ -58,23 +51,16 @@ def test_two_process_training_keeps_replicas_identical():
 
 
 def _two_rank_trainer(output_dir, trainer_class=None, **overrides):
-    from sophon_hf import SophonConfig, SophonTrainer
+    from sophon_hf import SophonTrainer
 
     torch.manual_seed(0)
     settings = dict(
-        output_dir=output_dir,
         max_steps=4,
-        per_device_train_batch_size=8,
-        inner_steps=2,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
         simulation_strategies=["full", "full_reinit_head"],
         inner_optimizers=["sgd", "adam:1e-3"],
         simulation_horizon=4,
     )
-    args = SophonConfig(**{**settings, **overrides})
+    args = tiny_config(output_dir, **{**settings, **overrides})
     return (trainer_class or SophonTrainer)(
         SmallCNN(), args=args, train_dataset=image_dataset(64, seed=1), restricted_dataset=image_dataset(64, seed=2)
     )

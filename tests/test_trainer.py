@@ -4,36 +4,20 @@ import os
 
 import pytest
 import torch
-from conftest import SmallCNN, image_dataset, text_dataset, tiny_bert, tiny_resnet, tiny_vit
+from conftest import SmallCNN, image_dataset, text_dataset, tiny_bert, tiny_config, tiny_resnet, tiny_vit
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from sophon_hf import SophonConfig, SophonTrainer
+from sophon_hf import SophonTrainer
 
 ALL_STRATEGIES = ["full", "full_reinit_head", "linear_probe", "lora"]
-
-
-def _config(tmp_output, **overrides):
-    defaults = dict(
-        output_dir=tmp_output,
-        max_steps=3,
-        per_device_train_batch_size=8,
-        inner_steps=2,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        disable_tqdm=True,
-    )
-    return SophonConfig(**{**defaults, **overrides})
 
 
 def _trainer(model, tmp_output, train=None, restricted=None, **overrides):
     train = train if train is not None else image_dataset(32, seed=1)
     restricted = restricted if restricted is not None else image_dataset(32, seed=2, shift=0.3)
     return SophonTrainer(
-        model, args=_config(tmp_output, **overrides), train_dataset=train, restricted_dataset=restricted
+        model, args=tiny_config(tmp_output, **overrides), train_dataset=train, restricted_dataset=restricted
     )
 
 
@@ -188,7 +172,7 @@ def test_floor_guard_stops_and_restores_last_good_weights(tmp_output):
             return {"accuracy": next(accuracies)}
 
     model = SmallCNN()
-    config = _config(tmp_output, max_steps=10, eval_strategy="steps", eval_steps=2, original_accuracy_floor=0.8)
+    config = tiny_config(tmp_output, max_steps=10, eval_strategy="steps", eval_steps=2, original_accuracy_floor=0.8)
     trainer = SophonTrainer(
         model,
         args=config,
@@ -221,7 +205,7 @@ def test_non_finite_loss_stops_cleanly_and_keeps_finite_weights(tmp_output):
 def test_eval_on_original_and_restricted_is_namespaced(tmp_output):
     trainer = SophonTrainer(
         SmallCNN(),
-        args=_config(tmp_output, max_steps=1),
+        args=tiny_config(tmp_output, max_steps=1),
         train_dataset=image_dataset(32, seed=1),
         restricted_dataset=image_dataset(32, seed=2),
         eval_dataset=image_dataset(16, seed=3),
@@ -248,7 +232,7 @@ def test_save_model_writes_safetensors_that_reload(tmp_output):
 # ---------------------------------------------------------------------- bad input
 def test_missing_restricted_dataset(tmp_output):
     with pytest.raises(ValueError, match="restricted_dataset"):
-        SophonTrainer(SmallCNN(), args=_config(tmp_output), train_dataset=image_dataset())
+        SophonTrainer(SmallCNN(), args=tiny_config(tmp_output), train_dataset=image_dataset())
 
 
 @pytest.mark.parametrize(
@@ -281,9 +265,9 @@ def test_bad_restricted_datasets(dataset, match, tmp_output):
         ({"fts_max_grad_norm": -0.5}, "fts_max_grad_norm must be >= 0"),
     ],
 )
-def test_bad_config(overrides, match, tmp_output):
+def test_badtiny_config(overrides, match, tmp_output):
     with pytest.raises(ValueError, match=match):
-        _config(tmp_output, **overrides)
+        tiny_config(tmp_output, **overrides)
 
 
 def test_support_size_that_leaves_no_query_examples(tmp_output):
@@ -296,7 +280,7 @@ def test_a_dataset_missing_an_input_column_of_the_others_is_refused(tmp_output):
     with pytest.raises(ValueError, match=r"`eval_dataset` has no \['attention_mask'\] column"):
         SophonTrainer(
             tiny_bert(),
-            args=_config(tmp_output),
+            args=tiny_config(tmp_output),
             train_dataset=text_dataset(),
             restricted_dataset=text_dataset(seed=2),
             eval_dataset=no_mask,
@@ -322,7 +306,7 @@ def test_ntr_steps_survive_a_last_batch_smaller_than_their_count(tmp_output):
 def _scripted_eval_trainer(tmp_output, accuracies, **overrides):
     """A ViT trainer that evaluates and checkpoints every 3 steps; evaluations report `accuracies` in turn."""
     values = iter(accuracies)
-    args = _config(
+    args = tiny_config(
         tmp_output,
         max_steps=6,
         eval_strategy="steps",
@@ -454,7 +438,7 @@ def test_user_supplied_optimizer_keeps_a_separate_suppression_state(tmp_output):
     model = SmallCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    config = _config(tmp_output, max_steps=2)
+    config = tiny_config(tmp_output, max_steps=2)
     trainer = SophonTrainer(
         model,
         args=config,
@@ -597,7 +581,7 @@ class _RecordingTrainer(SophonTrainer):
 def test_ntr_steps_split_the_batch_into_disjoint_chunks(tmp_output):
     trainer = _RecordingTrainer(
         SmallCNN(),
-        args=_config(tmp_output, ntr_steps=3, max_steps=1),
+        args=tiny_config(tmp_output, ntr_steps=3, max_steps=1),
         train_dataset=image_dataset(32, seed=1),
         restricted_dataset=image_dataset(32, seed=2, shift=0.3),
     )
@@ -614,7 +598,7 @@ def test_intermediate_ntr_steps_are_clipped_like_the_last(tmp_output):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     trainer = SophonTrainer(
         model,
-        args=_config(tmp_output, ntr_steps=3, max_steps=1, max_grad_norm=1e-3, fts_learning_rate=1e-12),
+        args=tiny_config(tmp_output, ntr_steps=3, max_steps=1, max_grad_norm=1e-3, fts_learning_rate=1e-12),
         train_dataset=image_dataset(32, seed=1),
         restricted_dataset=image_dataset(32, seed=2, shift=0.3),
         optimizers=(optimizer, scheduler),

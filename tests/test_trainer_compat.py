@@ -4,26 +4,14 @@ import copy
 
 import pytest
 import torch
-from conftest import SmallCNN, image_dataset, tiny_vit
+from conftest import SmallCNN, image_dataset, tiny_config, tiny_vit
 from test_hub import FakeHub
 
-from sophon_hf import SophonConfig, SophonTrainer
+from sophon_hf import SophonTrainer
 
 
 def _config(tmp_output, **overrides):
-    defaults = dict(
-        output_dir=tmp_output,
-        max_steps=2,
-        per_device_train_batch_size=8,
-        inner_steps=2,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        seed=0,
-        disable_tqdm=True,
-    )
-    return SophonConfig(**{**defaults, **overrides})
+    return tiny_config(tmp_output, **{"max_steps": 2, **overrides})
 
 
 def _trainer(model, tmp_output, evaluation=False, **overrides):
