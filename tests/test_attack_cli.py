@@ -150,3 +150,77 @@ def test_attack_cli_measures_a_diffusers_unet_with_its_saved_scheduler(tmp_path)
     assert main(args) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["metric"] == "denoising_mse" and len(report["attacks"]) == 1
+
+
+class _Stop(Exception):
+    """Raised by a stand-in harness once it has recorded what the command passed to it."""
+
+
+def _capture_harness(monkeypatch):
+    captured = {}
+
+    def harness(model, train, test, **kwargs):
+        captured.update(model=model, train=train, test=test, **kwargs)
+        raise _Stop
+
+    monkeypatch.setattr("sophon_hf.attacks.evaluate_finetuning_resistance", harness)
+    return captured
+
+
+def test_attack_cli_defaults_reach_the_harness(saved, monkeypatch):
+    from sophon_hf.attacks import resolve_attacks
+
+    captured = _capture_harness(monkeypatch)
+    args = ["attack", "--model", str(saved / "protected"), "--restricted-train", str(saved / "data")]
+    with pytest.raises(_Stop):
+        main([*args, "--label-column", "label", "--output", str(saved / "x")])
+    # The quick suite with its own seeds, the "train" split to train on and the "test" split to score on.
+    assert [(s.name, s.seed) for s in captured["attacks"]] == [(s.name, s.seed) for s in resolve_attacks("quick")]
+    assert (captured["train"].num_rows, captured["test"].num_rows) == (24, 16)
+    assert captured["include_scratch"] is True and captured["scratch_inits"] == 3
+    assert captured["steps_scale"] == 1.0 and captured["reference_model"] is None and captured["head_name"] is None
+
+
+def test_attack_cli_options_reach_the_harness(saved, monkeypatch):
+    from sophon_hf.attacks import resolve_attacks
+
+    splits = {"a": image_dataset(12, seed=3), "b": image_dataset(6, seed=4)}
+    DatasetDict({k: v.rename_column("pixel_values", "image") for k, v in splits.items()}).save_to_disk(saved / "raw")
+    image_dataset(10, seed=5).rename_column("labels", "label").save_to_disk(saved / "held_out")
+    captured = _capture_harness(monkeypatch)
+    with pytest.raises(_Stop):
+        main(
+            ["attack", "--model", str(saved / "protected"), "--reference-model", str(saved / "reference"),
+             "--restricted-train", str(saved / "raw"), "--train-split", "a", "--input-column", "image",
+             "--suite", "standard", "--seed", "5", "--no-scratch", "--scratch-inits", "2", "--steps-scale", "0.5",
+             "--head-name", "classifier", "--device", "cpu", "--restricted-test", str(saved / "raw"),
+             "--test-split", "b", "--output", str(saved / "x")]
+        )  # fmt: skip
+    standard = resolve_attacks("standard")
+    assert [(s.strategy, s.optimizer, s.seed) for s in captured["attacks"]] == [
+        (s.strategy, s.optimizer, s.seed + 5) for s in standard
+    ]
+    assert captured["train"].num_rows == 12 and captured["test"].num_rows == 6
+    assert {"pixel_values", "labels"} <= set(captured["train"].column_names) and "image" not in captured[
+        "train"
+    ].column_names
+    assert captured["include_scratch"] is False and captured["scratch_inits"] == 2 and captured["steps_scale"] == 0.5
+    assert (captured["head_name"], captured["device"], captured["output_dir"]) == (
+        "classifier",
+        "cpu",
+        str(saved / "x"),
+    )
+    assert captured["reference_model"] is not None
+    # A separate held-out folder is what the attacks are scored on.
+    captured.clear()
+    with pytest.raises(_Stop):
+        main([*_args(saved, saved / "y"), "--restricted-test", str(saved / "held_out")])
+    assert captured["test"].num_rows == 10 and captured["train"].num_rows == 24
+
+
+def test_attack_cli_names_a_missing_split_and_unknown_options(saved):
+    with pytest.raises(SystemExit, match=r"has splits \['train', 'test'\], not 'valid'"):
+        main([*_args(saved, saved / "x"), "--test-split", "valid"])
+    with pytest.raises(SystemExit) as error:
+        main([*_args(saved, saved / "x"), "--no-such-option"])
+    assert error.value.code == 2

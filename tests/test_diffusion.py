@@ -250,6 +250,26 @@ def test_generate_samples_and_grid(tmp_path):
         save_sample_grid({"bad": torch.rand(2, 2, 4, 4)}, tmp_path / "bad.png")
 
 
+def test_generate_samples_maps_the_sample_range_to_0_1_and_leaves_its_inputs_alone():
+    unet = tiny_unet()
+    with torch.no_grad():  # a denoiser that predicts the clean image 0 (mid-grey in [-1, 1]) everywhere
+        unet.conv_out.weight.zero_()
+        unet.conv_out.bias.zero_()
+    sampler = DDPMScheduler(num_train_timesteps=100, prediction_type="sample")
+    timesteps = sampler.timesteps.clone()
+    unet.train()
+    images = generate_samples(unet, sampler, 2, torch.Generator().manual_seed(0), num_inference_steps=5)
+    torch.testing.assert_close(images, torch.full((2, 1, 16, 16), 0.5))
+    assert unet.training and torch.equal(sampler.timesteps, timesteps)
+
+
+def test_images_are_center_cropped():
+    wide = np.zeros((10, 30), dtype=np.uint8)
+    wide[:, 10:20] = 255  # only the middle square is white
+    pixels = images_to_pixel_values(Dataset.from_dict({"image": [wide]}), 10, 1).with_format("torch")[0]
+    torch.testing.assert_close(pixels["pixel_values"], torch.ones(1, 10, 10))
+
+
 # ---------------------------------------------------------------------- bad input
 def test_bad_input_errors_name_the_fix(tmp_path):
     unet, out = tiny_unet(), str(tmp_path / "o")
@@ -310,6 +330,15 @@ def test_bad_input_errors_name_the_fix(tmp_path):
         get_task(SmallCNN(), noise_scheduler=scheduler())
     with pytest.raises(ValueError, match="diffusion_timestep_range are for Diffusers denoisers"):
         get_task(SmallCNN(), diffusion_timestep=(0, 10))
+
+
+def test_integer_and_too_dark_pixels_are_refused():
+    task = DiffusionTask(tiny_unet(), scheduler())
+    integers = Dataset.from_dict({"pixel_values": np.zeros((2, 1, 16, 16), dtype=np.int64)})
+    with pytest.raises(ValueError, match="integer 'pixel_values'"):
+        task.prepare_dataset(integers, "d")
+    with pytest.raises(ValueError, match=r"pixel values in \[-2, .*expect \[-1, 1\]"):
+        task.prepare_dataset(pixels_dataset(4, low=-2.0, high=0.0), "d")
 
 
 def test_trainer_evaluation_of_a_unet_is_seeded(tmp_path):
@@ -529,3 +558,80 @@ def test_offline_data_sizes_are_checked_and_capped():
         "original": (100, 20),
         "restricted": (50, 20),
     }
+
+
+def test_offline_diffusion_data_is_in_range_and_splits_do_not_overlap():
+    with pytest.raises(ValueError, match="5000"):
+        load_digits_and_photo_patches(num_original_train=4900, num_original_test=200)
+    data = load_digits_and_photo_patches(8, 300, 100, 20, 10, seed=0)
+    assert {name: len(d) for name, d in data.items()} == {
+        "original_train": 300, "original_test": 100, "restricted_train": 20, "restricted_test": 10,
+    }  # fmt: skip
+    digits = data["original_train"][:]["pixel_values"]
+    assert digits.shape == (300, 1, 8, 8) and digits.min() == -1 and digits.max() <= 1  # black background is -1
+    patches = data["restricted_train"][:]["pixel_values"]
+    assert patches.min() >= -1 and patches.max() <= 1 and patches.mean() > -0.9
+    train = {row.numpy().tobytes() for row in digits}
+    assert not train & {row.numpy().tobytes() for row in data["original_test"][:]["pixel_values"]}
+
+
+def test_protect_diffusion_data_caps_held_out_fraction_and_domain_checks(tmp_path):
+    from sophon_hf.trainers import protect_diffusion
+
+    pixels_dataset(20).save_to_disk(str(tmp_path / "rows"))
+    common = dict(config=None, split="train", eval_split=None, eval_fraction=0.25, image_size=16, num_channels=1,
+                  image_column=None, seed=0)  # fmt: skip
+    train, evaluation = protect_diffusion.load_domain(
+        str(tmp_path / "rows"), max_samples=None, max_eval_samples=None, **common
+    )
+    assert (len(train), len(evaluation)) == (15, 5)
+    train, evaluation = protect_diffusion.load_domain(
+        str(tmp_path / "rows"), max_samples=6, max_eval_samples=2, **common
+    )
+    assert (len(train), len(evaluation)) == (6, 2)
+    script_args = protect_diffusion.ScriptArguments(original_dataset="photo_patches")
+    args = SophonConfig(output_dir=str(tmp_path), restricted_loss="denial_of_service", report_to="none", use_cpu=True)
+    with pytest.raises(ValueError, match="is the restricted domain, not original"):
+        protect_diffusion.load_datasets(script_args, args, image_size=16, num_channels=1)
+    with pytest.raises(ValueError, match="grayscale"):
+        protect_diffusion.load_datasets(protect_diffusion.ScriptArguments(), args, image_size=16, num_channels=3)
+
+
+def test_offline_photo_test_patches_come_from_the_right_of_the_photo():
+    from sklearn.datasets import load_sample_images
+
+    data = load_digits_and_photo_patches(16, 10, 10, 1, 1, seed=0)
+    # The first patch of each split is cut from the first photo (china.jpg) at half size.
+    photo = torch.as_tensor(np.asarray(Image.fromarray(load_sample_images().images[0]).convert("L"), np.float32) / 255)
+    small = F.interpolate(photo[None, None], scale_factor=1 / 2, mode="area")[0, 0] * 2 - 1
+    windows = small.unfold(0, 16, 1).unfold(1, 16, 1)  # (rows, columns, 16, 16)
+
+    def column(split):
+        patch = data[split][0]["pixel_values"][0]
+        distance = (windows - patch).abs().amax(dim=(-1, -2))
+        assert distance.min() < 1e-5
+        return int(distance.min(dim=0).values.argmin())
+
+    split = int(small.shape[-1] * 0.7)
+    assert column("restricted_train") <= split - 16 and column("restricted_test") >= split
+
+
+def test_resuming_the_diffusion_recipe_skips_pre_training(tmp_path, monkeypatch):
+    from sophon_hf.trainers import protect_diffusion
+
+    pretrained = []
+    original_pretrain = protect_diffusion.pretrain
+    monkeypatch.setattr(
+        protect_diffusion, "pretrain", lambda *a, **k: pretrained.append(1) or original_pretrain(*a, **k)
+    )
+    command = (
+        f"--config diffusion_digits_cpu --max_original_samples 16 --max_restricted_samples 16 --max_eval_samples 4 "
+        f"--block_out_channels 16 32 --pretrain_steps 1 --max_steps 1 --inner_steps 1 --per_device_train_batch_size 4 "
+        f"--restricted_batch_size 4 --save_strategy steps --save_steps 1 --num_sample_images 0 --use_cpu true "
+        f"--eval_strategy no --output_dir {tmp_path / 'out'} --disable_tqdm true"
+    ).split()
+    protect_diffusion.main(*protect_diffusion.parse_args(command))
+    assert pretrained == [1]
+    resume = ["--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-1")]
+    protect_diffusion.main(*protect_diffusion.parse_args([*command, *resume]))
+    assert pretrained == [1]

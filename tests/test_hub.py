@@ -267,6 +267,25 @@ def test_report_of_another_model_is_refused(tmp_path, hub):
         push_folder(folder, "me/vit-sophon")
 
 
+def test_fingerprint_covers_names_shapes_dtypes_and_buffers():
+    def fingerprint(**tensors):
+        module = torch.nn.Module()
+        for name, tensor in tensors.items():
+            module.register_buffer(name, tensor)
+        return model_fingerprint(module)
+
+    values = torch.arange(6, dtype=torch.float32)
+    assert fingerprint(a=values) == fingerprint(a=values.clone())
+    assert fingerprint(a=values) != fingerprint(b=values)
+    assert fingerprint(a=values.view(2, 3)) != fingerprint(a=values.view(3, 2))
+    assert fingerprint(a=torch.zeros(2, dtype=torch.float32)) != fingerprint(a=torch.zeros(2, dtype=torch.int32))
+    # Buffers count: a model whose BatchNorm statistics changed is other weights.
+    model = torch.nn.BatchNorm1d(3)
+    before = model_fingerprint(model)
+    model.running_mean += 1
+    assert model_fingerprint(model) != before
+
+
 def test_card_that_predates_the_report_is_refused(tmp_path, hub):
     model = tiny_vit()
     folder = tmp_path / "out"
@@ -378,3 +397,68 @@ def test_trainer_saves_a_card_and_pushes_through_push_folder(tmp_path, hub):
     assert not any(name.endswith(PICKLE_SUFFIXES) for name in arrived)
     reloaded = ViTForImageClassification.from_pretrained(hub.branch_dir("me/vit-protected"))
     assert model_fingerprint(reloaded) == model_fingerprint(model)
+
+
+def test_cli_push_regenerates_a_stale_card_without_new_details(tmp_path, hub):
+    model = tiny_vit()
+    folder = tmp_path / "out"
+    model.save_pretrained(folder)
+    write_model_card(folder, original_domain="digits 0-4")  # saved before the attacks ran
+    classification_report(model).save(str(folder))
+
+    assert cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"]) == 0
+    card = ModelCard.load(hub.branch_dir("me/vit-sophon") / "README.md")
+    assert card_report_mismatches(card, json.loads((folder / "report.json").read_text())) == []
+    assert "digits 0-4" in card.text
+
+
+def test_cli_push_passes_new_details_visibility_branch_and_datasets(tmp_path, hub):
+    folder = protected_folder(tmp_path / "out")  # its card already matches its report
+    code = cli_main(
+        ["push", "--model", str(folder), "--repo-id", "me/vit-sophon", "--restricted-domain", "street signs",
+         "--dataset", "me/signs", "--private", "--revision", "v2", "--commit-message", "first release"]
+    )  # fmt: skip
+    assert code == 0
+    assert hub.private["me/vit-sophon"] is True
+    assert "README.md" in hub.files("me/vit-sophon", "v2") and hub.files("me/vit-sophon") == []
+    card = ModelCard.load(hub.branch_dir("me/vit-sophon", "v2") / "README.md")
+    assert "street signs" in card.text and "me/signs" in card.data.datasets
+
+
+def test_cli_push_of_a_report_of_other_weights_leaves_the_card_alone(tmp_path, hub):
+    folder = protected_folder(tmp_path / "out", tiny_vit(seed=0))
+    tiny_vit(seed=1).save_pretrained(folder)  # new weights, old report and card
+    before = snapshot(folder)
+    with pytest.raises(SystemExit, match="measured on other weights"):
+        cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon", "--restricted-domain", "new words"])
+    assert snapshot(folder) == before and hub.calls == []
+
+
+def test_push_uses_the_given_token_and_commit_message(tmp_path, hub, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    folder = protected_folder(tmp_path / "out")
+    tokens, messages = [], []
+    commit = HfApi.create_commit
+
+    def create_commit(api, repo_id, operations, *, commit_message, **kwargs):
+        tokens.append(api.token)
+        messages.append(commit_message)
+        return commit(api, repo_id, operations, commit_message=commit_message, **kwargs)
+
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    push_folder(folder, "me/vit-sophon", token="hf_given", commit_message="protected v1")
+    push_folder(folder, "me/vit-sophon", token="hf_given")
+    assert tokens == ["hf_given", "hf_given"]
+    assert messages == ["protected v1", "Upload SOPHON-protected model"]
+
+
+def test_stale_files_in_subfolders_of_the_remote_are_kept(tmp_path, hub):
+    folder = protected_folder(tmp_path / "out")
+    remote = hub.branch_dir("me/vit-sophon")
+    (remote / "onnx").mkdir(parents=True)
+    (remote / "onnx" / "model.safetensors").write_bytes(b"an export the publisher keeps")
+    (remote / "model.safetensors").write_bytes(b"old weights")
+    push_folder(folder, "me/vit-sophon")
+    assert "onnx/model.safetensors" in hub.files("me/vit-sophon")
+    assert (remote / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()

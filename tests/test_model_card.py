@@ -202,6 +202,16 @@ def test_write_model_card_reads_the_folder_and_keeps_publisher_fields(tmp_path):
     assert card_report_mismatches(card, report) == []
 
 
+def test_new_publisher_details_replace_the_stored_ones(tmp_path):
+    tiny_vit().save_pretrained(tmp_path)
+    write_model_card(tmp_path, restricted_domain="digits 5-9", original_domain="digits 0-4")
+    write_model_card(tmp_path, restricted_domain="street signs")
+    text = (tmp_path / "README.md").read_text()
+    assert "street signs" in text and "digits 5-9" not in text and "digits 0-4" in text
+    stored = json.loads((tmp_path / CARD_METADATA_FILE).read_text())
+    assert (stored["restricted_domain"], stored["original_domain"]) == ("street signs", "digits 0-4")
+
+
 def test_trainer_card_leaves_out_a_report_of_earlier_weights(tmp_path):
     from conftest import image_dataset
 

@@ -187,6 +187,31 @@ def test_config_names_a_shipped_recipe_and_rejects_unknown_fields(tmp_path):
         script.parse_args(["--config", "no_such_recipe"])
 
 
+def test_config_with_equals_keeps_the_next_argument_and_a_local_file_wins(tmp_path, monkeypatch):
+    path = os.path.join(TRAINERS, "configs", "mnist_vit_cpu.yaml")
+    _, training_args, model_args = script.parse_args([f"--config={path}", "--max_steps", "7", "--pretrain_steps", "3"])
+    assert (training_args.max_steps, model_args.pretrain_steps) == (7, 3)
+    # A file in the working directory named like a shipped recipe is the one meant.
+    (tmp_path / "mnist_vit_cpu.yaml").write_text("original_dataset: builtin:mnist\nmax_steps: 11\n")
+    monkeypatch.chdir(tmp_path)
+    assert script.resolve_config_path("mnist_vit_cpu.yaml") == "mnist_vit_cpu.yaml"
+    assert script.parse_args(["--config", "mnist_vit_cpu.yaml"])[1].max_steps == 11
+
+
+def test_protect_cli_runs_the_recipe_script_of_the_recipe(monkeypatch):
+    from sophon_hf.cli import main
+    from sophon_hf.trainers import protect_diffusion
+
+    ran = []
+    monkeypatch.setattr(script, "main", lambda *parsed: ran.append(("classifier", parsed)))
+    monkeypatch.setattr(protect_diffusion, "main", lambda *parsed: ran.append(("diffusion", parsed)))
+    assert main(["protect", "--config", "diffusion_digits_cpu", "--max_steps", "3"]) == 0
+    assert main(["protect", "--config", "mnist_vit_cpu", "--max_steps", "4"]) == 0
+    assert [(kind, parsed[1].max_steps) for kind, parsed in ran] == [("diffusion", 3), ("classifier", 4)]
+    assert isinstance(ran[0][1][0], protect_diffusion.ScriptArguments)
+    assert isinstance(ran[1][1][0], script.ScriptArguments)
+
+
 def test_diffusion_recipes_parse_the_same_way(tmp_path):
     from sophon_hf.trainers import protect_diffusion
 
@@ -252,6 +277,38 @@ def test_class_filtering_renumbers_in_the_given_order(stand_ins):
     restricted_train = script.load_datasets(script_args, seed=0)["restricted"][0]
     assert len(restricted_train) == sum(label in (3, 5) for label in raw)
     assert sorted(restricted_train["labels"]) == sorted(0 if label == 5 else 1 for label in raw if label in (3, 5))
+
+
+def test_class_filtering_renames_the_classes_and_leaves_the_other_domain_alone(stand_ins):
+    script_args, _, _ = script.parse_args(
+        ["--config", PAPER_RECIPES[0], *NO_GPU, "--original_dataset", str(stand_ins / "cifar10"),
+         "--original_eval_split", "test", "--restricted_dataset", str(stand_ins / "cifar10"),
+         "--restricted_classes", "5", "3"]
+    )  # fmt: skip
+    domains = script.load_datasets(script_args, seed=0)
+    assert domains["restricted"][2] == [CIFAR_NAMES[5], CIFAR_NAMES[3]]
+    raw = load_from_disk(str(stand_ins / "cifar10"))["train"]["label"]
+    assert domains["original"][2] == CIFAR_NAMES and sorted(domains["original"][0]["labels"]) == sorted(raw)
+
+
+def test_sample_caps_held_out_fraction_and_label_column(stand_ins, tmp_path):
+    script_args, _, _ = script.parse_args(
+        ["--config", PAPER_RECIPES[0], *NO_GPU, "--original_dataset", str(stand_ins / "imagenette"),
+         "--restricted_dataset", str(stand_ins / "cifar10"), "--max_original_samples", "10",
+         "--max_restricted_samples", "7", "--max_eval_samples", "5"]
+    )  # fmt: skip
+    domains = script.load_datasets(script_args, seed=0)
+    assert [len(d) for d in (*domains["original"][:2], *domains["restricted"][:2])] == [10, 5, 7, 5]
+    # No eval split: eval_fraction of the training rows are held out; a named label column wins over 'label'.
+    rows = Dataset.from_dict({"pixel_values": np.zeros((20, 1, 2, 2)), "label": [0] * 20, "fine": list(range(20))})
+    rows.save_to_disk(str(tmp_path / "rows"))
+    args = script.ScriptArguments(
+        original_dataset=str(tmp_path / "rows"), original_eval_split=None, eval_fraction=0.25, label_column="fine",
+        max_eval_samples=None,
+    )  # fmt: skip
+    train, evaluation, _ = script.load_domain(args, "original", seed=0, builtin=None)
+    assert (len(train), len(evaluation)) == (15, 5)
+    assert sorted([*train["labels"], *evaluation["labels"]]) == list(range(20))
 
 
 def test_text_columns_are_tokenized_to_a_fixed_length(tmp_path):
@@ -343,6 +400,34 @@ def test_paper_recipe_end_to_end_on_stand_ins(recipe, stand_ins, tmp_path, one_t
     assert not all(torch.equal(p, protected.get_parameter(n)) for n, p in unprotected.named_parameters())
 
 
+def test_unprotected_reference_is_saved_with_its_image_processor(stand_ins, tmp_path, one_thread):
+    from transformers import AutoImageProcessor
+
+    script.main(
+        *script.parse_args(
+            [
+                "--config",
+                PAPER_RECIPES[0],
+                *FAST,
+                "--output_dir",
+                str(tmp_path / "protected"),
+                "--original_dataset",
+                str(stand_ins / "imagenette"),
+                "--restricted_dataset",
+                str(stand_ins / "cifar10"),
+                "--model_name_or_path",
+                str(stand_ins / "resnet"),
+                "--unprotected_output_dir",
+                str(tmp_path / "unprotected"),
+                "--max_eval_samples",
+                "4",
+            ]
+        )  # fmt: skip
+    )
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "unprotected")
+    assert processor.size == AutoImageProcessor.from_pretrained(stand_ins / "resnet").size
+
+
 def test_builtin_mnist_recipe_end_to_end(tmp_path, one_thread):
     from transformers import AutoModelForImageClassification
 
@@ -376,6 +461,22 @@ def test_resuming_the_recipe_keeps_the_unprotected_reference(tmp_path, one_threa
     after = AutoModelForImageClassification.from_pretrained(tmp_path / "unprotected")
     for name, parameter in reference.named_parameters():
         assert torch.equal(parameter, after.get_parameter(name)), name
+
+
+def test_resuming_the_recipe_skips_pre_training(tmp_path, one_thread, monkeypatch):
+    command = ["--config", "mnist_vit_cpu.yaml", *FAST, "--output_dir", str(tmp_path / "protected"),
+               "--config_overrides", TINY_VIT_28, "--max_original_samples", "16", "--max_restricted_samples", "16",
+               "--max_eval_samples", "8", "--save_strategy", "steps", "--save_steps", "1", "--max_steps", "1",
+               "--unprotected_output_dir", str(tmp_path / "unprotected")]  # fmt: skip
+    pretrained = []
+    original_pretrain = script.pretrain
+    monkeypatch.setattr(script, "pretrain", lambda *a, **k: pretrained.append(1) or original_pretrain(*a, **k))
+    script.main(*script.parse_args(command))
+    assert pretrained == [1]
+    script.main(
+        *script.parse_args([*command, "--resume_from_checkpoint", str(tmp_path / "protected" / "checkpoint-1")])
+    )
+    assert pretrained == [1]
 
 
 def test_builtin_mnist_must_be_both_domains(stand_ins):

@@ -265,9 +265,33 @@ def test_bad_restricted_datasets(dataset, match, tmp_output):
         ({"fts_max_grad_norm": -0.5}, "fts_max_grad_norm must be >= 0"),
     ],
 )
-def test_badtiny_config(overrides, match, tmp_output):
+def test_bad_config(overrides, match, tmp_output):
     with pytest.raises(ValueError, match=match):
         tiny_config(tmp_output, **overrides)
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"restricted_batch_size": 1}, "restricted_batch_size must be >= 2"),
+        ({"original_accuracy_floor": 1.5}, r"original_accuracy_floor must be in \(0, 1\]"),
+        ({"original_accuracy_floor": 0.0}, r"original_accuracy_floor must be in \(0, 1\]"),
+        ({"fsdp": "full_shard"}, "not FSDP or DeepSpeed"),
+        ({"diffusion_timestep_range": [1, 5, 9]}, r"must be \[low, high\]"),
+        ({"simulation_strategies": []}, "simulation_strategies is empty"),
+        ({"inner_optimizers": []}, "inner_optimizers is empty"),
+        ({"ntr_steps": 0}, "ntr_steps must be >= 1"),
+        ({"lora_r": 0}, "lora_r must be >= 1"),
+    ],
+)
+def test_more_bad_configs(overrides, match, tmp_output):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(tmp_output, **overrides)
+
+
+def test_single_strategy_and_optimizer_strings_become_lists(tmp_output):
+    args = tiny_config(tmp_output, simulation_strategies="linear_probe", inner_optimizers="adam:1e-3")
+    assert (args.simulation_strategies, args.inner_optimizers) == (["linear_probe"], ["adam:1e-3"])
 
 
 def test_support_size_that_leaves_no_query_examples(tmp_output):

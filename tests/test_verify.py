@@ -190,3 +190,71 @@ def test_verify_a_diffusion_unet_with_its_scheduler(tmp_path, capsys):
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     assert "denoising_mse: published -> re-run" in out and f"HOLDS         {attacks[0].name}" in out
+
+
+def test_compare_reports_at_zero_tolerance_and_without_a_protected_result():
+    report = {"higher_is_better": True, "attacks": [_attack("a", 0.30, 0.80, 0.90)]}
+    (row,) = compare_reports(report, report, tolerance=0.0)  # an exact reproduction holds at tolerance 0
+    assert row["holds"] and set(row["checks"]) == {"protected", "unprotected", "scratch"}
+    (row,) = compare_reports(report, {"attacks": [_attack("a", None, 0.80)]}, tolerance=0.05)
+    assert not row["holds"] and "no final metric" in row["reason"]
+
+
+class _Stop(Exception):
+    """Raised by a stand-in harness once it has recorded what verify passed to it."""
+
+
+def test_verify_re_runs_with_the_published_recipe_splits_and_reference(published, tmp_path, monkeypatch):
+    from sophon_hf.utils import model_fingerprint
+
+    folder, data_dir = published
+    report = json.loads((folder / "report.json").read_text())
+    report["scratch_recipe"] = {**report["scratch_recipe"], "learning_rate": 0.0123, "initialisations": 2}
+    (folder / "report.json").write_text(json.dumps(report))
+    reference = tiny_vit(seed=7)
+    reference.save_pretrained(tmp_path / "reference")
+    captured = {}
+
+    def harness(model, train, test, **kwargs):
+        captured.update(train=train, test=test, **kwargs)
+        raise _Stop
+
+    monkeypatch.setattr("sophon_hf.attacks.evaluate_finetuning_resistance", harness)
+    with pytest.raises(_Stop):
+        cli_main(
+            ["verify", "--model", str(folder), "--restricted-test", str(data_dir), "--attack", ATTACKS[1].name,
+             "--reference-model", str(tmp_path / "reference")]
+        )  # fmt: skip
+    assert [spec.name for spec in captured["attacks"]] == [ATTACKS[1].name]
+    assert captured["scratch_recipe"]["learning_rate"] == 0.0123 and captured["scratch_inits"] == 2
+    assert captured["include_scratch"] is True
+    assert (captured["train"].num_rows, captured["test"].num_rows) == (24, 16)  # "train" to attack, "test" to score
+    assert model_fingerprint(captured["reference_model"]) == model_fingerprint(reference)
+
+
+def test_verify_refuses_a_negative_tolerance(published):
+    folder, data_dir = published
+    with pytest.raises(SystemExit, match="non-negative"):
+        cli_main(["verify", "--model", str(folder), "--restricted-test", str(data_dir), "--tolerance", "-0.1"])
+
+
+def test_verify_downloads_the_requested_revision_with_the_token(published, tmp_path, monkeypatch, capsys):
+    from test_hub import FakeHub
+
+    from sophon_hf.hub import push_folder
+
+    folder, data_dir = published
+    monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+    hub = FakeHub(tmp_path / "remote")
+    hub.install(monkeypatch)
+    push_folder(folder, "me/vit-sophon", revision="v1")
+    requested = {}
+
+    def snapshot_download(repo_id, *, revision=None, token=None, **kwargs):
+        requested.update(revision=revision, token=token)
+        return str(hub.branch_dir(repo_id, revision))
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    args = ["verify", "--model", "me/vit-sophon", "--revision", "v1", "--token", "hf_reader"]
+    assert cli_main([*args, "--restricted-test", str(data_dir)]) == 0
+    assert requested == {"revision": "v1", "token": "hf_reader"}
