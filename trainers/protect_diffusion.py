@@ -279,8 +279,7 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
 
-    if trainer.is_world_process_zero():
-        scheduler.save_pretrained(training_args.output_dir)
+    if trainer.is_world_process_zero():  # save_model wrote the UNet and its scheduler_config.json
         task, model = trainer.task, trainer.accelerator.unwrap_model(trainer.model)
         original, restricted = task.prepare_dataset(original_eval), task.prepare_dataset(restricted_eval)
         metrics = {
