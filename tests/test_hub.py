@@ -366,22 +366,13 @@ def test_cli_push_without_a_token_leaves_the_folder_as_it_was(tmp_path, hub, mon
 
 
 def test_trainer_saves_a_card_and_pushes_through_push_folder(tmp_path, hub):
-    from conftest import image_dataset
+    from conftest import image_dataset, tiny_config
 
-    from sophon_hf import SophonConfig, SophonTrainer
+    from sophon_hf import SophonTrainer
 
     model = tiny_vit()
-    args = SophonConfig(
-        output_dir=str(tmp_path / "vit-protected"),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        inner_steps=2,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        disable_tqdm=True,
-        hub_model_id="me/vit-protected",
-        restricted_domain="digits 5-9",
+    args = tiny_config(
+        tmp_path / "vit-protected", max_steps=2, hub_model_id="me/vit-protected", restricted_domain="digits 5-9"
     )
     trainer = SophonTrainer(
         model, args=args, train_dataset=image_dataset(16, seed=1), restricted_dataset=image_dataset(16, seed=2)
