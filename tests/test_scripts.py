@@ -422,7 +422,7 @@ def test_unprotected_reference_is_saved_with_its_image_processor(stand_ins, tmp_
                 "--max_eval_samples",
                 "4",
             ]
-        )  # fmt: skip
+        )
     )
     processor = AutoImageProcessor.from_pretrained(tmp_path / "unprotected")
     assert processor.size == AutoImageProcessor.from_pretrained(stand_ins / "resnet").size
