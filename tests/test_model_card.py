@@ -258,6 +258,9 @@ def test_diffusion_card_for_a_unet_folder(tmp_path):
     assert card.data.library_name == "diffusers"
     assert card.data.pipeline_tag == "unconditional-image-generation"
     assert "UNet2DModel.from_pretrained" in card.text and "DDPMPipeline" in card.text
+    # Sampling uses the noise schedule the UNet was trained with, saved next to it, not a default one.
+    assert 'DDPMScheduler.from_pretrained("path/to/this/model")' in card.text
+    assert "DDPMScheduler(num_train_timesteps" not in card.text
     # Lower is better for the attacker: 0.705 against 0.479 from scratch is no head start (-0.226).
     assert "-0.2260" in card.text and "no head start over scratch" in card.text
     assert "lower is better for the attacker" in card.text
