@@ -208,14 +208,22 @@ class AttackSpec:
         return dataclasses.replace(self, steps=steps, eval_interval=interval)
 
 
-def resolve_attacks(attacks: str | AttackSpec | dict | list, steps_scale: float = 1.0) -> list[AttackSpec]:
-    """Turn a suite name, a spec, a dict or a list of those into a list of `AttackSpec` with unique names."""
+def resolve_attacks(
+    attacks: str | AttackSpec | dict | list, steps_scale: float = 1.0, has_head: bool = True
+) -> list[AttackSpec]:
+    """Turn a suite name, a spec, a dict or a list of those into a list of `AttackSpec` with unique names.
+
+    For a model without a classification head (`has_head=False`, e.g. a Diffusers UNet) a suite keeps only its
+    attacks that need no head (`full` and `lora`); attacks given one by one are kept as they are.
+    """
     if not steps_scale > 0:
         raise ValueError(f"steps_scale must be positive (it multiplies every attack's budget), got {steps_scale}.")
     if isinstance(attacks, str):
         from .suites import get_suite
 
         attacks = get_suite(attacks)
+        if not has_head:
+            attacks = [spec for spec in attacks if spec.strategy not in HEAD_REINIT_STRATEGIES]
     if isinstance(attacks, AttackSpec | dict):
         attacks = [attacks]
     specs = [a if isinstance(a, AttackSpec) else AttackSpec.from_dict(a) for a in attacks]
@@ -683,8 +691,8 @@ def evaluate_finetuning_resistance(
         ...     reference_model=unprotected, include_scratch=True)
         >>> report.summary["worst_attack"], report.save("report_dir")  # doctest: +SKIP
     """
-    specs = resolve_attacks(attacks, steps_scale)
     task = get_task(model, head_name=head_name, noise_scheduler=noise_scheduler)
+    specs = resolve_attacks(attacks, steps_scale, has_head=task.head_name is not None)
     restricted_labels = _restricted_label_count(task, (restricted_train, restricted_test), num_labels)
     head_size = getattr(task, "num_labels", None)
     resize = restricted_labels is not None and head_size is not None and restricted_labels != head_size
@@ -694,7 +702,7 @@ def evaluate_finetuning_resistance(
         if spec.strategy != "full" and spec.strategy != "lora" and task.head_name is None:
             raise ValueError(
                 f"Attack {spec.name!r} re-initialises the head, but a {type(model).__name__} has no classification "
-                "head. Use strategy 'full' or 'lora'."
+                "head. Use strategy 'full' or 'lora' (a named suite keeps only those attacks for such models)."
             )
         if resize and spec.strategy not in HEAD_REINIT_STRATEGIES:
             raise ValueError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import logging
 import os
 from collections.abc import Mapping
 
@@ -21,6 +22,8 @@ from torch.func import functional_call
 
 from .losses import denial_of_service
 from .tasks import check_not_empty
+
+logger = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -60,6 +63,7 @@ class DiffusionTask:
 
     Example:
         ```python
+        import torch
         from diffusers import DDPMScheduler, UNet2DModel
         from sophon_hf.diffusion import DiffusionTask
 
@@ -94,7 +98,25 @@ class DiffusionTask:
                 f"{type(model).__name__} is a denoiser and needs a noise scheduler with `add_noise`: pass "
                 "`noise_scheduler=DDPMScheduler(...)` (or `DDPMScheduler.from_pretrained(repo, subfolder='scheduler')`)."
             )
+        if isinstance(noise_scheduler, type):
+            raise ValueError(
+                f"noise_scheduler is the class {noise_scheduler.__name__}, not a scheduler: pass an instance, e.g. "
+                f"`{noise_scheduler.__name__}(num_train_timesteps=1000)` or `{noise_scheduler.__name__}.from_pretrained"
+                "(repo_id, subfolder='scheduler')`."
+            )
         config = getattr(model, "config", None)
+        required = [
+            name
+            for name, parameter in inspect.signature(model.forward).parameters.items()
+            if parameter.default is inspect.Parameter.empty
+            and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+        ][2:]  # beyond (sample, timestep)
+        if required or getattr(config, "num_class_embeds", None) or getattr(config, "class_embed_type", None):
+            needs = f"needs {', '.join(required)}" if required else "is class-conditional (class_labels)"
+            raise ValueError(
+                f"{type(model).__name__} {needs}: sophon_hf protects unconditional denoisers only (a Diffusers "
+                "`UNet2DModel` without class embeddings). Text- and class-conditional UNets are not supported yet."
+            )
         if getattr(config, "sample_size", None) is None or getattr(config, "in_channels", None) is None:
             raise ValueError(
                 f"{type(model).__name__} has no `config.sample_size`/`config.in_channels`; DiffusionTask needs a "
@@ -189,6 +211,15 @@ class DiffusionTask:
             raise ValueError(
                 f"`{role}` has pixel values in [{low:.3g}, {high:.3g}]; diffusion models expect [-1, 1]. Map images "
                 "in [0, 1] with `x * 2 - 1` (or [0, 255] with `x / 127.5 - 1`)."
+            )
+        if low >= 0:
+            # Valid, but what torchvision's ToTensor gives: images scaled to [0, 1] and never mapped to [-1, 1].
+            logger.warning(
+                "`%s` has no negative pixel value (range [%.3g, %.3g]): were the images scaled to [0, 1] and not "
+                "mapped to [-1, 1] with `x * 2 - 1`? Diffusion models expect [-1, 1].",
+                role,
+                low,
+                high,
             )
         return dataset
 

@@ -213,6 +213,18 @@ class SophonTrainer(Trainer):
                 "has no head: use ['full'] or ['full', 'lora']."
             )
 
+        if args.activation_checkpointing:  # also set by its alias `gradient_checkpointing`
+            # Trainer turns it on with Transformers' `activation_checkpointing_enable`, which Diffusers models lack
+            # (they have `enable_gradient_checkpointing`) and plain modules lack altogether.
+            if is_diffusers_model(model):
+                model.enable_gradient_checkpointing()
+                args.activation_checkpointing = args.gradient_checkpointing = False  # done: Trainer must not retry
+            elif not hasattr(model, "activation_checkpointing_enable"):
+                raise ValueError(
+                    f"gradient_checkpointing=True needs a Transformers or Diffusers model; a {type(model).__name__} "
+                    "cannot turn it on. Set gradient_checkpointing=False, or checkpoint inside the module yourself."
+                )
+
         # Data
         train_dataset = self.task.prepare_dataset(train_dataset, "train_dataset")
         self.restricted_dataset = self.task.prepare_dataset(restricted_dataset, "restricted_dataset")

@@ -152,6 +152,36 @@ def test_attack_cli_measures_a_diffusers_unet_with_its_saved_scheduler(tmp_path)
     assert report["metric"] == "denoising_mse" and len(report["attacks"]) == 1
 
 
+def test_attack_cli_takes_a_unet_by_hub_id_with_its_scheduler_and_a_named_suite(tmp_path, monkeypatch, capsys):
+    from diffusers import DDPMScheduler
+    from test_model_card import tiny_unet
+
+    g = torch.Generator().manual_seed(0)
+    images = lambda n: Dataset.from_dict({"pixel_values": (torch.rand(n, 1, 16, 16, generator=g) * 2 - 1).numpy()})  # noqa: E731
+    DatasetDict(train=images(16), test=images(8)).save_to_disk(str(tmp_path / "restricted"))
+    snapshot = tmp_path / "snapshot"  # what the Hub serves for "me/unet"
+    tiny_unet().save_pretrained(snapshot)
+    DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2").save_pretrained(snapshot)
+    requested = {}
+
+    def snapshot_download(repo_id, *, allow_patterns=None, **kwargs):
+        requested.update(repo_id=repo_id, allow_patterns=allow_patterns)
+        return str(snapshot)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    captured = _capture_harness(monkeypatch)
+    args = ["attack", "--model", "me/unet", "--restricted-train", str(tmp_path / "restricted")]
+    with pytest.raises(_Stop):
+        main([*args, "--suite", "quick", "--output", str(tmp_path / "out")])
+    assert requested["repo_id"] == "me/unet" and "*.safetensors" in requested["allow_patterns"]
+    assert type(captured["model"]).__name__ == "UNet2DModel"
+    # The scheduler published next to the UNet, not a default one.
+    config = captured["noise_scheduler"].config
+    assert (config.num_train_timesteps, config.beta_schedule) == (100, "squaredcos_cap_v2")
+    # The quick suite without the attacks that need a classification head.
+    assert [s.strategy for s in captured["attacks"]] == ["full", "full", "lora"]
+
+
 class _Stop(Exception):
     """Raised by a stand-in harness once it has recorded what the command passed to it."""
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import yaml
 from conftest import SmallCNN, image_dataset, tiny_config
 from datasets import Dataset
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from PIL import Image
 
 from sophon_hf import SophonConfig, SophonTrainer, denial_of_service
@@ -30,6 +30,7 @@ from sophon_hf.simulation import (
     simulate_finetuning,
 )
 from sophon_hf.tasks import get_task
+from sophon_hf.utils import model_fingerprint
 
 
 def tiny_unet(seed: int = 0, size: int = 16, channels: int = 1) -> UNet2DModel:
@@ -237,6 +238,23 @@ def test_trainer_saves_diffusers_folders_that_resume_and_generate(tmp_path):
     assert images.images.shape == (2, 16, 16, 1) and np.isfinite(images.images).all()
 
 
+def test_gradient_checkpointing_on_a_unet_trains_as_without_it(tmp_path, one_thread):
+    weights = {}
+    for checkpointing in (False, True):
+        unet = tiny_unet(0)
+        trainer = SophonTrainer(
+            unet,
+            args=config(str(tmp_path / "out"), gradient_checkpointing=checkpointing),
+            train_dataset=pixels_dataset(16, seed=1),
+            restricted_dataset=pixels_dataset(16, seed=2),
+            noise_scheduler=scheduler(),
+        )
+        trainer.train()  # Trainer's own switch is Transformers-only: a UNet used to fail here
+        assert unet.is_gradient_checkpointing == checkpointing
+        weights[checkpointing] = torch.cat([p.detach().flatten() for p in unet.parameters()])
+    torch.testing.assert_close(weights[True], weights[False], rtol=1e-5, atol=1e-6)
+
+
 def test_generate_samples_and_grid(tmp_path):
     unet = tiny_unet()
     images = generate_samples(unet, scheduler(), 3, torch.Generator().manual_seed(0), num_inference_steps=5)
@@ -323,6 +341,25 @@ def test_bad_input_errors_name_the_fix(tmp_path):
         DiffusionTask(no_size, ddpm)
     with pytest.raises(ValueError, match="out_channels == in_channels"):
         DiffusionTask(learned_variance, ddpm)
+    with pytest.raises(ValueError, match="class DDPMScheduler, not a scheduler: pass an instance"):
+        DiffusionTask(tiny_unet(), DDPMScheduler)
+    # Conditional UNets would fail deep inside training with Diffusers' own message.
+    class_conditional = UNet2DModel(**{**tiny_unet().config, "num_class_embeds": 10})
+    with pytest.raises(ValueError, match="class-conditional .*unconditional denoisers only"):
+        DiffusionTask(class_conditional, ddpm)
+    text_conditional = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=32,
+    )
+    with pytest.raises(ValueError, match="needs encoder_hidden_states: .*unconditional denoisers only"):
+        trainer(model=text_conditional)
     # ... and the other way round: a classifier with the diffusion loss or a scheduler.
     with pytest.raises(ValueError, match="denial_of_service' is for diffusion UNets"):
         SophonTrainer(SmallCNN(), config(out), train_dataset=image_dataset(8), restricted_dataset=image_dataset(8))
@@ -339,6 +376,15 @@ def test_integer_and_too_dark_pixels_are_refused():
         task.prepare_dataset(integers, "d")
     with pytest.raises(ValueError, match=r"pixel values in \[-2, .*expect \[-1, 1\]"):
         task.prepare_dataset(pixels_dataset(4, low=-2.0, high=0.0), "d")
+
+
+def test_images_in_0_1_are_flagged(caplog):
+    task = DiffusionTask(tiny_unet(), scheduler())
+    with caplog.at_level("WARNING", logger="sophon_hf.diffusion"):
+        task.prepare_dataset(pixels_dataset(4, low=-1.0, high=1.0), "fine")
+        assert not caplog.records
+        task.prepare_dataset(pixels_dataset(4, low=0.0, high=1.0), "restricted_dataset")
+    assert "`restricted_dataset` has no negative pixel value" in caplog.text and "x * 2 - 1" in caplog.text
 
 
 def test_trainer_evaluation_of_a_unet_is_seeded(tmp_path):
@@ -424,6 +470,34 @@ def test_attack_harness_full_and_lora_on_a_unet(tmp_path):
         assert set(record["curves"]) == {"protected", "unprotected", "scratch"}
         assert all(np.isfinite(v) for curve in record["curves"].values() for _, v in curve)
     assert all(torch.equal(p, before[n]) for n, p in protected.named_parameters())
+
+
+def test_named_suites_keep_the_attacks_a_unet_can_take():
+    from sophon_hf.attacks import HEAD_REINIT_STRATEGIES, evaluate_finetuning_resistance, resolve_attacks
+
+    quick = resolve_attacks("quick", steps_scale=2 / 300)
+    kept = [spec.name for spec in quick if spec.strategy not in HEAD_REINIT_STRATEGIES]
+    assert len(kept) == 3 < len(quick)  # full Adam, full SGD-momentum, LoRA
+    report = evaluate_finetuning_resistance(
+        tiny_unet(0),
+        pixels_dataset(8, seed=1),
+        pixels_dataset(4, seed=2),
+        attacks="quick",
+        steps_scale=2 / 300,
+        include_scratch=False,
+        noise_scheduler=scheduler(),
+    )
+    assert [record["name"] for record in report.to_dict()["attacks"]] == kept
+    assert {spec.strategy for spec in resolve_attacks("standard", has_head=False)} == {"full", "lora"}
+    # One by one, a head attack on a UNet is still refused with the reason.
+    with pytest.raises(ValueError, match="has no classification head"):
+        evaluate_finetuning_resistance(
+            tiny_unet(0),
+            pixels_dataset(8, seed=1),
+            pixels_dataset(4, seed=2),
+            attacks=[quick[2]],
+            noise_scheduler=scheduler(),
+        )
 
 
 # ---------------------------------------------------------------------- end to end on real digits
@@ -530,7 +604,8 @@ def test_protect_diffusion_script_on_local_standins_of_hub_datasets(tmp_path):
         f"--num_train_timesteps 50 --pretrain_steps 1 --max_steps 2 --inner_steps 1 --ntr_steps 1 "
         f"--per_device_train_batch_size 4 --restricted_batch_size 4 --eval_steps 2 --save_strategy no "
         f"--dataloader_num_workers 0 --use_cpu true --eval_fraction 0.25 --num_sample_images 2 "
-        f"--num_inference_steps 2 --output_dir {output} --disable_tqdm true".split()
+        f"--num_inference_steps 2 --output_dir {output} --unprotected_output_dir {tmp_path / 'unprotected'} "
+        "--disable_tqdm true".split()
     )
     assert training_args.restricted_loss == "denial_of_service" and training_args.fts_learning_rate == 5e-6
     assert script_args.restricted_eval_split is None and training_args.simulation_strategies == ["full", "lora"]
@@ -538,6 +613,10 @@ def test_protect_diffusion_script_on_local_standins_of_hub_datasets(tmp_path):
     unet = UNet2DModel.from_pretrained(str(output))
     assert unet.config.in_channels == 3 and Scheduler.from_pretrained(str(output)).config.num_train_timesteps == 50
     assert os.path.isfile(output / "samples.png") and os.path.isfile(output / "protected_results.json")
+    # The reference for `sophon-hf attack --reference-model`: the UNet before protection, with its scheduler.
+    reference = UNet2DModel.from_pretrained(str(tmp_path / "unprotected"))
+    assert Scheduler.from_pretrained(str(tmp_path / "unprotected")).config.num_train_timesteps == 50
+    assert model_fingerprint(reference) != model_fingerprint(unet)
 
 
 def test_offline_data_sizes_are_checked_and_capped():
@@ -628,10 +707,14 @@ def test_resuming_the_diffusion_recipe_skips_pre_training(tmp_path, monkeypatch)
         f"--config diffusion_digits_cpu --max_original_samples 16 --max_restricted_samples 16 --max_eval_samples 4 "
         f"--block_out_channels 16 32 --pretrain_steps 1 --max_steps 1 --inner_steps 1 --per_device_train_batch_size 4 "
         f"--restricted_batch_size 4 --save_strategy steps --save_steps 1 --num_sample_images 0 --use_cpu true "
-        f"--eval_strategy no --output_dir {tmp_path / 'out'} --disable_tqdm true"
+        f"--eval_strategy no --output_dir {tmp_path / 'out'} --unprotected_output_dir {tmp_path / 'unprotected'} "
+        "--disable_tqdm true"
     ).split()
     protect_diffusion.main(*protect_diffusion.parse_args(command))
     assert pretrained == [1]
+    reference = model_fingerprint(UNet2DModel.from_pretrained(str(tmp_path / "unprotected")))
     resume = ["--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-1")]
     protect_diffusion.main(*protect_diffusion.parse_args([*command, *resume]))
     assert pretrained == [1]
+    # The resumed run was not pre-trained: it must not overwrite the reference the first run saved.
+    assert model_fingerprint(UNet2DModel.from_pretrained(str(tmp_path / "unprotected"))) == reference

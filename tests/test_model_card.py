@@ -265,6 +265,16 @@ def test_diffusion_card_for_a_unet_folder(tmp_path):
     assert "-0.2260" in card.text and "no head start over scratch" in card.text
     assert "lower is better for the attacker" in card.text
     assert published(card)[("full-adam-lr0.0001", "scratch")] == pytest.approx(0.479)
+    # Its limitations speak of denoisers (no heads, no probes) and say that no original-domain cost is stated.
+    limitations = card.text.split("## Limitations")[1].split("\n## ")[0]
+    assert "linear probes" not in limitations and "this card does not state it" in limitations
+    with_cost = generate_model_card(
+        task="unconditional-image-generation",
+        library_name="diffusers",
+        report={**report, "original": {"protected": 0.09, "unprotected": 0.087}},
+    )
+    assert "compare the original-domain numbers above" in with_cost.text
+    assert "does not state it" not in with_cost.text
 
 
 def test_card_report_mismatches_catch_a_stale_or_edited_card():

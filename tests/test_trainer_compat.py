@@ -69,6 +69,11 @@ def test_gradient_checkpointing_does_not_change_the_simulation(strategy, tmp_out
     assert model.vit.layers[0].gradient_checkpointing  # normal training still checkpoints
 
 
+def test_gradient_checkpointing_on_a_plain_module_is_refused(tmp_output):
+    with pytest.raises(ValueError, match="gradient_checkpointing=True needs a Transformers or Diffusers model"):
+        _trainer(SmallCNN(), tmp_output, gradient_checkpointing=True)
+
+
 @pytest.mark.parametrize("make_model", [tiny_vit, SmallCNN], ids=["vit", "plain-module"])
 def test_label_smoothing_applies_to_normal_training(make_model, tmp_output, one_thread):
     base = make_model()

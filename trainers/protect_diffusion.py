@@ -3,7 +3,9 @@
 The protected UNet keeps denoising (and generating) the original domain, while fine-tuning it on the restricted domain
 starts from a denoiser that predicts no noise there. The output folder holds the UNet (`config.json` +
 `diffusion_pytorch_model.safetensors`, loads with `UNet2DModel.from_pretrained`), its `scheduler_config.json`
-(`DDPMScheduler.from_pretrained`), and `samples.png` with images the protected UNet generates.
+(`DDPMScheduler.from_pretrained`), and `samples.png` with images the protected UNet generates. With
+`unprotected_output_dir`, the UNet as it was before protection is saved too (with its scheduler): the reference that
+attacks compare against, `sophon-hf attack --model OUTPUT_DIR --reference-model UNPROTECTED_DIR ...`.
 
 Usage:
 
@@ -116,6 +118,13 @@ class ModelArguments:
         default=0, metadata={"help": "Ordinary DDPM training steps on the original domain before protection."}
     )
     pretrain_learning_rate: float = field(default=1e-3, metadata={"help": "Adam step size of that pre-training."})
+    unprotected_output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also save the UNet as it was before protection (and its scheduler) here: the reference for "
+            "`sophon-hf attack --reference-model`."
+        },
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SophonConfig, ModelArguments]:
@@ -276,6 +285,19 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
             training_args.per_device_train_batch_size,
             training_args.seed,
         )
+    if model_args.unprotected_output_dir is not None and training_args.process_index == 0:
+        if training_args.resume_from_checkpoint:
+            # A resumed run skips pre-training: this UNet is not the reference, and saving it would overwrite the one
+            # the interrupted run wrote.
+            if not os.path.isfile(os.path.join(model_args.unprotected_output_dir, "config.json")):
+                logger.warning(
+                    "Resuming: %s holds no unprotected reference, and none can be written now (the UNet was not "
+                    "pre-trained in this run).",
+                    model_args.unprotected_output_dir,
+                )
+        else:
+            unet.save_pretrained(model_args.unprotected_output_dir)
+            scheduler.save_pretrained(model_args.unprotected_output_dir)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
 

@@ -40,7 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--input-column", default=None, help="column holding image tensors (renamed to 'pixel_values')"
     )
-    parser.add_argument("--suite", default="quick", help="attack suite: quick, standard or full (default: quick)")
+    parser.add_argument(
+        "--suite",
+        default="quick",
+        help="attack suite: quick, standard or full (default: quick); a UNet takes the suite's full and lora attacks",
+    )
     parser.add_argument("--attacks-file", help="YAML or JSON list of AttackSpec fields (replaces --suite)")
     parser.add_argument("--list-suites", action="store_true", help="print the suites and their attacks, then exit")
     parser.add_argument("--output", help="folder for report.json, report.md, attack_curves.png and resumable runs")
@@ -60,36 +64,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def load_model(name_or_path: str):
-    """A Transformers model (class from `config.architectures`) or a Diffusers model (`_class_name`)."""
+def model_folder(name_or_path: str, revision: str | None = None, token: str | None = None) -> str:
+    """A local model folder: `name_or_path` itself, or the Hub snapshot of that id (safe files only, no pickles)."""
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    from ..hub import download_model
+
     try:
-        return _load_model(name_or_path)
-    except OSError as error:
-        where = "a model folder without a loadable config" if os.path.isdir(name_or_path) else "not a local folder"
+        return str(download_model(name_or_path, revision, token))
+    except (HfHubHTTPError, LocalEntryNotFoundError, ValueError) as error:  # ValueError: a malformed repo id
         raise SystemExit(
-            f"Cannot load the model {name_or_path!r}: it is {where}, and loading it from the Hub failed ({error})."
+            f"Cannot load the model {name_or_path!r}: it is not a local folder, and downloading it from the Hub "
+            f"failed ({error})."
         ) from None
 
 
-def _load_model(name_or_path: str):
-    config_path = os.path.join(name_or_path, "config.json")
-    if os.path.isdir(name_or_path) and os.path.exists(config_path):
-        with open(config_path) as f:
-            class_name = json.load(f).get("_class_name")
-        if class_name:
-            import diffusers
+def load_model(folder: str):
+    """The Transformers or Diffusers model saved in `folder` (see `model_folder`)."""
+    from ..hub import load_pretrained_model
 
-            return getattr(diffusers, class_name).from_pretrained(name_or_path)
-    import transformers
-
-    config = transformers.AutoConfig.from_pretrained(name_or_path)
-    architectures = getattr(config, "architectures", None) or []
-    if not architectures or not hasattr(transformers, architectures[0]):
-        raise SystemExit(
-            f"Cannot tell which model class {name_or_path} holds (config.architectures={architectures}). Save it with "
-            "`model.save_pretrained(...)` from a classification model."
-        )
-    return getattr(transformers, architectures[0]).from_pretrained(name_or_path)
+    try:
+        return load_pretrained_model(folder)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"Cannot load the model in {folder}: {error}") from None
 
 
 def load_noise_scheduler(folder: str):
@@ -194,21 +193,25 @@ def run(args: argparse.Namespace) -> int:
     from ..attacks import evaluate_finetuning_resistance, resolve_attacks
     from ..tasks import is_diffusers_model
 
+    attacks = load_attacks(args.attacks_file) if args.attacks_file else args.suite
     try:
-        specs = resolve_attacks(load_attacks(args.attacks_file) if args.attacks_file else args.suite)
+        specs = resolve_attacks(attacks)  # refuse a bad suite or file before loading anything
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    if args.seed:
-        specs = [dataclasses.replace(spec, seed=spec.seed + args.seed) for spec in specs]
 
     train = load_restricted(args.restricted_train, args.train_split, args.label_column, args.input_column)
     test_source = args.restricted_test or args.restricted_train
     need_split = "--restricted-test" if args.restricted_test is None else None  # never test on training rows
     test = load_restricted(test_source, args.test_split, args.label_column, args.input_column, need_split)
     check_device(args.device)
-    model = load_model(args.model)
-    reference = load_model(args.reference_model) if args.reference_model else None
-    noise_scheduler = load_noise_scheduler(args.model) if is_diffusers_model(model) else None
+    folder = model_folder(args.model)
+    model = load_model(folder)
+    reference = load_model(model_folder(args.reference_model)) if args.reference_model else None
+    noise_scheduler = load_noise_scheduler(folder) if is_diffusers_model(model) else None
+    if noise_scheduler is not None:
+        specs = resolve_attacks(attacks, has_head=False)  # a suite keeps the attacks a UNet can take
+    if args.seed:
+        specs = [dataclasses.replace(spec, seed=spec.seed + args.seed) for spec in specs]
     try:
         report = evaluate_finetuning_resistance(
             model,

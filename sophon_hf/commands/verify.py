@@ -18,7 +18,6 @@ machine reproduces the numbers closely; other data or hardware needs a looser to
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Any
 
 
@@ -124,25 +123,13 @@ def run(args: argparse.Namespace) -> int:
     from huggingface_hub import ModelCard
 
     from ..attacks import DEFAULT_SCRATCH_RECIPE, AttackSpec, evaluate_finetuning_resistance
-    from ..hub import download_model, load_pretrained_model
     from ..model_card import card_report_mismatches, detect_model_folder
     from ..utils import model_fingerprint
-    from .attack import check_device, load_noise_scheduler, load_restricted
+    from .attack import check_device, load_model, load_noise_scheduler, load_restricted, model_folder
 
     if args.tolerance < 0:
         raise SystemExit(f"--tolerance must be non-negative, got {args.tolerance}.")
-    if os.path.isdir(args.model):
-        folder = Path(args.model)
-    else:
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-        try:
-            folder = download_model(args.model, args.revision, args.token)
-        except (HfHubHTTPError, LocalEntryNotFoundError) as error:
-            raise SystemExit(
-                f"Cannot load the model {args.model!r}: it is not a local folder, and downloading it from the Hub "
-                f"failed ({error})."
-            ) from error
+    folder = Path(model_folder(args.model, args.revision, args.token))
     report_path = folder / "report.json"
     if not report_path.is_file():
         raise SystemExit(
@@ -154,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     failures: list[str] = []
 
     # 1. The claim belongs to these weights, and the card says what the report says.
-    model = load_pretrained_model(folder)
+    model = load_model(str(folder))
     recorded = (published.get("fingerprints") or {}).get("protected")
     if recorded != model_fingerprint(model):
         failures.append(
@@ -184,12 +171,7 @@ def run(args: argparse.Namespace) -> int:
         args.input_column,
         need_split="--restricted-train" if args.restricted_train is None else None,
     )
-    reference = None
-    if args.reference_model:
-        local = os.path.isdir(args.reference_model)
-        reference = load_pretrained_model(
-            args.reference_model if local else download_model(args.reference_model, token=args.token)
-        )
+    reference = load_model(model_folder(args.reference_model, token=args.token)) if args.reference_model else None
     include_scratch = any("scratch" in a.get("curves", a.get("final", {})) for a in attacks)
     recipe = {k: v for k, v in (published.get("scratch_recipe") or {}).items() if k in DEFAULT_SCRATCH_RECIPE}
     noise_scheduler = (
