@@ -593,6 +593,8 @@ def _distributed_state():
 
 
 def _check_output_dir(output_dir: str, fingerprints: dict[str, str | None]) -> None:
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output_dir {output_dir} is a file, not a folder: choose a folder for the report.")
     path = os.path.join(output_dir, "report.json")
     if not os.path.exists(path):
         return
@@ -603,7 +605,8 @@ def _check_output_dir(output_dir: str, fingerprints: dict[str, str | None]) -> N
             raise ValueError(
                 f"{output_dir} already holds a report for a different {start} model (fingerprint "
                 f"{str(previous.get(start))[:12]} != {str(fingerprints.get(start))[:12]}). Refusing to mix results: "
-                "choose another output folder or delete this one."
+                "choose another output folder, or move that report.json (with report.md, attack_curves.png and runs/) "
+                "out of it."
             )
 
 
@@ -616,8 +619,8 @@ def _load_run(path: str, expected: dict[str, Any]) -> dict[str, Any] | None:
         if run.get(key) != expected[key]:
             what = "model" if key == "fingerprint" else "restricted data"
             raise ValueError(
-                f"{path} was produced with a different {what}. Refusing to mix results: choose another output folder "
-                "or delete this one."
+                f"{path} was produced with a different {what}. Refusing to mix results: choose another output folder, "
+                "or move its runs/ folder (and report files) out of it."
             )
     return run if run.get("spec") == expected["spec"] else None
 

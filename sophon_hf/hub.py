@@ -42,8 +42,6 @@ ALLOWED_PATTERNS = (
 )
 # Pickle-based formats: refused outright, they execute code when loaded.
 PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt", "*.joblib", "*.npy", "*.npz")
-# Training leftovers of a Trainer output folder: checkpoints hold optimizer state, runs/ holds TensorBoard logs.
-EXCLUDED_DIRS = ("checkpoint-*", "last-checkpoint", "runs", ".*", "__pycache__")
 # Training state a checkpoint folder holds next to its weights, never part of a published model: a simulated
 # attacker's state is restricted-domain fine-tuning (weight offsets and its own head), the accuracy floor's file holds
 # other (earlier) weights.
@@ -59,6 +57,8 @@ STALE_REMOTE_PATTERNS = (
     "attack_curves.png",
 )
 WEIGHT_FILES = ("model.safetensors", "diffusion_pytorch_model.safetensors")
+# Files that present report.json's measurement; published only with it.
+REPORT_COMPANIONS = ("report.md", "attack_curves.png")
 LOGIN_FIX = "run `hf auth login` (or `huggingface-cli login`), set the HF_TOKEN environment variable, or pass a token"
 
 
@@ -78,8 +78,10 @@ def select_files(folder: str | Path) -> tuple[list[str], list[str]]:
             A model folder written by `save_pretrained` / `trainer.save_model` (optionally with a report).
 
     Returns:
-        `tuple[list[str], list[str]]`: relative POSIX paths to upload, and relative paths skipped (pickles,
-        checkpoints, training state, logs and anything not in `ALLOWED_PATTERNS`).
+        `tuple[list[str], list[str]]`: the top-level files to upload, and the files skipped: pickles, training
+        state, files in sub-folders (a model folder is flat; another model saved inside it is not this one), a
+        `report.md` or `attack_curves.png` without the `report.json` they present, and anything not in
+        `ALLOWED_PATTERNS` (checkpoints and logs are in sub-folders).
 
     Example:
     ```python
@@ -92,13 +94,18 @@ def select_files(folder: str | Path) -> tuple[list[str], list[str]]:
     """
     folder = Path(folder)
     upload, skipped = [], []
+    has_report = (folder / "report.json").is_file()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = path.relative_to(folder).as_posix()
         parts = relative.split("/")
-        in_excluded_dir = any(fnmatch.fnmatch(part, pattern) for part in parts[:-1] for pattern in EXCLUDED_DIRS)
         allowed = any(fnmatch.fnmatch(parts[-1], pattern) for pattern in ALLOWED_PATTERNS)
         allowed = allowed and not any(fnmatch.fnmatch(parts[-1], pattern) for pattern in TRAINING_STATE_FILES)
-        if in_excluded_dir or parts[-1].startswith(".") or not allowed or _is_pickle(relative):
+        # A model folder is flat: a sub-folder holds something else (e.g. the unprotected reference saved inside the
+        # output folder, or the attacker's data), which must not be published under this model's name.
+        nested = len(parts) > 1
+        # report.md and the curves present report.json's measurement: without it they describe other weights.
+        orphan = not has_report and relative in REPORT_COMPANIONS
+        if nested or orphan or parts[-1].startswith(".") or not allowed or _is_pickle(relative):
             skipped.append(relative)
         else:
             upload.append(relative)
@@ -143,7 +150,8 @@ def load_pretrained_model(folder: str | Path) -> nn.Module:
             f"{folder}/config.json names the class {kind['model_class']!r}, which {module.__name__} "
             f"{getattr(module, '__version__', '')} does not provide. Upgrade {module.__name__} or re-save the model."
         )
-    return model_class.from_pretrained(folder).eval()
+    # use_safetensors: a folder holding only pickle weights fails here instead of being unpickled.
+    return model_class.from_pretrained(folder, use_safetensors=True).eval()
 
 
 def check_report_matches(folder: str | Path, model: nn.Module | None = None) -> str | None:
@@ -184,7 +192,8 @@ def check_report_matches(folder: str | Path, model: nn.Module | None = None) -> 
         raise ValueError(
             f"{report_path} was measured on other weights (fingerprint {recorded[:12]}...) than the ones in {folder} "
             f"({fingerprint[:12]}...): publishing it would attach someone else's numbers to this model. Re-run the "
-            f"attacks on these weights (`sophon-hf attack --model {folder} ...`) or remove the stale report."
+            f"attacks on these weights (`sophon-hf attack --model {folder} ...`) or remove the stale report "
+            "(report.json, report.md, attack_curves.png)."
         )
     return fingerprint
 
@@ -219,6 +228,49 @@ def check_card_matches(folder: str | Path) -> None:
     problems = card_report_mismatches(ModelCard.load(folder / "README.md"), report)
     if problems:
         raise ValueError(f"The model card in {folder} does not match its report.json: {'; '.join(problems)}. {fix}")
+
+
+def check_publishable(folder: str | Path, repo_id: str) -> tuple[list[str], list[str]]:
+    """The checks `push_folder` makes before anything is sent, the card's aside; they only read the folder.
+
+    The repo id is valid; the folder holds a `config.json` and safetensors weights; a `report.json`, if present, was
+    measured on exactly these weights. `sophon-hf push` runs them before it (re)writes the card, so that a push that
+    cannot happen leaves the folder as it was.
+
+    Returns:
+        `tuple[list[str], list[str]]`: the files to upload and the files skipped (see [`select_files`]).
+
+    Raises:
+        `ValueError`: what is wrong and how to fix it.
+    """
+    folder = Path(folder)
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"{repo_id!r} is not a valid Hub repo id: {error} Use 'name' or 'namespace/name' (letters, digits, "
+            "'-', '_', '.'; at most 96 characters), e.g. 'my-name/vit-sophon-protected'."
+        ) from error
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder. Pass the folder written by `trainer.save_model(...)`.")
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"{folder} has no config.json: push needs a Transformers or Diffusers model folder written by "
+            "`save_pretrained` / `trainer.save_model(...)`."
+        )
+    upload, skipped = select_files(folder)
+    has_weights = any(name in WEIGHT_FILES or name.endswith(".safetensors.index.json") for name in upload)
+    if not has_weights:
+        pickles = [name for name in skipped if _is_pickle(name) and "/" not in name]
+        hint = (
+            f" It holds pickle weights ({', '.join(pickles)}), which sophon_hf never uploads: re-save the model "
+            "with `save_pretrained(folder)` (safetensors is the default)."
+            if pickles
+            else " Save the model with `trainer.save_model(...)` or `save_pretrained(...)` first."
+        )
+        raise ValueError(f"{folder} holds no safetensors weights ({' or '.join(WEIGHT_FILES)}).{hint}")
+    check_report_matches(folder)
+    return upload, skipped
 
 
 def _raise_for_hub_error(error: HfHubHTTPError, repo_id: str, folder: Path) -> NoReturn:
@@ -290,38 +342,12 @@ def push_folder(
     ```
     """
     folder = Path(folder)
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise ValueError(
-            f"{repo_id!r} is not a valid Hub repo id: {error} Use 'name' or 'namespace/name' (letters, digits, "
-            "'-', '_', '.'; at most 96 characters), e.g. 'my-name/vit-sophon-protected'."
-        ) from error
-    if not folder.is_dir():
-        raise ValueError(f"{folder} is not a folder. Pass the folder written by `trainer.save_model(...)`.")
-    if not (folder / "config.json").is_file():
-        raise ValueError(
-            f"{folder} has no config.json: push needs a Transformers or Diffusers model folder written by "
-            "`save_pretrained` / `trainer.save_model(...)`."
-        )
-    upload, skipped = select_files(folder)
-    has_weights = any(
-        name in WEIGHT_FILES or name.endswith(".safetensors.index.json") for name in upload if "/" not in name
-    )
-    if not has_weights:
-        pickles = [name for name in skipped if _is_pickle(name) and "/" not in name]
-        hint = (
-            f" It holds pickle weights ({', '.join(pickles)}), which sophon_hf never uploads: re-save the model "
-            "with `save_pretrained(folder)` (safetensors is the default)."
-            if pickles
-            else " Save the model with `trainer.save_model(...)` or `save_pretrained(...)` first."
-        )
-        raise ValueError(f"{folder} holds no safetensors weights ({' or '.join(WEIGHT_FILES)}).{hint}")
-    check_report_matches(folder)
+    upload, skipped = check_publishable(folder, repo_id)
     check_card_matches(folder)
     if skipped:
         logger.warning(
-            "Not uploading %d file(s) from %s (pickles, checkpoints, logs or unknown types): %s",
+            "Not uploading %d file(s) from %s (pickles, sub-folders, training state, a report.md or plot without its "
+            "report.json, or unknown types): %s",
             len(skipped),
             folder,
             ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""),

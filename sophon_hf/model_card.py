@@ -18,6 +18,7 @@ from typing import Any
 
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 logger = logging.getLogger(__name__)
 
@@ -217,7 +218,8 @@ def eval_results_from_report(
         original_domain (`str`, *optional*), restricted_domain (`str`, *optional*):
             Names of the domains; used as dataset names.
         original_metrics (`dict`, *optional*):
-            `{"protected": float, "unprotected": float}` on the original domain; defaults to `report["original"]`.
+            `{"protected": float, "unprotected": float}` on the original domain, used when the report has no
+            `original` section (a report's own measurement is what the card must publish).
 
     Returns:
         `list[EvalResult]`: one entry per (attack, start) with a finite final metric, then the original-domain ones.
@@ -250,7 +252,7 @@ def eval_results_from_report(
                     metric_args={"attack": attack["name"], "start": start},
                 )
             )
-    original = original_metrics if original_metrics is not None else report.get("original") or {}
+    original = report.get("original") or original_metrics or {}  # the report's own measurement wins
     for start in ("protected", "unprotected"):
         value = original.get(start)
         if not _is_number(value):
@@ -379,7 +381,8 @@ def generate_model_card(
             Content of `report.json` from the attack harness. Without it the card says plainly that resistance has
             not been measured yet.
         original_metrics (`dict`, *optional*):
-            `{"protected": float, "unprotected": float}` on the original domain; defaults to `report["original"]`.
+            `{"protected": float, "unprotected": float}` on the original domain, used when the report has no
+            `original` section (a report's own measurement is what the card must publish).
         datasets (`list[str]`, *optional*):
             Hub dataset ids used for protection and measurement (card metadata).
         repo_id (`str`, *optional*):
@@ -416,6 +419,14 @@ def generate_model_card(
     if library_name not in LIBRARIES:
         raise ValueError(f"library_name={library_name!r} is not supported; use one of {LIBRARIES}.")
     is_diffusion = library_name == "diffusers"
+    if base_model is not None:
+        try:
+            validate_repo_id(base_model)
+        except HFValidationError as error:
+            raise ValueError(
+                f"base_model={base_model!r} is not a Hub model id ({error}): the card's base_model names the "
+                "unprotected model on the Hub, e.g. 'google/vit-base-patch16-224'. Leave it unset for a local model."
+            ) from None
     if report is not None and report.get("task") in TASKS and report["task"] != task:
         raise ValueError(
             f"The report measures a {report['task']!r} model but the card is for task={task!r}: pass the report "
@@ -450,7 +461,7 @@ def generate_model_card(
 
     metric = (report or {}).get("metric", "denoising error" if is_diffusion else "accuracy")
     higher_is_better = bool((report or {}).get("higher_is_better", not is_diffusion))
-    original = original_metrics if original_metrics is not None else (report or {}).get("original") or {}
+    original = (report or {}).get("original") or original_metrics or {}  # the report's own measurement wins
     original_sentence = "; ".join(
         f"{start} {_format_value(original[start])}" for start in ("protected", "unprotected") if start in original
     )

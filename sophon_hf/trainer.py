@@ -79,6 +79,18 @@ class _PersistentAttacker:
         return attacker
 
 
+def _is_hub_model_id(name: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name):
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def _without_activation_checkpointing(*modules: nn.Module):
     """Run checkpointed layers (Transformers' and Diffusers' `gradient_checkpointing` flag) without checkpointing.
@@ -375,24 +387,46 @@ class SophonTrainer(Trainer):
         dataset_name: str | list[str] | None = None,
         tags: str | list[str] | None = None,
         output_dir: str | None = None,
+        license: str | None = None,
+        finetuned_from: str | None = None,
+        dataset: str | list[str] | None = None,
+        repo_id: str | None = None,
         **kwargs,
     ) -> None:
         """Write `README.md` (the SOPHON model card) into `output_dir` (default: `args.output_dir`).
 
         The card includes the measured resistance when the folder holds a `report.json` (written by
         `report.save(folder)` or `sophon-hf attack --output folder`), and says plainly that resistance has not been
-        measured otherwise. Only the main process writes.
+        measured otherwise. Only the main process writes. The publisher's fields (`license`, datasets, `tags`,
+        `model_name`, `finetuned_from`) are kept next to the card and survive later rewrites.
+
+        Args:
+            model_name (`str`, *optional*): title and `model-index` name (default: the output folder's name).
+            dataset_name / dataset (`str` or `list[str]`, *optional*): Hub dataset ids (Trainer's two spellings).
+            tags (`str` or `list[str]`, *optional*): extra Hub tags.
+            output_dir (`str`, *optional*): the folder (default: `args.output_dir`).
+            license (`str`, *optional*): license identifier, e.g. `"apache-2.0"`.
+            finetuned_from (`str`, *optional*): Hub id of the unprotected model (default: the model's
+                `_name_or_path` when it is a Hub id).
+            repo_id (`str`, *optional*): the repo the card will live in (default: `args.hub_model_id`).
         """
+        if kwargs:
+            # Trainer's card options that a SOPHON card has no place for are refused rather than silently dropped.
+            raise TypeError(
+                f"create_model_card got unsupported argument(s) {sorted(kwargs)}; SophonTrainer's card takes "
+                "model_name, dataset_name/dataset, tags, license, finetuned_from and repo_id."
+            )
         if not self.is_world_process_zero():
             return
         from .model_card import write_model_card
 
         output_dir = output_dir or self.args.output_dir
         module = self.accelerator.unwrap_model(self.model)
-        base_model = getattr(getattr(module, "config", None), "_name_or_path", None) or None
-        if base_model is not None and os.path.isdir(base_model):
-            base_model = None  # a local folder is not a Hub reference
+        base_model = finetuned_from or getattr(getattr(module, "config", None), "_name_or_path", None) or None
+        if base_model is not None and base_model != finetuned_from and not _is_hub_model_id(base_model):
+            base_model = None  # a local folder (existing or not) is no Hub reference, and publishing it leaks a path
         tags = [tags] if isinstance(tags, str) else list(tags or [])
+        dataset_name = dataset_name or dataset
         datasets = [dataset_name] if isinstance(dataset_name, str) else dataset_name
         # A report.json left by an earlier measurement is only published for the weights it measured.
         has_report = os.path.isfile(os.path.join(output_dir, "report.json"))
@@ -408,8 +442,9 @@ class SophonTrainer(Trainer):
             restricted_domain=self.args.restricted_domain,
             sophon_config=self.args.to_dict(),
             datasets=datasets,
-            repo_id=self.args.hub_model_id,
+            repo_id=repo_id or self.args.hub_model_id,
             tags=[*self._tag_names, *tags],
+            license=license,
         )
 
     def push_to_hub(
@@ -424,15 +459,18 @@ class SophonTrainer(Trainer):
         """Save the model and its card, then upload the folder in one commit through `sophon_hf.hub.push_folder`.
 
         Uploads safetensors weights, configs, the card, and `report.json` with its plots when present; never pickle
-        files. A failed upload leaves every local file in place; rerun to continue.
+        files. A failed upload leaves every local file in place; rerun to continue. `kwargs` go to
+        [`~SophonTrainer.create_model_card`] (e.g. `license="apache-2.0"`, `dataset_name=[...]`), as with Trainer.
         """
         from .hub import push_folder
 
         # `_internal_call`: with `args.push_to_hub`, a plain `save_model()` calls `push_to_hub` again.
         self.save_model(_internal_call=True)
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        # The card names the repo it is published in (and takes the caller's card options).
+        self.create_model_card(repo_id=repo_id, **kwargs)
         if not self.is_world_process_zero():
             return None
-        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
         return push_folder(
             self.args.output_dir,
             repo_id,

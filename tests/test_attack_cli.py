@@ -122,6 +122,16 @@ def test_attack_cli_names_missing_files_and_bad_values(saved, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="no CUDA device"):
             main([*args, "--device", "cuda"])
+    with pytest.raises(SystemExit, match="'tpu' is not a torch device"):
+        main([*args, "--device", "tpu"])
+    (saved / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="a_file is a file, not a folder"):
+        main([*_args(saved, saved / "a_file")])
+    Dataset.from_dict({"pixel_values": [], "labels": []}).save_to_disk(str(saved / "empty"))
+    empty = list(args)
+    empty[empty.index("--restricted-train") + 1] = str(saved / "empty")
+    with pytest.raises(SystemExit, match="Cannot read the dataset folder .*empty"):
+        main(empty)
     # JSON writers turn 20 into 20.0; a fractional budget is refused with the field's name.
     (saved / "float.json").write_text('[{"strategy": "full", "optimizer": "adam", "steps": 20.0, "batch_size": 8}]')
     (saved / "frac.json").write_text('[{"strategy": "full", "optimizer": "adam", "steps": 2.5}]')

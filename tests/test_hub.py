@@ -20,7 +20,7 @@ from test_model_card import classification_report, tiny_unet, tiny_vit
 from transformers import ViTForImageClassification
 
 from sophon_hf.cli import main as cli_main
-from sophon_hf.hub import HubPublishError, push_folder, select_files
+from sophon_hf.hub import HubPublishError, load_pretrained_model, push_folder, select_files
 from sophon_hf.model_card import card_report_mismatches, final_metrics, write_model_card
 from sophon_hf.utils import model_fingerprint
 
@@ -453,3 +453,119 @@ def test_stale_files_in_subfolders_of_the_remote_are_kept(tmp_path, hub):
     push_folder(folder, "me/vit-sophon")
     assert "onnx/model.safetensors" in hub.files("me/vit-sophon")
     assert (remote / "model.safetensors").read_bytes() == (folder / "model.safetensors").read_bytes()
+
+
+# ---------------------------------------------------------------------- found by reviewing the publish path
+@pytest.mark.parametrize("status", [403, 500])
+def test_cli_push_that_fails_puts_the_card_back(tmp_path, hub, status):
+    folder = protected_folder(tmp_path / "out")
+    before = snapshot(folder)
+    response = SimpleNamespace(status_code=status, headers={}, request=None)
+    hub.fail_next_commit = HfHubHTTPError("refused", response=response)
+    with pytest.raises(SystemExit, match="Nothing in .* was changed"):
+        # New details rewrite the card before the upload: a push that fails must not keep that rewrite.
+        cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon", "--original-domain", "new words"])
+    assert snapshot(folder) == before
+
+
+def test_cli_push_of_pickle_only_weights_neither_writes_a_card_nor_unpickles(tmp_path, hub, monkeypatch):
+    folder = tmp_path / "out"
+    model = tiny_vit()
+    model.save_pretrained(folder)
+    classification_report(model).save(str(folder))
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    before = snapshot(folder)
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called on a pickle")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    with pytest.raises(SystemExit, match=r"no safetensors weights.*Nothing in .* was changed"):
+        cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"])
+    assert snapshot(folder) == before and hub.calls == []
+    with pytest.raises(OSError):  # loading for verify/attack: the safetensors weights or nothing
+        load_pretrained_model(folder)
+
+
+def test_report_companions_travel_only_with_their_report(tmp_path, hub):
+    folder = protected_folder(tmp_path / "out")
+    (folder / "report.json").unlink()  # what the refusal of a stale report tells the user to do
+    write_model_card(folder)
+    upload, skipped = select_files(folder)
+    assert {"report.md", "attack_curves.png"} <= set(skipped) and "report.md" not in upload
+    push_folder(folder, "me/vit-sophon")
+    assert not {"report.md", "attack_curves.png"} & set(hub.files("me/vit-sophon"))
+
+
+def test_models_saved_inside_the_folder_stay_local(tmp_path, hub):
+    folder = protected_folder(tmp_path / "out")
+    tiny_vit(seed=1).save_pretrained(folder / "unprotected")  # e.g. unprotected_output_dir: out/unprotected
+    push_folder(folder, "me/vit-sophon")
+    arrived = hub.files("me/vit-sophon")
+    assert "model.safetensors" in arrived and not [name for name in arrived if "/" in name]
+
+
+def test_original_metrics_and_a_report_with_its_own_agree_on_the_card(tmp_path, hub):
+    model = tiny_vit()
+    folder = tmp_path / "out"
+    model.save_pretrained(folder)
+    report = classification_report(model)
+    report.original = {"protected": 0.984, "unprotected": 0.986}
+    report.save(str(folder))
+    write_model_card(folder, original_metrics={"protected": 0.97, "unprotected": 0.99})
+    push_folder(folder, "me/vit-sophon")  # used to be refused forever: the card said 0.97, the report 0.984
+    card = ModelCard.load(hub.branch_dir("me/vit-sophon") / "README.md")
+    original = {
+        r.metric_args["start"]: r.metric_value for r in card.data.eval_results if "attack" not in r.metric_args
+    }
+    assert original == {"protected": 0.984, "unprotected": 0.986}
+
+
+def test_local_paths_are_never_published_as_base_model(tmp_path, hub):
+    from conftest import image_dataset, tiny_config
+
+    from sophon_hf import SophonTrainer
+
+    model = tiny_vit()
+    model.config._name_or_path = str(tmp_path / "gone" / "pretrained")  # loaded from a folder deleted since
+    trainer = SophonTrainer(
+        model,
+        args=tiny_config(tmp_path / "out", max_steps=1),
+        train_dataset=image_dataset(16, seed=1),
+        restricted_dataset=image_dataset(16, seed=2),
+    )
+    trainer.save_model()
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.base_model is None
+    with pytest.raises(SystemExit, match="is not a Hub model id"):
+        cli_main(["push", "--model", str(tmp_path / "out"), "--repo-id", "me/x", "--base-model", "/tmp/my/model"])
+
+
+def test_cli_push_card_names_the_repo_it_is_published_in(tmp_path, hub):
+    folder = protected_folder(tmp_path / "protected")  # a card written for the local folder, matching its report
+    assert cli_main(["push", "--model", str(folder), "--repo-id", "me/mnist-sophon", "--license", "apache-2.0"]) == 0
+    card = ModelCard.load(hub.branch_dir("me/mnist-sophon") / "README.md")
+    assert card.data.model_name == "mnist-sophon" and card.data.license == "apache-2.0"
+    assert 'from_pretrained("me/mnist-sophon")' in card.text and "path/to/this/model" not in card.text
+    assert "sophon-hf verify --model me/mnist-sophon" in card.text
+
+
+def test_trainer_push_to_hub_passes_card_options_like_trainer(tmp_path, hub):
+    from conftest import image_dataset, tiny_config
+
+    from sophon_hf import SophonTrainer
+
+    trainer = SophonTrainer(
+        tiny_vit(),
+        args=tiny_config(tmp_path / "vit-protected", max_steps=1),
+        train_dataset=image_dataset(16, seed=1),
+        restricted_dataset=image_dataset(16, seed=2),
+    )
+    trainer.push_to_hub(license="mit", dataset_name="me/digits", tags="mnist", finetuned_from="google/vit-base")
+    card = ModelCard.load(hub.branch_dir("me/vit-protected") / "README.md")
+    assert card.data.license == "mit" and card.data.datasets == ["me/digits"] and "mnist" in card.data.tags
+    assert card.data.base_model == "google/vit-base"
+    trainer.save_model()  # a later save keeps the publisher's options
+    assert ModelCard.load(tmp_path / "vit-protected" / "README.md").data.license == "mit"
+    with pytest.raises(TypeError, match=r"unsupported argument\(s\) \['language'\]"):
+        trainer.push_to_hub(language="en")

@@ -212,6 +212,24 @@ def test_protect_cli_runs_the_recipe_script_of_the_recipe(monkeypatch):
     assert isinstance(ran[1][1][0], script.ScriptArguments)
 
 
+def test_protect_cli_user_errors_are_messages(tmp_path):
+    from sophon_hf.cli import main
+
+    (tmp_path / "syntax.yaml").write_text("max_steps: [1\n")
+    (tmp_path / "list.yaml").write_text("- max_steps: 1\n")
+    (tmp_path / "missing_data.yaml").write_text(
+        f"original_dataset: {tmp_path / 'no_such_folder'}\nrestricted_dataset: {tmp_path / 'no_such_folder'}\n"
+        f"output_dir: {tmp_path / 'o'}\n"
+    )
+    with pytest.raises(SystemExit, match="syntax.yaml is not valid YAML"):
+        main(["protect", "--config", str(tmp_path / "syntax.yaml")])
+    with pytest.raises(SystemExit, match="must hold a mapping of recipe fields .*not a list"):
+        main(["protect", "--config", str(tmp_path / "list.yaml")])
+    # Raised deep inside the recipe script (loading data): a one-line message, not a traceback.
+    with pytest.raises(SystemExit, match="sophon-hf protect: .*no_such_folder"):
+        main(["protect", "--config", str(tmp_path / "missing_data.yaml"), "--use_cpu", "true"])
+
+
 def test_diffusion_recipes_parse_the_same_way(tmp_path):
     from sophon_hf.trainers import protect_diffusion
 

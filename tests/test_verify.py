@@ -258,3 +258,21 @@ def test_verify_downloads_the_requested_revision_with_the_token(published, tmp_p
     args = ["verify", "--model", "me/vit-sophon", "--revision", "v1", "--token", "hf_reader"]
     assert cli_main([*args, "--restricted-test", str(data_dir)]) == 0
     assert requested == {"revision": "v1", "token": "hf_reader"}
+
+
+def test_verify_catches_a_reference_model_other_than_the_measured_one(tmp_path, capsys):
+    data = DatasetDict({"train": restricted_data(24, seed=0), "test": restricted_data(16, seed=1)})
+    data.save_to_disk(str(tmp_path / "restricted"))
+    model, reference = tiny_vit(), tiny_vit(seed=5)
+    model.save_pretrained(tmp_path / "model")
+    reference.save_pretrained(tmp_path / "reference")
+    tiny_vit(seed=6).save_pretrained(tmp_path / "impostor")
+    report = evaluate_finetuning_resistance(
+        model, data["train"], data["test"], attacks=ATTACKS[:1], reference_model=reference, include_scratch=False
+    )
+    report.save(str(tmp_path / "model"))
+    args = ["verify", "--model", str(tmp_path / "model"), "--restricted-test", str(tmp_path / "restricted")]
+    assert cli_main([*args, "--reference-model", str(tmp_path / "reference"), "--tolerance", "1e-6"]) == 0
+    capsys.readouterr()
+    assert cli_main([*args, "--reference-model", str(tmp_path / "impostor")]) == 1
+    assert "is not the unprotected model the report was measured against" in capsys.readouterr().out

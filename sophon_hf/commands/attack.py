@@ -126,6 +126,11 @@ def load_restricted(
             dataset = datasets.load_from_disk(source)
         except FileNotFoundError as error:
             raise SystemExit(f"{source} is not a folder written by `Dataset.save_to_disk`: {error}") from None
+        except Exception as error:  # datasets fails with IndexError on a saved dataset of zero rows, for one
+            raise SystemExit(
+                f"Cannot read the dataset folder {source} ({type(error).__name__}: {error}). Is it empty? Save a "
+                "dataset with rows using `Dataset.save_to_disk`."
+            ) from None
         if need_split and not isinstance(dataset, datasets.DatasetDict):
             raise SystemExit(
                 f"{source} holds a single split, so the training and the test data cannot both come from it: pass "
@@ -157,7 +162,13 @@ def check_device(device: str | None) -> None:
     """Refuse a CUDA device on a machine without one, before any model is loaded."""
     import torch
 
-    if device and device.startswith("cuda") and not torch.cuda.is_available():
+    if device is None:
+        return
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise SystemExit(f"--device {device!r} is not a torch device; use e.g. cpu, cuda or cuda:1.") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: this machine has no CUDA device (torch {torch.__version__}); use cpu.")
 
 

@@ -28,9 +28,20 @@ def run(args: argparse.Namespace) -> int:
         path = protect_classifier.resolve_config_path(args.config)
         with open(path) as f:
             recipe = yaml.safe_load(f) or {}
+        if not isinstance(recipe, dict):
+            raise ValueError(
+                f"{path} must hold a mapping of recipe fields (field: value), not a {type(recipe).__name__}."
+            )
         script = protect_diffusion if recipe.get("restricted_loss") == "denial_of_service" else protect_classifier
         parsed = script.parse_args(["--config", path, *args.extra])
+    except yaml.YAMLError as error:
+        raise SystemExit(f"sophon-hf protect: {args.config} is not valid YAML: {error}") from None
     except (FileNotFoundError, ValueError) as error:  # a missing recipe, a misspelt field, a refused setting
         raise SystemExit(f"sophon-hf protect: {error}") from None
-    script.main(*parsed)
+    try:
+        script.main(*parsed)
+    except (OSError, ValueError) as error:
+        # Data or a model that cannot be loaded (missing folder, Hub offline, wrong columns), a setting the trainer
+        # refuses: the message names the fix; a traceback would bury it.
+        raise SystemExit(f"sophon-hf protect: {type(error).__name__}: {error}") from None
     return 0

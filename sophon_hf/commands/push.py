@@ -33,6 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--dataset", action="append", default=None, help="Hub dataset id used (model card; repeatable)"
     )
+    parser.add_argument("--license", default=None, help="license identifier for the card, e.g. apache-2.0")
     parser.set_defaults(func=run)
 
 
@@ -44,10 +45,10 @@ def run(args: argparse.Namespace) -> int:
     from huggingface_hub import ModelCard, get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from ..hub import LOGIN_FIX, HubPublishError, check_report_matches, push_folder
-    from ..model_card import card_report_mismatches, write_model_card
+    from ..hub import LOGIN_FIX, HubPublishError, check_publishable, push_folder
+    from ..model_card import CARD_METADATA_FILE, card_report_mismatches, write_model_card
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # what is skipped or deleted; success is printed
     folder = Path(args.model)
     try:
         validate_repo_id(args.repo_id)
@@ -59,24 +60,43 @@ def run(args: argparse.Namespace) -> int:
     if not (args.token or get_token()):
         raise SystemExit(f"error: No Hugging Face token found: {LOGIN_FIX}. Nothing in {folder} was changed.")
     try:
-        # A card is only (re)written for a report that belongs to these weights: check that first.
-        check_report_matches(folder)
-        card_path = folder / "README.md"
-        report_path = folder / "report.json"
-        overrides = {
-            "original_domain": args.original_domain,
-            "restricted_domain": args.restricted_domain,
-            "base_model": args.base_model,
-            "datasets": args.dataset,
-        }
-        stale = card_path.is_file() and card_report_mismatches(
-            ModelCard.load(card_path),
-            json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None,
-        )
-        if not card_path.is_file() or stale or any(value is not None for value in overrides.values()):
-            reason = "missing" if not card_path.is_file() else "out of date" if stale else "given new details"
+        # Everything that could refuse the push is checked before the card is (re)written.
+        check_publishable(folder, args.repo_id)
+    except ValueError as error:
+        raise SystemExit(f"error: {error} Nothing in {folder} was changed.") from error
+    card_path, sidecar = folder / "README.md", folder / CARD_METADATA_FILE
+    report_path = folder / "report.json"
+    overrides = {
+        "original_domain": args.original_domain,
+        "restricted_domain": args.restricted_domain,
+        "base_model": args.base_model,
+        "datasets": args.dataset,
+        "license": args.license,
+    }
+    stored = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
+    stale = card_path.is_file() and card_report_mismatches(
+        ModelCard.load(card_path),
+        json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None,
+    )
+    # A card written before the push names a local folder; the published one names the repo it lives in.
+    elsewhere = stored.get("repo_id") != args.repo_id
+    before = {path: path.read_bytes() if path.is_file() else None for path in (card_path, sidecar)}
+    try:
+        if not card_path.is_file() or stale or elsewhere or any(value is not None for value in overrides.values()):
+            reason = (
+                "missing"
+                if not card_path.is_file()
+                else "out of date"
+                if stale
+                else f"about another repo ({stored.get('repo_id') or 'a local folder'})"
+                if elsewhere
+                else "given new details"
+            )
             print(f"Model card {reason}: writing {card_path}")
-            write_model_card(folder, repo_id=args.repo_id, **overrides)
+            # A name that was only the folder's becomes the repo's; a name the publisher chose stays.
+            automatic = stored.get("model_name") in (None, folder.resolve().name)
+            model_name = args.repo_id.split("/")[-1] if automatic else None
+            write_model_card(folder, repo_id=args.repo_id, model_name=model_name, **overrides)
         url = push_folder(
             folder,
             args.repo_id,
@@ -86,6 +106,12 @@ def run(args: argparse.Namespace) -> int:
             commit_message=args.commit_message,
         )
     except (ValueError, FileNotFoundError, HubPublishError) as error:
+        # A push that did not happen leaves the folder as it was: the card comes back too.
+        for path, content in before.items():
+            if content is None:
+                path.unlink(missing_ok=True)
+            else:
+                path.write_bytes(content)
         raise SystemExit(f"error: {error}") from error
     print(f"Published {folder} to {url}")
     return 0

@@ -172,6 +172,13 @@ def run(args: argparse.Namespace) -> int:
         need_split="--restricted-train" if args.restricted_train is None else None,
     )
     reference = load_model(model_folder(args.reference_model, token=args.token)) if args.reference_model else None
+    recorded_reference = (published.get("fingerprints") or {}).get("reference")
+    if reference is not None and recorded_reference and model_fingerprint(reference) != recorded_reference:
+        failures.append(
+            f"--reference-model {args.reference_model} is not the unprotected model the report was measured against "
+            f"(fingerprint {recorded_reference[:12]}... recorded, {model_fingerprint(reference)[:12]}... found): its "
+            "'unprotected' numbers are not comparable"
+        )
     include_scratch = any("scratch" in a.get("curves", a.get("final", {})) for a in attacks)
     recipe = {k: v for k, v in (published.get("scratch_recipe") or {}).items() if k in DEFAULT_SCRATCH_RECIPE}
     noise_scheduler = (
