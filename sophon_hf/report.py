@@ -310,14 +310,16 @@ class ResistanceReport:
 
     def to_text(self, max_rows: int | None = 20) -> str:
         """A terminal table, worst attack first: the final value per start (the best value before divergence for a
-        diverged run, marked `*`), protected minus scratch, and the protected curve's largest lead over scratch.
+        diverged run, marked `*`), the protected model's head start over scratch at the end and its largest lead at
+        any evaluation point (both positive when the protected start is ahead of scratch for the attacker, whichever
+        way the metric points).
 
         Args:
             max_rows (`int`, *optional*, defaults to `20`): rows shown (the worst ones); `None` shows every attack.
         """
         starts = self._starts()
         fmt = lambda v, width: f"{'-' if v is None else f'{v:+.4f}':>{width}s}"  # noqa: E731
-        lines = [f"{'attack':44s}" + "".join(f"{s:>12s}" for s in starts) + f"{'prot-scratch':>14s}  largest lead"]
+        lines = [f"{'attack':44s}" + "".join(f"{s:>12s}" for s in starts) + f"{'head start':>14s}  largest lead"]
         records = self._worst_first()
         for record in records if max_rows is None else records[:max_rows]:
             s = self.attack_summary(record)
@@ -328,15 +330,16 @@ class ResistanceReport:
                 cells.append(f"{'-' if value is None else f'{value:.4f}{mark}':>12s}")
             lead = s["largest_head_start"]
             lead = "-" if lead is None else f"{lead['value']:+.4f} at step {lead['step']}"
-            lines.append(
-                f"{record['name']:44s}" + "".join(cells) + fmt(s["protected_minus_scratch"], 14) + f"  {lead}"
-            )
+            lines.append(f"{record['name']:44s}" + "".join(cells) + fmt(s["head_start"], 14) + f"  {lead}")
         if max_rows is not None and len(records) > max_rows:
             lines.append(f"... {len(records) - max_rows} more attacks in report.md")
         if any(any(r.get("diverged", {}).values()) for r in records):
             lines.append("* the run diverged (non-finite loss or metric): its best value before diverging")
         direction = "higher" if self.higher_is_better else "lower"
-        lines.append(f"({self.metric}; {direction} is better for the attacker)")
+        lines.append(
+            f"({self.metric}; {direction} is better for the attacker; head start and lead > 0: the protected start "
+            "is ahead of scratch)"
+        )
         return "\n".join(lines)
 
     def plot(self, path: str) -> str:

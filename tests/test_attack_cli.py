@@ -54,7 +54,7 @@ def test_attack_cli_writes_the_report_and_resumes(saved, capsys):
     output = saved / "report"
     assert main(_args(saved, output)) == 0
     printed = capsys.readouterr().out
-    assert "Report:" in printed and "prot-scratch" in printed  # the per-attack table
+    assert "Report:" in printed and "head start" in printed  # the per-attack table
     assert {"report.json", "report.md", "attack_curves.png", "runs"} <= set(os.listdir(output))
     with open(output / "report.json") as f:
         data = json.load(f)

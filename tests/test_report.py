@@ -108,13 +108,18 @@ def test_text_table_lists_worst_first_with_diverged_runs_marked():
         _record("c", [[0, 0.2], [5, 0.8]], [[0, 0.2], [10, 0.9]], [[0, 0.2], [10, 0.7]], diverged={"protected": 7})
     )
     rows = report.to_text().splitlines()
-    assert rows[0].split() == ["attack", "protected", "unprotected", "scratch", "prot-scratch", "largest", "lead"]
+    assert rows[0].split() == ["attack", "protected", "unprotected", "scratch", "head", "start", "largest", "lead"]
     assert [r.split()[0] for r in rows[1:4]] == ["c", "b", "a"]  # worst first
     assert rows[1].split()[1:] == ["0.8000*", "0.9000", "0.7000", "+0.1000", "+0.0000", "at", "step", "0"]
     assert rows[3].split()[1:5] == ["0.3000", "0.9000", "0.7000", "-0.4000"]
     assert rows[-2].startswith("* the run diverged")
     shortened = report.to_text(max_rows=1).splitlines()
     assert len(shortened) == 5 and shortened[2] == "... 2 more attacks in report.md"
+    # Lower is better (denoising error): protected 0.1 against scratch 0.3 is a head start of +0.2, like its lead.
+    record = _record("d", [[0, 0.5], [10, 0.1]], [[0, 0.5], [10, 0.05]], [[0, 0.5], [10, 0.3]])
+    lower = ResistanceReport("unconditional-image-generation", "denoising_mse", False, [record])
+    row = lower.to_text().splitlines()[1].split()[1:]
+    assert row == ["0.1000", "0.0500", "0.3000", "+0.2000", "+0.2000", "at", "step", "10"]
 
 
 def test_without_scratch_the_worst_attack_is_the_best_protected_result():
