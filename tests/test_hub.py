@@ -569,3 +569,27 @@ def test_trainer_push_to_hub_passes_card_options_like_trainer(tmp_path, hub):
     assert ModelCard.load(tmp_path / "vit-protected" / "README.md").data.license == "mit"
     with pytest.raises(TypeError, match=r"unsupported argument\(s\) \['language'\]"):
         trainer.push_to_hub(language="en")
+
+
+def test_hub_refusals_and_offline_mode_get_advice_that_works(tmp_path, hub):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    folder = protected_folder(tmp_path / "out")
+    response = SimpleNamespace(status_code=400, headers={}, request=None)
+    hub.fail_next_commit = HfHubHTTPError('"base_model" is not a valid model id', response=response)
+    with pytest.raises(HubPublishError, match="refused the commit .*fix what the Hub names") as refused:
+        push_folder(folder, "me/vit-sophon")
+    assert "run the same push again" not in str(refused.value)  # the same content would be refused again
+    hub.fail_next_commit = OfflineModeIsEnabled("offline")
+    with pytest.raises(HubPublishError, match="HF_HUB_OFFLINE is set.*unset it"):
+        push_folder(folder, "me/vit-sophon")
+
+
+def test_files_describing_an_earlier_model_are_removed_from_the_branch(tmp_path, hub):
+    folder = protected_folder(tmp_path / "out")
+    remote = hub.branch_dir("me/vit-sophon")
+    remote.mkdir(parents=True)
+    for name in ("samples.png", "preprocessor_config.json", "scheduler_config.json"):
+        (remote / name).write_bytes(b"from the model pushed before")
+    push_folder(folder, "me/vit-sophon")
+    assert not {"samples.png", "preprocessor_config.json", "scheduler_config.json"} & set(hub.files("me/vit-sophon"))
