@@ -8,7 +8,93 @@ reproduce an attack with the same inputs.
 from __future__ import annotations
 
 import numpy as np
-from datasets import Dataset, DatasetDict
+from datasets import Array3D, Dataset, DatasetDict, Features, Sequence, Value
+
+IMAGE_COLUMNS = ("image", "img")
+TEXT_COLUMNS = ("text", "sentence")
+
+
+def first_present(columns: list[str], given: str | None, candidates: tuple[str, ...]) -> str | None:
+    """`given` if it is one of `columns` (else `None`), or the first of `candidates` that is."""
+    if given is not None:
+        return given if given in columns else None
+    return next((c for c in candidates if c in columns), None)
+
+
+def to_model_inputs(
+    dataset: Dataset,
+    processor,
+    image_column: str | None = None,
+    text_column: str | None = None,
+    num_channels: int | None = None,
+    max_length: int = 128,
+    num_proc: int | None = None,
+) -> Dataset:
+    """Map raw images (through an image processor) to `pixel_values`, or raw text (through a tokenizer) to `input_ids`.
+
+    A dataset that already holds `pixel_values` or `input_ids` is returned as it is. Other columns than `labels`
+    are dropped.
+
+    Args:
+        dataset (`datasets.Dataset`): rows with an image column (`image`/`img` or `image_column`) or a text column
+            (`text`/`sentence` or `text_column`), and `labels`.
+        processor: the model's image processor or tokenizer (`AutoImageProcessor` / `AutoTokenizer`).
+        image_column, text_column (`str`, *optional*): the column to convert, when not one of the usual names.
+        num_channels (`int`, *optional*): 1 converts images to grayscale, else RGB (Hub datasets mix modes).
+        max_length (`int`, *optional*, defaults to `128`): text is padded and truncated to this many tokens.
+        num_proc (`int`, *optional*): processes for `Dataset.map`.
+
+    Example:
+        ```python
+        >>> from transformers import AutoImageProcessor
+        >>> cifar = load_dataset("uoft-cs/cifar10", split="test").rename_column("label", "labels")
+        >>> cifar = to_model_inputs(cifar, AutoImageProcessor.from_pretrained("my-name/resnet-protected"))
+        ```
+    """
+    columns = dataset.column_names
+    if "pixel_values" in columns or "input_ids" in columns:
+        return dataset
+    found_image = first_present(columns, image_column, IMAGE_COLUMNS)
+    found_text = first_present(columns, text_column, TEXT_COLUMNS)
+    if found_image is None and found_text is None:
+        raise ValueError(
+            f"Found no image column {image_column or IMAGE_COLUMNS} and no text column {text_column or TEXT_COLUMNS} "
+            f"(columns: {columns}): name the column that holds the inputs."
+        )
+    if processor is None:
+        raise ValueError(
+            "The data holds raw images or text but there is no image processor / tokenizer to turn them into model "
+            "inputs: save one next to the model (`processor.save_pretrained(model_dir)`), or give its name."
+        )
+    if found_image is not None:
+        # Hub images mix modes (ImageNette has grayscale and CMYK JPEGs); the model takes one channel count.
+        mode = "L" if num_channels == 1 else "RGB"
+
+        def transform(batch):
+            images = [image.convert(mode) for image in batch[found_image]]
+            # "pt" for both processor backends (PIL and torchvision); the dataset stores numpy arrays.
+            return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"].float().numpy()}
+
+        shape = transform(dataset[:1])["pixel_values"].shape[1:]
+        # A fixed-shape Array3D feature: batches are read back as one block instead of nested lists.
+        features = {"pixel_values": Array3D(shape, "float32")}
+    else:
+
+        def transform(batch):
+            # Fixed length: the trainer and the harness stack batches without a padding collator.
+            return dict(processor(batch[found_text], padding="max_length", truncation=True, max_length=max_length))
+
+        features = {k: Sequence(Value("int64")) for k in transform(dataset[:1])}
+    if "labels" in columns:
+        features["labels"] = dataset.features["labels"]
+    return dataset.map(
+        transform,
+        batched=True,
+        remove_columns=[c for c in columns if c != "labels"],
+        features=Features(features),
+        num_proc=num_proc,
+        desc="preprocessing",
+    )
 
 
 def _mnist() -> tuple[np.ndarray, np.ndarray]:

@@ -264,3 +264,52 @@ def test_attack_cli_names_a_missing_split_and_unknown_options(saved):
     with pytest.raises(SystemExit) as error:
         main([*_args(saved, saved / "x"), "--no-such-option"])
     assert error.value.code == 2
+
+
+def _raw_images(n: int, seed: int, size: int = 12):
+    """A Hub-style dataset: PIL images under `image`, class labels under `label`."""
+    import numpy as np
+    from datasets import ClassLabel, Features, Image
+
+    rng = np.random.default_rng(seed)
+    features = Features({"image": Image(), "label": ClassLabel(num_classes=5)})
+    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(n)]
+    return Dataset.from_dict({"image": images, "label": [i % 5 for i in range(n)]}, features=features)
+
+
+def test_attack_cli_prepares_raw_images_with_the_models_own_processor(tmp_path, monkeypatch):
+    from test_model_card import tiny_unet
+    from transformers import ViTImageProcessor
+
+    DatasetDict(train=_raw_images(10, 0), test=_raw_images(6, 1)).save_to_disk(str(tmp_path / "raw"))
+    tiny_vit().save_pretrained(tmp_path / "vit")
+    processor = ViTImageProcessor(size={"height": 8, "width": 8}, do_normalize=False)
+    processor.save_pretrained(tmp_path / "vit")
+    captured = _capture_harness(monkeypatch)
+    args = [
+        "attack",
+        "--restricted-train",
+        str(tmp_path / "raw"),
+        "--label-column",
+        "label",
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    with pytest.raises(_Stop):
+        main([*args, "--model", str(tmp_path / "vit")])
+    pixels = captured["train"].with_format("torch")[:]["pixel_values"]
+    # Grayscale (the ViT takes 1 channel), resized to 8x8 and rescaled to [0, 1] by the saved processor.
+    assert pixels.shape == (10, 1, 8, 8) and 0 <= pixels.min() and pixels.max() <= 1
+    assert captured["test"].num_rows == 6 and captured["train"]["labels"] == [i % 5 for i in range(10)]
+
+    # A UNet: resized to its sample size and mapped to [-1, 1].
+    tiny_unet().save_pretrained(tmp_path / "unet")
+    with pytest.raises(_Stop):
+        main([*args, "--model", str(tmp_path / "unet")])
+    pixels = captured["train"].with_format("torch")[:]["pixel_values"]
+    assert pixels.shape == (10, 1, 16, 16) and pixels.min() < 0 <= pixels.max() <= 1
+
+    # A classifier saved without a processor: the message says what to save.
+    tiny_vit().save_pretrained(tmp_path / "bare")
+    with pytest.raises(SystemExit, match="no image processor / tokenizer.*save_pretrained"):
+        main([*args, "--model", str(tmp_path / "bare")])

@@ -59,18 +59,18 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, Sequence, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Value
 from transformers import set_seed
 
 from sophon_hf import SophonConfig, SophonTrainer
+from sophon_hf.data import IMAGE_COLUMNS, TEXT_COLUMNS, first_present
+from sophon_hf.data import to_model_inputs as data_inputs
 from sophon_hf.utils import parse_recipe_args, resolve_recipe_path
 
 logger = logging.getLogger(__name__)
 
 BUILTIN_MNIST = "builtin:mnist"
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-IMAGE_COLUMNS = ("image", "img")
-TEXT_COLUMNS = ("text", "sentence")
 LABEL_COLUMNS = ("label", "labels")
 
 
@@ -191,15 +191,9 @@ def _load_split(name: str, config: str | None, data_dir: str | None, revision: s
     return load_dataset(name, config, data_dir=data_dir, revision=revision, split=split)
 
 
-def _first_present(columns: list[str], given: str | None, candidates: tuple[str, ...]) -> str | None:
-    if given is not None:
-        return given if given in columns else None
-    return next((c for c in candidates if c in columns), None)
-
-
 def _standardise_labels(dataset: Dataset, script_args: ScriptArguments, classes: list[int] | None, role: str):
     """Rename the label column to `labels`, keep `classes` (renumbered 0..n-1). Returns the dataset and label names."""
-    label_column = _first_present(dataset.column_names, script_args.label_column, LABEL_COLUMNS)
+    label_column = first_present(dataset.column_names, script_args.label_column, LABEL_COLUMNS)
     if label_column is None:
         raise ValueError(
             f"The {role} dataset has no label column {script_args.label_column or LABEL_COLUMNS} (columns: "
@@ -272,9 +266,9 @@ def load_datasets(script_args: ScriptArguments, seed: int) -> dict[str, tuple[Da
 def modality(dataset: Dataset, script_args: ScriptArguments) -> str:
     """'image' or 'text', from the dataset's columns."""
     columns = dataset.column_names
-    if "pixel_values" in columns or _first_present(columns, script_args.image_column, IMAGE_COLUMNS):
+    if "pixel_values" in columns or first_present(columns, script_args.image_column, IMAGE_COLUMNS):
         return "image"
-    if "input_ids" in columns or _first_present(columns, script_args.text_column, TEXT_COLUMNS):
+    if "input_ids" in columns or first_present(columns, script_args.text_column, TEXT_COLUMNS):
         return "text"
     raise ValueError(
         f"Found no image column {script_args.image_column or IMAGE_COLUMNS} and no text column "
@@ -284,45 +278,19 @@ def modality(dataset: Dataset, script_args: ScriptArguments) -> str:
 
 def to_model_inputs(dataset: Dataset, processor, script_args: ScriptArguments, num_channels: int | None) -> Dataset:
     """Images through the image processor into `pixel_values`, text through the tokenizer into `input_ids`."""
-    columns = dataset.column_names
-    if "pixel_values" in columns or "input_ids" in columns:
-        return dataset
-    if processor is None:
+    if processor is None and "pixel_values" not in dataset.column_names and "input_ids" not in dataset.column_names:
         raise ValueError(
             "The data holds raw images or text but there is no image processor / tokenizer: set "
             "image_processor_name_or_path or tokenizer_name_or_path (a new model has none of its own)."
         )
-    image_column = _first_present(columns, script_args.image_column, IMAGE_COLUMNS)
-    if image_column is not None:
-        # Hub images mix modes (ImageNette has grayscale and CMYK JPEGs); the model takes one channel count.
-        mode = "L" if num_channels == 1 else "RGB"
-
-        def transform(batch):
-            images = [image.convert(mode) for image in batch[image_column]]
-            # "pt" for both processor backends (PIL and torchvision); the dataset stores numpy arrays.
-            return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"].float().numpy()}
-
-        shape = transform(dataset[:1])["pixel_values"].shape[1:]
-        # A fixed-shape Array3D feature: batches are read back as one block instead of nested lists.
-        features = Features({"pixel_values": Array3D(shape, "float32"), "labels": dataset.features["labels"]})
-    else:
-        text_column = _first_present(columns, script_args.text_column, TEXT_COLUMNS)
-
-        def transform(batch):
-            # Fixed length: the trainer stacks restricted batches without a padding collator.
-            return dict(
-                processor(batch[text_column], padding="max_length", truncation=True, max_length=script_args.max_length)
-            )
-
-        keys = transform(dataset[:1]).keys()
-        features = Features({**{k: Sequence(Value("int64")) for k in keys}, "labels": dataset.features["labels"]})
-    return dataset.map(
-        transform,
-        batched=True,
-        remove_columns=[c for c in columns if c != "labels"],
-        features=features,
+    return data_inputs(
+        dataset,
+        processor,
+        image_column=script_args.image_column,
+        text_column=script_args.text_column,
+        num_channels=num_channels,
+        max_length=script_args.max_length,
         num_proc=script_args.dataset_num_proc,
-        desc="preprocessing",
     )
 
 

@@ -38,7 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--test-split", default="test", help="split of --restricted-test (default: test)")
     parser.add_argument("--label-column", default=None, help="column holding the labels (renamed to 'labels')")
     parser.add_argument(
-        "--input-column", default=None, help="column holding image tensors (renamed to 'pixel_values')"
+        "--input-column",
+        default=None,
+        help="column holding the inputs: image tensors (renamed to 'pixel_values'), or raw images or text, which go "
+        "through the processor saved with the model (default: pixel_values/input_ids, else image/img/text/sentence)",
     )
     parser.add_argument(
         "--suite",
@@ -150,12 +153,58 @@ def load_restricted(
                 f"Cannot load the dataset {source!r}: it is not a local folder, and loading it from the Hub failed "
                 f"({type(error).__name__}: {error})."
             ) from None
-    for column, target in ((label_column, "labels"), (input_column, "pixel_values")):
-        if column is not None and column != target:
-            if column not in dataset.column_names:
-                raise SystemExit(f"{source} has no column {column!r} (columns: {dataset.column_names}).")
-            dataset = dataset.rename_column(column, target)
+    for column in (label_column, input_column):
+        if column is not None and column not in dataset.column_names:
+            raise SystemExit(f"{source} has no column {column!r} (columns: {dataset.column_names}).")
+    if label_column is not None and label_column != "labels":
+        dataset = dataset.rename_column(label_column, "labels")
+    if input_column is not None and input_column != "pixel_values" and not _is_raw(dataset, input_column):
+        dataset = dataset.rename_column(input_column, "pixel_values")  # image tensors under another name
     return dataset
+
+
+def _is_raw(dataset, column: str) -> bool:
+    """Images (`datasets.Image`) or text: what needs the model's processor before it is a model input."""
+    import datasets
+
+    feature = dataset.features.get(column)
+    return isinstance(feature, datasets.Image) or (isinstance(feature, datasets.Value) and feature.dtype == "string")
+
+
+def model_inputs(dataset, model, folder: str, column: str | None = None):
+    """Raw images or text as the model's inputs: through the processor saved next to a classifier (image processor or
+    tokenizer), or resized to a UNet's sample size in [-1, 1]. Datasets of model inputs are returned as they are."""
+    if "pixel_values" in dataset.column_names or "input_ids" in dataset.column_names:
+        return dataset
+    from ..data import to_model_inputs
+    from ..tasks import is_diffusers_model
+
+    try:
+        if is_diffusers_model(model):
+            from ..diffusion import images_to_pixel_values
+
+            size = model.config.sample_size
+            return images_to_pixel_values(
+                dataset, size if isinstance(size, int) else size[0], model.config.in_channels, column
+            )
+        processor = None
+        if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
+            from transformers import AutoImageProcessor
+
+            processor = AutoImageProcessor.from_pretrained(folder)
+        elif os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            from transformers import AutoTokenizer
+
+            processor = AutoTokenizer.from_pretrained(folder)
+        return to_model_inputs(
+            dataset,
+            processor,
+            image_column=column,
+            text_column=column,
+            num_channels=getattr(getattr(model, "config", None), "num_channels", None),
+        )
+    except ValueError as error:
+        raise SystemExit(f"Cannot turn the data into inputs of the model in {folder}: {error}") from None
 
 
 def check_device(device: str | None) -> None:
@@ -219,6 +268,7 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(folder)
     reference = load_model(model_folder(args.reference_model)) if args.reference_model else None
     noise_scheduler = load_noise_scheduler(folder) if is_diffusers_model(model) else None
+    train, test = (model_inputs(d, model, folder, args.input_column) for d in (train, test))
     if noise_scheduler is not None:
         specs = resolve_attacks(attacks, has_head=False)  # a suite keeps the attacks a UNet can take
     if args.seed:

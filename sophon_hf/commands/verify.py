@@ -42,7 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--train-split", default="train", help="split of --restricted-train (default: train)")
     parser.add_argument("--test-split", default="test", help="split of --restricted-test (default: test)")
     parser.add_argument("--label-column", default=None, help="column holding the labels (renamed to 'labels')")
-    parser.add_argument("--input-column", default=None, help="column holding images (renamed to 'pixel_values')")
+    parser.add_argument(
+        "--input-column", default=None, help="column holding the inputs (image tensors, raw images or text)"
+    )
     parser.add_argument(
         "--reference-model", default=None, help="the unprotected original, to re-check its numbers too"
     )
@@ -125,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from ..attacks import DEFAULT_SCRATCH_RECIPE, AttackSpec, evaluate_finetuning_resistance
     from ..model_card import card_report_mismatches, detect_model_folder
     from ..utils import model_fingerprint
-    from .attack import check_device, load_model, load_noise_scheduler, load_restricted, model_folder
+    from .attack import check_device, load_model, load_noise_scheduler, load_restricted, model_folder, model_inputs
 
     if args.tolerance < 0:
         raise SystemExit(f"--tolerance must be non-negative, got {args.tolerance}.")
@@ -179,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
             f"(fingerprint {recorded_reference[:12]}... recorded, {model_fingerprint(reference)[:12]}... found): its "
             "'unprotected' numbers are not comparable"
         )
+    train, test = (model_inputs(d, model, str(folder), args.input_column) for d in (train, test))
     include_scratch = any("scratch" in a.get("curves", a.get("final", {})) for a in attacks)
     recipe = {k: v for k, v in (published.get("scratch_recipe") or {}).items() if k in DEFAULT_SCRATCH_RECIPE}
     noise_scheduler = (
