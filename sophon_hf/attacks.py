@@ -711,7 +711,8 @@ def evaluate_finetuning_resistance(
             raise ValueError(
                 f"Attack {spec.name!r} keeps the head, which has {head_size} outputs, but the restricted data has "
                 f"{restricted_labels} labels. Use a strategy that re-initialises the head ('full_reinit_head', "
-                f"'linear_probe'), or remap the labels to the model's {head_size} classes."
+                f"'linear_probe'; on the command line, in an --attacks-file), or remap the labels to the model's "
+                f"{head_size} classes."
             )
         if spec.strategy == "lora":
             _lora_targets(model, spec, task.head_name)

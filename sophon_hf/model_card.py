@@ -359,6 +359,7 @@ def generate_model_card(
     curves_image: str | None = None,
     has_report_md: bool = False,
     has_image_processor: bool = False,
+    has_tokenizer: bool = False,
 ) -> ModelCard:
     """Render the model card of a SOPHON-protected model (pure: reads no files, writes none).
 
@@ -398,6 +399,8 @@ def generate_model_card(
         has_image_processor (`bool`, *optional*, defaults to `False`):
             Whether an image processor (`preprocessor_config.json`) is published with an image classifier: the usage
             snippet then prepares an image with it; otherwise it says that no processor ships with the model.
+        has_tokenizer (`bool`, *optional*, defaults to `False`):
+            The same for a text classifier's tokenizer (`tokenizer_config.json`).
 
     Returns:
         [`~huggingface_hub.ModelCard`]: the card; `card.data.eval_results` holds the report's numbers.
@@ -496,6 +499,7 @@ def generate_model_card(
         "curves_image": curves_image,
         "has_report_md": has_report_md,
         "has_image_processor": has_image_processor,
+        "has_tokenizer": has_tokenizer,
         "datasets": datasets or [],
         "outside_suite": OUTSIDE_HARNESS["diffusion" if is_diffusion else "classification"],
         "framework_versions": framework_versions(),
@@ -744,6 +748,7 @@ def write_model_card(output_dir: str | Path, **kwargs: Any) -> Path:
             kwargs["curves_image"] = "attack_curves.png"
         kwargs.setdefault("has_report_md", (output_dir / "report.md").is_file())
     kwargs.setdefault("has_image_processor", (output_dir / "preprocessor_config.json").is_file())
+    kwargs.setdefault("has_tokenizer", (output_dir / "tokenizer_config.json").is_file())
     card = generate_model_card(**kwargs)
     path = output_dir / "README.md"
     card.save(path)

@@ -131,6 +131,7 @@ class ClassificationTask:
         self.head_param_names = [f"{self.head_name}.{n}" for n, _ in head.named_parameters()]
         self.input_names: tuple[str, ...] = ()
         self.name = "classification"
+        self.pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
 
     # ------------------------------------------------------------------ data
     def prepare_dataset(self, dataset, role: str = "dataset"):
@@ -195,6 +196,17 @@ class ClassificationTask:
             raise ValueError(
                 f"`{role}` has 'input_ids' of different lengths. Pad every example to one length when tokenizing, "
                 "e.g. `tokenizer(texts, padding='max_length', truncation=True, max_length=128)`."
+            )
+        if (
+            name == "text-classification"
+            and "attention_mask" not in names
+            and self.pad_token_id is not None
+            and bool((dataset[:]["input_ids"] == self.pad_token_id).any())
+        ):
+            # Without a mask the model attends to padding, so results depend on how far each example was padded.
+            raise ValueError(
+                f"`{role}` has padded 'input_ids' (pad token id {self.pad_token_id}) but no 'attention_mask'. "
+                "Tokenize with `return_attention_mask=True` (the default of `tokenizer(...)`) and keep the column."
             )
         labels = dataset["labels"]
         labels = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(list(labels))

@@ -313,3 +313,30 @@ def test_attack_cli_prepares_raw_images_with_the_models_own_processor(tmp_path, 
     tiny_vit().save_pretrained(tmp_path / "bare")
     with pytest.raises(SystemExit, match="no image processor / tokenizer.*save_pretrained"):
         main([*args, "--model", str(tmp_path / "bare")])
+
+
+def test_attack_cli_tokenizes_raw_text_with_the_models_tokenizer_to_its_length(tmp_path, monkeypatch):
+    from conftest import tiny_bert
+    from transformers import BertTokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film"]))
+    tokenizer = BertTokenizer(str(vocab), model_max_length=10)  # as protect_classifier.py saves it
+    tiny_bert().save_pretrained(tmp_path / "bert")  # max_position_embeddings=16
+    tokenizer.save_pretrained(tmp_path / "bert")
+    texts = ["good film", "bad film", "good good bad film", "bad"] * 3
+    # A Hub-style text dataset: a `review` column (named with --input-column), labels under `label`.
+    raw = Dataset.from_dict({"review": texts, "label": [i % 2 for i in range(12)]})
+    DatasetDict(train=raw, test=raw.select(range(4))).save_to_disk(str(tmp_path / "raw"))
+    captured = _capture_harness(monkeypatch)
+    args = ["attack", "--model", str(tmp_path / "bert"), "--restricted-train", str(tmp_path / "raw")]
+    with pytest.raises(_Stop):
+        main([*args, "--input-column", "review", "--output", str(tmp_path / "o")])
+    batch = captured["train"].with_format("torch")[:]
+    assert batch["input_ids"].shape == (12, 10) and batch["attention_mask"][1].tolist()[:5] == [1, 1, 1, 1, 0]
+    assert batch["labels"].tolist() == [i % 2 for i in range(12)]  # found under `label` without --label-column
+    # A tokenizer that records no length: 128 tokens, capped at the model's 16 positions.
+    BertTokenizer(str(vocab)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(_Stop):
+        main([*args, "--input-column", "review", "--output", str(tmp_path / "o")])
+    assert captured["train"].with_format("torch")[:]["input_ids"].shape == (12, 16)

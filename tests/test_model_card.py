@@ -362,10 +362,13 @@ def test_seen_in_simulation_compares_the_step_size_too():
     assert _simulated({"strategy": "full", "optimizer": "rmsprop", "learning_rate": 1e-3}, config) == "no"
 
 
-def test_text_card_loads_the_tokenizer_too():
-    text = generate_model_card(model_name="bert-sophon", task="text-classification").text
-    assert 'AutoTokenizer.from_pretrained("path/to/this/model")' in text
+def test_text_card_loads_the_shipped_tokenizer_or_says_there_is_none():
+    text = generate_model_card(model_name="bert-sophon", task="text-classification", has_tokenizer=True).text
+    assert 'AutoTokenizer.from_pretrained("path/to/this/model")' in text and "tokenizer(text" in text
     assert "AutoTokenizer" not in generate_model_card(model_name="vit-sophon").text
+    # Without one, AutoTokenizer would build an empty tokenizer from config.json and map every word to [UNK].
+    without = generate_model_card(model_name="bert-sophon", task="text-classification").text
+    assert "AutoTokenizer" not in without and "No tokenizer ships with this model" in without
 
 
 def test_image_card_prepares_inputs_with_the_shipped_processor_or_says_there_is_none():

@@ -377,6 +377,8 @@ def test_decoder_classifiers_are_padded_with_their_end_of_sequence_token(tmp_pat
     metrics = script.main(*parsed)
     assert "eval_restricted_accuracy" in metrics
     assert json.loads((output_dir / "config.json").read_text())["pad_token_id"] == 1  # "<eos>"
+    # The saved tokenizer records the length the model was protected with (`sophon-hf attack` tokenizes to it).
+    assert json.loads((output_dir / "tokenizer_config.json").read_text())["model_max_length"] == 8
 
 
 def test_raw_images_without_a_processor_fail_clearly(stand_ins):

@@ -319,6 +319,17 @@ def test_unpadded_text_is_refused_with_the_fix(tmp_output):
         _trainer(tiny_bert(), tmp_output, train=text_dataset(), restricted=ragged)
 
 
+def test_padded_text_without_an_attention_mask_is_refused(tmp_output):
+    padded = text_dataset(8, seed=3).remove_columns("attention_mask")
+    ids = [row[:5] + [0, 0, 0] for row in padded["input_ids"]]  # BERT's pad token id is 0
+    padded = padded.remove_columns("input_ids").add_column("input_ids", ids)
+    with pytest.raises(ValueError, match=r"padded 'input_ids' \(pad token id 0\) but no 'attention_mask'"):
+        _trainer(tiny_bert(), tmp_output, train=padded, restricted=padded)
+    # Unpadded ids need no mask.
+    unpadded = text_dataset(8, seed=3).remove_columns("attention_mask")
+    _trainer(tiny_bert(), tmp_output, train=unpadded, restricted=unpadded)
+
+
 def test_ntr_steps_survive_a_last_batch_smaller_than_their_count(tmp_output):
     # A Trainer batch holds 8 rows x 3 NTR steps: with 25 rows the second outer iteration gets the 1 row left, which
     # splits into one chunk of 1 row and two empty ones (an empty chunk's loss is NaN and used to stop training).

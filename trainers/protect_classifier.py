@@ -390,6 +390,9 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
         processor.pad_token = processor.eos_token
     if kind == "text" and processor is not None and model.config.pad_token_id is None:
         model.config.pad_token_id = processor.pad_token_id
+    if kind == "text" and processor is not None:
+        # Saved with the model: `sophon-hf attack` tokenizes raw text to the length the model was protected with.
+        processor.model_max_length = script_args.max_length
     num_channels = getattr(model.config, "num_channels", None)
     with training_args.main_process_first(desc="preprocessing"):
         original_train, original_eval, restricted_train, restricted_eval = (

@@ -156,6 +156,8 @@ def load_restricted(
     for column in (label_column, input_column):
         if column is not None and column not in dataset.column_names:
             raise SystemExit(f"{source} has no column {column!r} (columns: {dataset.column_names}).")
+    if label_column is None and "labels" not in dataset.column_names and "label" in dataset.column_names:
+        label_column = "label"  # the usual Hub name (CIFAR-10, IMDB, ...)
     if label_column is not None and label_column != "labels":
         dataset = dataset.rename_column(label_column, "labels")
     if input_column is not None and input_column != "pixel_values" and not _is_raw(dataset, input_column):
@@ -168,7 +170,13 @@ def _is_raw(dataset, column: str) -> bool:
     import datasets
 
     feature = dataset.features.get(column)
-    return isinstance(feature, datasets.Image) or (isinstance(feature, datasets.Value) and feature.dtype == "string")
+    return isinstance(feature, datasets.Image) or _is_text(feature)
+
+
+def _is_text(feature) -> bool:
+    import datasets
+
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
 
 
 def model_inputs(dataset, model, folder: str, column: str | None = None):
@@ -187,7 +195,8 @@ def model_inputs(dataset, model, folder: str, column: str | None = None):
             return images_to_pixel_values(
                 dataset, size if isinstance(size, int) else size[0], model.config.in_channels, column
             )
-        processor = None
+        config = getattr(model, "config", None)
+        processor, max_length = None, 128
         if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
             from transformers import AutoImageProcessor
 
@@ -196,12 +205,19 @@ def model_inputs(dataset, model, folder: str, column: str | None = None):
             from transformers import AutoTokenizer
 
             processor = AutoTokenizer.from_pretrained(folder)
+            # The length the model was trained with when the tokenizer records it (the recipe script saves it),
+            # and never more positions than the model has.
+            if processor.model_max_length < 100_000:
+                max_length = processor.model_max_length
+            max_length = min(max_length, getattr(config, "max_position_embeddings", None) or max_length)
+        text = column is not None and _is_text(dataset.features.get(column))
         return to_model_inputs(
             dataset,
             processor,
-            image_column=column,
-            text_column=column,
-            num_channels=getattr(getattr(model, "config", None), "num_channels", None),
+            image_column=None if text else column,
+            text_column=column if text else None,
+            num_channels=getattr(config, "num_channels", None),
+            max_length=max_length,
         )
     except ValueError as error:
         raise SystemExit(f"Cannot turn the data into inputs of the model in {folder}: {error}") from None
