@@ -360,6 +360,7 @@ def generate_model_card(
     has_report_md: bool = False,
     has_image_processor: bool = False,
     has_tokenizer: bool = False,
+    samples_image: str | None = None,
 ) -> ModelCard:
     """Render the model card of a SOPHON-protected model (pure: reads no files, writes none).
 
@@ -401,6 +402,8 @@ def generate_model_card(
             snippet then prepares an image with it; otherwise it says that no processor ships with the model.
         has_tokenizer (`bool`, *optional*, defaults to `False`):
             The same for a text classifier's tokenizer (`tokenizer_config.json`).
+        samples_image (`str`, *optional*):
+            Diffusion only: relative path of a PNG of images the model generates, shown under the usage snippet.
 
     Returns:
         [`~huggingface_hub.ModelCard`]: the card; `card.data.eval_results` holds the report's numbers.
@@ -500,6 +503,7 @@ def generate_model_card(
         "has_report_md": has_report_md,
         "has_image_processor": has_image_processor,
         "has_tokenizer": has_tokenizer,
+        "samples_image": samples_image if is_diffusion else None,
         "datasets": datasets or [],
         "outside_suite": OUTSIDE_HARNESS["diffusion" if is_diffusion else "classification"],
         "framework_versions": framework_versions(),
@@ -749,6 +753,8 @@ def write_model_card(output_dir: str | Path, **kwargs: Any) -> Path:
         kwargs.setdefault("has_report_md", (output_dir / "report.md").is_file())
     kwargs.setdefault("has_image_processor", (output_dir / "preprocessor_config.json").is_file())
     kwargs.setdefault("has_tokenizer", (output_dir / "tokenizer_config.json").is_file())
+    if kwargs.get("samples_image") is None and (output_dir / "samples.png").is_file():
+        kwargs["samples_image"] = "samples.png"  # written by trainers/protect_diffusion.py
     card = generate_model_card(**kwargs)
     path = output_dir / "README.md"
     card.save(path)
