@@ -242,6 +242,20 @@ def check_card_matches(folder: str | Path) -> None:
         raise ValueError(f"The model card in {folder} does not match its report.json: {'; '.join(problems)}. {fix}")
 
 
+def resolve_repo_id(repo_id: str, token: str | None = None) -> str:
+    """`namespace/name` for a bare `name` (the token's user, as `create_repo` does), so a card names the real repo.
+
+    Returns `repo_id` unchanged when it has a namespace, or when the user cannot be found out (no token, offline):
+    the push itself then reports the problem.
+    """
+    if "/" in repo_id:
+        return repo_id
+    try:
+        return f"{HfApi(token=token or get_token()).whoami()['name']}/{repo_id}"
+    except Exception:  # no token, offline, or a token without read access: the push says what is wrong
+        return repo_id
+
+
 def check_publishable(folder: str | Path, repo_id: str) -> tuple[list[str], list[str]]:
     """The checks `push_folder` makes before anything is sent, the card's aside; they only read the folder.
 
@@ -298,7 +312,7 @@ def _raise_for_hub_error(error: HfHubHTTPError, repo_id: str, folder: Path) -> N
             f"Your token may not write to {repo_id!r} (HTTP 403). Use a token with write access to that namespace "
             f"(`hf auth login`, or HF_TOKEN), or push to a repo id under your own user name. {untouched}"
         ) from error
-    if status is not None and 400 <= status < 500:
+    if status is not None and 400 <= status < 500 and status not in (408, 409, 429):  # timeout, conflict, rate limit
         # The Hub refused the content itself (e.g. card metadata it rejects): sending the same again fails again.
         raise HubPublishError(
             f"The Hub refused the commit to {repo_id!r} (HTTP {status}): {error}. {untouched} The remote branch keeps "

@@ -85,6 +85,7 @@ CARD_HYPERPARAMETERS = {
 
 # Written next to README.md by `write_model_card`: the card's inputs that only the publisher knows.
 CARD_METADATA_FILE = "sophon_card.json"
+CARD_HASH_KEY = "card_sha256"
 PUBLISHER_FIELDS = (
     "model_name",
     "base_model",
@@ -723,9 +724,13 @@ def write_model_card(output_dir: str | Path, **kwargs: Any) -> Path:
     # regenerated later (e.g. by `sophon-hf push` after a new measurement) still carries them.
     sidecar = output_dir / CARD_METADATA_FILE
     stored = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
-    for key, value in stored.items():
-        if kwargs.get(key) is None:
-            kwargs[key] = value
+    if stored.get("base_model") is not None and not _is_repo_id(stored["base_model"]):
+        # Written by an older version, which stored local paths: not a Hub reference, and publishing it leaks a path.
+        logger.warning("Dropping base_model=%r kept in %s: it is not a Hub model id.", stored["base_model"], sidecar)
+        del stored["base_model"]
+    for key in PUBLISHER_FIELDS:
+        if kwargs.get(key) is None and stored.get(key) is not None:
+            kwargs[key] = stored[key]
     if kwargs.get("sophon_config") is not None:
         kept = (*CARD_HYPERPARAMETERS, "original_domain", "restricted_domain")
         kwargs["sophon_config"] = {k: v for k, v in kwargs["sophon_config"].items() if k in kept}
@@ -759,8 +764,25 @@ def write_model_card(output_dir: str | Path, **kwargs: Any) -> Path:
     path = output_dir / "README.md"
     card.save(path)
     publisher_fields = {key: kwargs.get(key) for key in PUBLISHER_FIELDS if kwargs.get(key) is not None}
+    # What was written, so that `sophon-hf push` can tell a card the publisher edited since (and must keep).
+    publisher_fields[CARD_HASH_KEY] = card_digest(path)
     sidecar.write_text(json.dumps(publisher_fields, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
     return path
+
+
+def card_digest(path: str | Path) -> str:
+    """sha256 of a card file's bytes (`write_model_card` records it for the card it wrote)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _is_repo_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 def _result_key(result: EvalResult) -> tuple[str, ...] | None:

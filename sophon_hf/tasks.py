@@ -131,7 +131,10 @@ class ClassificationTask:
         self.head_param_names = [f"{self.head_name}.{n}" for n, _ in head.named_parameters()]
         self.input_names: tuple[str, ...] = ()
         self.name = "classification"
-        self.pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+        config = getattr(model, "config", None)
+        # Decoder classifiers (GPT-2, LLaMA) read the last non-pad token, which never attends to later padding: only
+        # bidirectional encoders need an attention mask over padded ids.
+        self.pad_token_id = None if _is_causal(config) else getattr(config, "pad_token_id", None)
 
     # ------------------------------------------------------------------ data
     def prepare_dataset(self, dataset, role: str = "dataset"):
@@ -303,6 +306,17 @@ def is_diffusers_model(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - diffusers is a dependency
         return False
     return isinstance(model, ModelMixin)
+
+
+def _is_causal(config) -> bool:
+    """A decoder-only architecture (GPT-2, LLaMA): causal-LM capable and not a masked-LM encoder (BERT is both)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
 def get_task(

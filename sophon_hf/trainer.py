@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from collections import defaultdict
@@ -77,6 +78,10 @@ class _PersistentAttacker:
             else:
                 attacker.support_pool = tensor
         return attacker
+
+
+# Options of `Trainer.create_model_card` that a SOPHON card does not use (Trainer's example scripts pass them).
+TRAINER_CARD_OPTIONS = frozenset({"language", "tasks", "dataset_tags", "dataset_args"})
 
 
 def _is_hub_model_id(name: str) -> bool:
@@ -231,7 +236,10 @@ class SophonTrainer(Trainer):
             if is_diffusers_model(model):
                 model.enable_gradient_checkpointing()
                 args.activation_checkpointing = args.gradient_checkpointing = False  # done: Trainer must not retry
-            elif not hasattr(model, "activation_checkpointing_enable"):
+            elif not hasattr(model, "activation_checkpointing_enable") and not hasattr(
+                model,
+                "gradient_checkpointing_enable",  # the older name, which Trainer still calls
+            ):
                 raise ValueError(
                     f"gradient_checkpointing=True needs a Transformers or Diffusers model; a {type(model).__name__} "
                     "cannot turn it on. Set gradient_checkpointing=False, or checkpoint inside the module yourself."
@@ -410,22 +418,37 @@ class SophonTrainer(Trainer):
                 `_name_or_path` when it is a Hub id).
             repo_id (`str`, *optional*): the repo the card will live in (default: `args.hub_model_id`).
         """
-        if kwargs:
-            # Trainer's card options that a SOPHON card has no place for are refused rather than silently dropped.
+        ignored = sorted(set(kwargs) & TRAINER_CARD_OPTIONS)
+        if ignored:
+            # Trainer's example scripts pass these; a SOPHON card has no place for them.
+            logger.warning("create_model_card: %s do not appear on a SOPHON card and are ignored.", ignored)
+        unknown = sorted(set(kwargs) - TRAINER_CARD_OPTIONS)
+        if unknown:
             raise TypeError(
-                f"create_model_card got unsupported argument(s) {sorted(kwargs)}; SophonTrainer's card takes "
-                "model_name, dataset_name/dataset, tags, license, finetuned_from and repo_id."
+                f"create_model_card got unsupported argument(s) {unknown}; SophonTrainer's card takes model_name, "
+                "dataset_name/dataset, tags, license, finetuned_from and repo_id."
             )
         if not self.is_world_process_zero():
             return
-        from .model_card import write_model_card
+        from .model_card import CARD_METADATA_FILE, write_model_card
 
         output_dir = output_dir or self.args.output_dir
         module = self.accelerator.unwrap_model(self.model)
         base_model = finetuned_from or getattr(getattr(module, "config", None), "_name_or_path", None) or None
-        if base_model is not None and base_model != finetuned_from and not _is_hub_model_id(base_model):
-            base_model = None  # a local folder (existing or not) is no Hub reference, and publishing it leaks a path
+        if base_model is not None and not _is_hub_model_id(base_model):
+            if finetuned_from is not None:
+                logger.warning("finetuned_from=%r is not a Hub model id: the card names no base model.", base_model)
+            # A local folder is no Hub reference, and publishing it leaks a path. (A relative path that no longer
+            # exists and reads like "user/name" cannot be told from a Hub id.)
+            base_model = None
+        sidecar = os.path.join(output_dir, CARD_METADATA_FILE)
+        stored = {}
+        if os.path.isfile(sidecar):
+            with open(sidecar, encoding="utf-8") as f:
+                stored = json.load(f)
+        # The publisher's earlier choices (a name, tags) survive this rewrite; new ones are added.
         tags = [tags] if isinstance(tags, str) else list(tags or [])
+        tags = list(dict.fromkeys([*self._tag_names, *(stored.get("tags") or []), *tags]))
         dataset_name = dataset_name or dataset
         datasets = [dataset_name] if isinstance(dataset_name, str) else dataset_name
         # A report.json left by an earlier measurement is only published for the weights it measured.
@@ -433,7 +456,7 @@ class SophonTrainer(Trainer):
         write_model_card(
             output_dir,
             weights_fingerprint=model_fingerprint(module) if has_report else None,
-            model_name=model_name or os.path.basename(os.path.abspath(output_dir)),
+            model_name=model_name or stored.get("model_name") or os.path.basename(os.path.abspath(output_dir)),
             base_model=base_model,
             task=self.task.name,
             library_name="diffusers" if is_diffusers_model(module) else "transformers",
@@ -443,7 +466,7 @@ class SophonTrainer(Trainer):
             sophon_config=self.args.to_dict(),
             datasets=datasets,
             repo_id=repo_id or self.args.hub_model_id,
-            tags=[*self._tag_names, *tags],
+            tags=tags,
             license=license,
         )
 
@@ -462,12 +485,13 @@ class SophonTrainer(Trainer):
         files. A failed upload leaves every local file in place; rerun to continue. `kwargs` go to
         [`~SophonTrainer.create_model_card`] (e.g. `license="apache-2.0"`, `dataset_name=[...]`), as with Trainer.
         """
-        from .hub import push_folder
+        from .hub import push_folder, resolve_repo_id
 
         # `_internal_call`: with `args.push_to_hub`, a plain `save_model()` calls `push_to_hub` again.
         self.save_model(_internal_call=True)
         repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
-        # The card names the repo it is published in (and takes the caller's card options).
+        # The card names the repo it is published in, namespace included (and takes the caller's card options).
+        repo_id = resolve_repo_id(repo_id, token or self.args.hub_token) if self.is_world_process_zero() else repo_id
         self.create_model_card(repo_id=repo_id, **kwargs)
         if not self.is_world_process_zero():
             return None

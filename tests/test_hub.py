@@ -83,7 +83,11 @@ class FakeHub:
                 oid=f"{len(hub.calls):040d}",
             )
 
+        def whoami(api, token=None, **kwargs):
+            return {"name": "me"}
+
         for name, function in [
+            ("whoami", whoami),
             ("create_repo", create_repo),
             ("create_branch", create_branch),
             ("list_repo_files", list_repo_files),
@@ -567,8 +571,72 @@ def test_trainer_push_to_hub_passes_card_options_like_trainer(tmp_path, hub):
     assert card.data.base_model == "google/vit-base"
     trainer.save_model()  # a later save keeps the publisher's options
     assert ModelCard.load(tmp_path / "vit-protected" / "README.md").data.license == "mit"
-    with pytest.raises(TypeError, match=r"unsupported argument\(s\) \['language'\]"):
-        trainer.push_to_hub(language="en")
+    # Trainer's example scripts pass options a SOPHON card has no place for: ignored, not an error.
+    trainer.create_model_card(language="en", tasks="image-classification", finetuned_from="./local-folder")
+    assert ModelCard.load(tmp_path / "vit-protected" / "README.md").data.base_model == "google/vit-base"  # not a path
+    with pytest.raises(TypeError, match=r"unsupported argument\(s\) \['bogus'\]"):
+        trainer.push_to_hub(bogus=1)
+
+
+def test_trainer_card_keeps_the_publishers_name_and_tags_and_names_the_namespaced_repo(tmp_path, hub):
+    from conftest import image_dataset, tiny_config
+
+    from sophon_hf import SophonTrainer
+
+    trainer = SophonTrainer(
+        tiny_vit(),
+        args=tiny_config(tmp_path / "vit-protected", max_steps=1),
+        train_dataset=image_dataset(16, seed=1),
+        restricted_dataset=image_dataset(16, seed=2),
+    )
+    trainer.create_model_card(model_name="My protected ViT", tags=["mnist"])
+    trainer.save_model()  # a later save keeps them
+    card = ModelCard.load(tmp_path / "vit-protected" / "README.md")
+    assert card.data.model_name == "My protected ViT" and "mnist" in card.data.tags
+    trainer.push_to_hub()  # no hub_model_id: the repo is "vit-protected" under the token's user
+    pushed = ModelCard.load(hub.branch_dir("me/vit-protected") / "README.md").text
+    assert 'from_pretrained("me/vit-protected")' in pushed
+
+
+def test_cli_push_keeps_a_card_the_publisher_edited(tmp_path, hub, capsys):
+    folder = protected_folder(tmp_path / "out")
+    card = folder / "README.md"
+    card.write_text(card.read_text() + "\n## Our own notes\n\nHand-written.\n")
+    assert cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"]) == 0
+    assert "Our own notes" in card.read_text()  # only the repo changed: the edited card is published as it is
+    assert "Our own notes" in (hub.branch_dir("me/vit-sophon") / "README.md").read_text()
+    assert "edited after sophon_hf wrote it" in capsys.readouterr().out
+    # New details rewrite the card: the edited version is saved aside (and not uploaded), never lost.
+    assert cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon", "--license", "mit"]) == 0
+    assert "Our own notes" in (folder / "README.md.edited").read_text()
+    assert "README.md.edited" not in hub.files("me/vit-sophon")
+
+
+def test_cli_push_names_the_namespaced_repo_and_renames_on_a_second_repo(tmp_path, hub):
+    folder = protected_folder(tmp_path / "out")
+    assert cli_main(["push", "--model", str(folder), "--repo-id", "first-repo"]) == 0
+    first = ModelCard.load(hub.branch_dir("me/first-repo") / "README.md")
+    assert first.data.model_name == "first-repo" and "sophon-hf verify --model me/first-repo" in first.text
+    assert cli_main(["push", "--model", str(folder), "--repo-id", "me/second-repo"]) == 0
+    assert ModelCard.load(hub.branch_dir("me/second-repo") / "README.md").data.model_name == "second-repo"
+
+
+def test_a_local_base_model_kept_by_an_older_version_is_dropped(tmp_path, hub):
+    folder = protected_folder(tmp_path / "out")
+    sidecar = folder / "sophon_card.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "base_model": "/home/me/models/vit"}))
+    assert cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon", "--license", "mit"]) == 0
+    assert ModelCard.load(hub.branch_dir("me/vit-sophon") / "README.md").data.base_model is None
+
+
+@pytest.mark.parametrize("status", [408, 409, 429])
+def test_transient_hub_errors_say_to_push_again(tmp_path, hub, status):
+    folder = protected_folder(tmp_path / "out")
+    hub.fail_next_commit = HfHubHTTPError(
+        "busy", response=SimpleNamespace(status_code=status, headers={}, request=None)
+    )
+    with pytest.raises(HubPublishError, match="run the same push again"):
+        push_folder(folder, "me/vit-sophon")
 
 
 def test_hub_refusals_and_offline_mode_get_advice_that_works(tmp_path, hub):

@@ -212,7 +212,7 @@ def test_protect_cli_runs_the_recipe_script_of_the_recipe(monkeypatch):
     assert isinstance(ran[1][1][0], script.ScriptArguments)
 
 
-def test_protect_cli_user_errors_are_messages(tmp_path):
+def test_protect_cli_user_errors_are_messages(tmp_path, monkeypatch):
     from sophon_hf.cli import main
 
     (tmp_path / "syntax.yaml").write_text("max_steps: [1\n")
@@ -225,9 +225,14 @@ def test_protect_cli_user_errors_are_messages(tmp_path):
         main(["protect", "--config", str(tmp_path / "syntax.yaml")])
     with pytest.raises(SystemExit, match="must hold a mapping of recipe fields .*not a list"):
         main(["protect", "--config", str(tmp_path / "list.yaml")])
-    # Raised deep inside the recipe script (loading data): a one-line message, not a traceback.
-    with pytest.raises(SystemExit, match="sophon-hf protect: .*no_such_folder"):
-        main(["protect", "--config", str(tmp_path / "missing_data.yaml"), "--use_cpu", "true"])
+    # Raised deep inside the recipe script (loading data): a one-line message, not a traceback ...
+    missing = ["protect", "--config", str(tmp_path / "missing_data.yaml"), "--use_cpu", "true"]
+    with pytest.raises(SystemExit, match=r"sophon-hf protect: .*no_such_folder(.|\n)*SOPHON_HF_DEBUG=1"):
+        main(missing)
+    # ... unless the traceback is asked for.
+    monkeypatch.setenv("SOPHON_HF_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        main(missing)
 
 
 def test_diffusion_recipes_parse_the_same_way(tmp_path):

@@ -325,9 +325,16 @@ def test_padded_text_without_an_attention_mask_is_refused(tmp_output):
     padded = padded.remove_columns("input_ids").add_column("input_ids", ids)
     with pytest.raises(ValueError, match=r"padded 'input_ids' \(pad token id 0\) but no 'attention_mask'"):
         _trainer(tiny_bert(), tmp_output, train=padded, restricted=padded)
-    # Unpadded ids need no mask.
+    # Unpadded ids need no mask, and a decoder classifier (GPT-2) reads the last real token, which never sees the
+    # padding after it.
     unpadded = text_dataset(8, seed=3).remove_columns("attention_mask")
     _trainer(tiny_bert(), tmp_output, train=unpadded, restricted=unpadded)
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    gpt2 = GPT2ForSequenceClassification(
+        GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16, num_labels=5, pad_token_id=0)
+    )
+    _trainer(gpt2, tmp_output, train=padded, restricted=padded)
 
 
 def test_ntr_steps_survive_a_last_batch_smaller_than_their_count(tmp_output):

@@ -319,6 +319,7 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
                 script_args.num_inference_steps,
             )
             save_sample_grid({"protected": images}, os.path.join(training_args.output_dir, "samples.png"))
+            trainer.create_model_card()  # written by save_model before the samples existed: now it shows them
     if training_args.push_to_hub:
         trainer.push_to_hub()
 

@@ -91,7 +91,18 @@ def load_model(folder: str):
     try:
         return load_pretrained_model(folder)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"Cannot load the model in {folder}: {error}") from None
+        pickles = [
+            name
+            for name in ("pytorch_model.bin", "diffusion_pytorch_model.bin")
+            if os.path.isfile(os.path.join(folder, name))
+        ]
+        hint = (
+            f" It holds only pickle weights ({', '.join(pickles)}), which sophon_hf never loads: re-save the model "
+            "with `save_pretrained` (safetensors is the default)."
+            if pickles
+            else ""
+        )
+        raise SystemExit(f"Cannot load the model in {folder}: {error}{hint}") from None
 
 
 def load_noise_scheduler(folder: str):
@@ -131,8 +142,8 @@ def load_restricted(
             raise SystemExit(f"{source} is not a folder written by `Dataset.save_to_disk`: {error}") from None
         except Exception as error:  # datasets fails with IndexError on a saved dataset of zero rows, for one
             raise SystemExit(
-                f"Cannot read the dataset folder {source} ({type(error).__name__}: {error}). Is it empty? Save a "
-                "dataset with rows using `Dataset.save_to_disk`."
+                f"Cannot read the dataset folder {source} ({type(error).__name__}: {error}). A dataset saved with "
+                "no rows fails this way (datasets cannot reload it): save one with rows."
             ) from None
         if need_split and not isinstance(dataset, datasets.DatasetDict):
             raise SystemExit(

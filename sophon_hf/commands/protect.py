@@ -5,6 +5,7 @@ For several processes or GPUs, launch the same recipe with accelerate instead:
 """
 
 import argparse
+import os
 
 import yaml
 
@@ -41,7 +42,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         script.main(*parsed)
     except (OSError, ValueError) as error:
+        if os.environ.get("SOPHON_HF_DEBUG"):
+            raise
         # Data or a model that cannot be loaded (missing folder, Hub offline, wrong columns), a setting the trainer
-        # refuses: the message names the fix; a traceback would bury it.
-        raise SystemExit(f"sophon-hf protect: {type(error).__name__}: {error}") from None
+        # refuses: the message names the fix; a traceback would bury it (SOPHON_HF_DEBUG=1 shows it).
+        raise SystemExit(
+            f"sophon-hf protect: {type(error).__name__}: {error}\n(set SOPHON_HF_DEBUG=1 to see the traceback)"
+        ) from None
     return 0

@@ -45,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from huggingface_hub import ModelCard, get_token
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from ..hub import LOGIN_FIX, HubPublishError, check_publishable, push_folder
-    from ..model_card import CARD_METADATA_FILE, card_report_mismatches, write_model_card
+    from ..hub import LOGIN_FIX, HubPublishError, check_publishable, push_folder, resolve_repo_id
+    from ..model_card import CARD_HASH_KEY, CARD_METADATA_FILE, card_digest, card_report_mismatches, write_model_card
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # what is skipped or deleted; success is printed
     folder = Path(args.model)
@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
         check_publishable(folder, args.repo_id)
     except ValueError as error:
         raise SystemExit(f"error: {error} Nothing in {folder} was changed.") from error
+    repo_id = resolve_repo_id(args.repo_id, args.token)  # "name" -> "user/name", what the card must say
     card_path, sidecar = folder / "README.md", folder / CARD_METADATA_FILE
+    edited_copy = folder / "README.md.edited"
     report_path = folder / "report.json"
     overrides = {
         "original_domain": args.original_domain,
@@ -78,9 +80,14 @@ def run(args: argparse.Namespace) -> int:
         ModelCard.load(card_path),
         json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None,
     )
-    # A card written before the push names a local folder; the published one names the repo it lives in.
-    elsewhere = stored.get("repo_id") != args.repo_id
-    before = {path: path.read_bytes() if path.is_file() else None for path in (card_path, sidecar)}
+    # A card the publisher edited after sophon_hf wrote it is theirs: kept when only the repo changes, saved aside
+    # when its numbers or details must be rewritten.
+    edited = card_path.is_file() and stored.get(CARD_HASH_KEY) != card_digest(card_path)
+    # A card written before the push names a local folder (or another repo); the published one names its repo.
+    elsewhere = stored.get("repo_id") != repo_id and not edited
+    if stored.get("repo_id") != repo_id and edited and not stale:
+        print(f"Keeping {card_path}: it was edited after sophon_hf wrote it (its usage lines may name another repo).")
+    before = {path: path.read_bytes() if path.is_file() else None for path in (card_path, sidecar, edited_copy)}
     try:
         if not card_path.is_file() or stale or elsewhere or any(value is not None for value in overrides.values()):
             reason = (
@@ -93,25 +100,31 @@ def run(args: argparse.Namespace) -> int:
                 else "given new details"
             )
             print(f"Model card {reason}: writing {card_path}")
-            # A name that was only the folder's becomes the repo's; a name the publisher chose stays.
-            automatic = stored.get("model_name") in (None, folder.resolve().name)
-            model_name = args.repo_id.split("/")[-1] if automatic else None
-            write_model_card(folder, repo_id=args.repo_id, model_name=model_name, **overrides)
+            if edited:
+                edited_copy.write_bytes(card_path.read_bytes())
+                print(f"It had been edited by hand: that version is saved as {edited_copy} (not uploaded).")
+            # A name that was only the folder's (or the previous repo's) becomes this repo's; a chosen name stays.
+            previous_repo = (stored.get("repo_id") or "").split("/")[-1]
+            automatic = stored.get("model_name") in (None, folder.resolve().name, previous_repo)
+            model_name = repo_id.split("/")[-1] if automatic else None
+            write_model_card(folder, repo_id=repo_id, model_name=model_name, **overrides)
         url = push_folder(
             folder,
-            args.repo_id,
+            repo_id,
             private=args.private,
             revision=args.revision,
             token=args.token,
             commit_message=args.commit_message,
         )
-    except (ValueError, FileNotFoundError, HubPublishError) as error:
-        # A push that did not happen leaves the folder as it was: the card comes back too.
+    except BaseException as error:
+        # A push that did not happen (refused, failed, interrupted) leaves the folder as it was: the card comes back.
         for path, content in before.items():
             if content is None:
                 path.unlink(missing_ok=True)
             else:
                 path.write_bytes(content)
-        raise SystemExit(f"error: {error}") from error
+        if isinstance(error, ValueError | FileNotFoundError | HubPublishError):
+            raise SystemExit(f"error: {error}") from error
+        raise
     print(f"Published {folder} to {url}")
     return 0
