@@ -1,6 +1,7 @@
 """Small helpers shared by the trainer, the attack harness, publishing and the recipe scripts."""
 
 import hashlib
+import logging
 import os
 import sys
 
@@ -64,3 +65,25 @@ def parse_recipe_args(dataclass_types: tuple, argv: list[str] | None, recipes_di
             del argv[index : index + width]
             break
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def save_unprotected_reference(directory: str | None, training_args, *savables) -> None:
+    """Save the model as it was before protection (with its processor or scheduler) into `directory`.
+
+    The recipe scripts call this after pre-training: the reference that `sophon-hf attack --reference-model` compares
+    against. Only the main process writes. A resumed run skips pre-training, so its model is not the reference and the
+    one the interrupted run wrote is kept (a warning says when there is none).
+    """
+    if directory is None or training_args.process_index != 0:
+        return
+    if training_args.resume_from_checkpoint:
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            logging.getLogger(__name__).warning(
+                "Resuming: %s holds no unprotected reference, and none can be written now (the model was not "
+                "pre-trained in this run).",
+                directory,
+            )
+        return
+    for savable in savables:
+        if savable is not None:
+            savable.save_pretrained(directory)

@@ -65,7 +65,7 @@ from transformers import set_seed
 from sophon_hf import SophonConfig, SophonTrainer
 from sophon_hf.data import IMAGE_COLUMNS, TEXT_COLUMNS, first_present
 from sophon_hf.data import to_model_inputs as data_inputs
-from sophon_hf.utils import parse_recipe_args, resolve_recipe_path
+from sophon_hf.utils import parse_recipe_args, resolve_recipe_path, save_unprotected_reference
 
 logger = logging.getLogger(__name__)
 
@@ -421,21 +421,8 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
             training_args.device,
         )
 
-    if model_args.unprotected_output_dir is not None and training_args.process_index == 0:
-        if training_args.resume_from_checkpoint:
-            # A resumed run skips pre-training: the model here is not the reference, and saving it would overwrite the
-            # one the interrupted run wrote.
-            if not os.path.isfile(os.path.join(model_args.unprotected_output_dir, "config.json")):
-                logger.warning(
-                    "Resuming: %s holds no unprotected reference, and none can be written now (the model was not "
-                    "pre-trained in this run).",
-                    model_args.unprotected_output_dir,
-                )
-        else:
-            # The reference an attack report compares against: the same model, unprotected.
-            model.save_pretrained(model_args.unprotected_output_dir)
-            if processor is not None:
-                processor.save_pretrained(model_args.unprotected_output_dir)
+    # The reference an attack report compares against: the same model, unprotected.
+    save_unprotected_reference(model_args.unprotected_output_dir, training_args, model, processor)
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     if trainer.stop_reason is not None:

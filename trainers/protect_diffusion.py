@@ -52,7 +52,7 @@ from sophon_hf.diffusion import (
     load_digits_and_photo_patches,
     save_sample_grid,
 )
-from sophon_hf.utils import parse_recipe_args
+from sophon_hf.utils import parse_recipe_args, save_unprotected_reference
 
 logger = logging.getLogger(__name__)
 
@@ -285,19 +285,7 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
             training_args.per_device_train_batch_size,
             training_args.seed,
         )
-    if model_args.unprotected_output_dir is not None and training_args.process_index == 0:
-        if training_args.resume_from_checkpoint:
-            # A resumed run skips pre-training: this UNet is not the reference, and saving it would overwrite the one
-            # the interrupted run wrote.
-            if not os.path.isfile(os.path.join(model_args.unprotected_output_dir, "config.json")):
-                logger.warning(
-                    "Resuming: %s holds no unprotected reference, and none can be written now (the UNet was not "
-                    "pre-trained in this run).",
-                    model_args.unprotected_output_dir,
-                )
-        else:
-            unet.save_pretrained(model_args.unprotected_output_dir)
-            scheduler.save_pretrained(model_args.unprotected_output_dir)
+    save_unprotected_reference(model_args.unprotected_output_dir, training_args, unet, scheduler)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
 
