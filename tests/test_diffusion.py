@@ -671,8 +671,20 @@ def test_protect_diffusion_data_caps_held_out_fraction_and_domain_checks(tmp_pat
     assert (len(train), len(evaluation)) == (6, 2)
     script_args = protect_diffusion.ScriptArguments(original_dataset="photo_patches")
     args = SophonConfig(output_dir=str(tmp_path), restricted_loss="denial_of_service", report_to="none", use_cpu=True)
-    with pytest.raises(ValueError, match="is the restricted domain, not original"):
+    with pytest.raises(ValueError, match="both 'photo_patches': use two domains"):
         protect_diffusion.load_datasets(script_args, args, image_size=16, num_channels=1)
+    # Either offline source can be either domain: photo patches kept, digits denied.
+    swapped = protect_diffusion.ScriptArguments(original_dataset="photo_patches", restricted_dataset="digits")
+    domains = protect_diffusion.load_datasets(swapped, args, image_size=16, num_channels=1)
+    (original_train, original_eval), (restricted_train, restricted_eval) = domains["original"], domains["restricted"]
+    assert (len(original_train), len(original_eval), len(restricted_train), len(restricted_eval)) == (
+        2000,
+        500,
+        500,
+        200,
+    )
+    # Digits are mostly black background (-1); photo patches are dense mid-grey textures.
+    assert restricted_train[:]["pixel_values"].mean() < -0.5 < original_train[:]["pixel_values"].mean()
     with pytest.raises(ValueError, match="grayscale"):
         protect_diffusion.load_datasets(protect_diffusion.ScriptArguments(), args, image_size=16, num_channels=3)
 
@@ -696,7 +708,8 @@ def test_offline_photo_test_patches_come_from_the_right_of_the_photo():
     assert column("restricted_train") <= split - 16 and column("restricted_test") >= split
 
 
-def test_resuming_the_diffusion_recipe_skips_pre_training(tmp_path, monkeypatch):
+@pytest.mark.parametrize("recipe", ["diffusion_digits_cpu", "diffusion_photos_to_digits_cpu"])
+def test_resuming_the_diffusion_recipe_skips_pre_training(recipe, tmp_path, monkeypatch):
     from sophon_hf.trainers import protect_diffusion
 
     pretrained = []
@@ -705,7 +718,7 @@ def test_resuming_the_diffusion_recipe_skips_pre_training(tmp_path, monkeypatch)
         protect_diffusion, "pretrain", lambda *a, **k: pretrained.append(1) or original_pretrain(*a, **k)
     )
     command = (
-        f"--config diffusion_digits_cpu --max_original_samples 16 --max_restricted_samples 16 --max_eval_samples 4 "
+        f"--config {recipe} --max_original_samples 16 --max_restricted_samples 16 --max_eval_samples 4 "
         f"--block_out_channels 16 32 --pretrain_steps 1 --max_steps 1 --inner_steps 1 --per_device_train_batch_size 4 "
         f"--restricted_batch_size 4 --save_strategy steps --save_steps 1 --num_sample_images 0 --use_cpu true "
         f"--eval_strategy no --output_dir {tmp_path / 'out'} --unprotected_output_dir {tmp_path / 'unprotected'} "

@@ -12,6 +12,9 @@ Usage:
     # Offline, on a laptop CPU (a few minutes): real MNIST digits (original) vs patches of real photos (restricted),
     # a small UNet pre-trained on the digits first (no pre-trained digit DDPM ships in a PyPI package).
     python trainers/protect_diffusion.py --config trainers/configs/diffusion_digits_cpu.yaml
+    # The same images with the roles swapped (photos kept, digits denied; about 10 minutes): the offline pairing where
+    # the protection measurably works (benchmarks/RESULTS_diffusion.md).
+    python trainers/protect_diffusion.py --config trainers/configs/diffusion_photos_to_digits_cpu.yaml
 
     # The same on 2 CPU processes (DDP over gloo; `--multi_gpu` is what starts two processes, `--use_cpu` keeps them
     # on the CPU; `--cpu --num_processes 2` would start only one):
@@ -31,8 +34,8 @@ Usage:
     python -m sophon_hf.trainers.protect_diffusion --config diffusion_digits_cpu
 
 Datasets are Hub names, folders written by `Dataset.save_to_disk`, or the built-in offline `"digits"` /
-`"photo_patches"`. Image columns (`image` or `img`, or `image_column`) are center-cropped, resized to the UNet's
-`sample_size` and scaled to [-1, 1] into `pixel_values`.
+`"photo_patches"` (either can be either domain). Image columns (`image` or `img`, or `image_column`) are
+center-cropped, resized to the UNet's `sample_size` and scaled to [-1, 1] into `pixel_values`.
 """
 
 from __future__ import annotations
@@ -58,7 +61,10 @@ logger = logging.getLogger(__name__)
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
+# The offline images (`load_digits_and_photo_patches`), by name: the loader's splits that hold them. Either can be
+# either domain; the original domain gets 2000 training and 500 test images, the restricted one 500 and 200.
 OFFLINE_DATASETS = {"digits": "original", "photo_patches": "restricted"}
+OFFLINE_SIZES = {"original": (2000, 500), "restricted": (500, 200)}
 
 
 @dataclass
@@ -203,17 +209,25 @@ def load_domain(
 def load_datasets(script_args: ScriptArguments, training_args: SophonConfig, image_size: int, num_channels: int):
     """Original and restricted (train, eval) datasets, offline built-ins or Hub/disk datasets."""
     offline = None
-    if {script_args.original_dataset, script_args.restricted_dataset} & set(OFFLINE_DATASETS):
+    names = {domain: getattr(script_args, f"{domain}_dataset") for domain in ("original", "restricted")}
+    if set(names.values()) & set(OFFLINE_DATASETS):
         if num_channels != 1:
             raise ValueError("The offline 'digits'/'photo_patches' data is grayscale: set in_channels: 1.")
-        offline = load_digits_and_photo_patches(image_size=image_size, seed=training_args.seed)
+        if names["original"] == names["restricted"]:
+            raise ValueError(
+                f"original_dataset and restricted_dataset are both {names['original']!r}: use two domains."
+            )
+        sizes = {}
+        for domain, name in names.items():
+            if name in OFFLINE_DATASETS:
+                split = OFFLINE_DATASETS[name]
+                sizes[f"num_{split}_train"], sizes[f"num_{split}_test"] = OFFLINE_SIZES[domain]
+        offline = load_digits_and_photo_patches(image_size=image_size, seed=training_args.seed, **sizes)
     domains = {}
-    for domain in ("original", "restricted"):
-        name = getattr(script_args, f"{domain}_dataset")
+    for domain, name in names.items():
         if name in OFFLINE_DATASETS:
-            if OFFLINE_DATASETS[name] != domain:
-                raise ValueError(f"The offline dataset {name!r} is the {OFFLINE_DATASETS[name]} domain, not {domain}.")
-            train, evaluation = offline[f"{domain}_train"], offline[f"{domain}_test"]
+            split = OFFLINE_DATASETS[name]
+            train, evaluation = offline[f"{split}_train"], offline[f"{split}_test"]
             caps = ((train, getattr(script_args, f"max_{domain}_samples")), (evaluation, script_args.max_eval_samples))
             domains[domain] = tuple(d if n is None else d.select(range(min(n, len(d)))) for d, n in caps)
             continue
