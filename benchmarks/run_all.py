@@ -24,7 +24,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = [
     ("bench_trainer.py", [], "Outer-iteration overhead and memory (issue: trainer foundation)"),
     ("bench_attacks.py", [], "Attack harness throughput and 2-process speed-up"),
-    ("bench_diffusion.py", ["--output", "benchmarks/out/diffusion"], "Diffusion: denial of service on a small UNet"),
+    (
+        "bench_diffusion.py",
+        # Run P10 of RESULTS_diffusion.md: photo patches kept, digits denied, DoS at timesteps 0-300.
+        (
+            "--output benchmarks/out/diffusion --threads 1 --attacker-images 50 --restricted-domain digits-after-photos "
+            "--fts-lr 3e-3 --ntr-lr 1e-3 --ntr-steps 10 --outer-iterations 300 --inner-optimizers sgd:1e-3 "
+            "--timestep-range 0 300 --attacks adam:1e-4,adam:1e-3,sgd_momentum:1e-2"
+        ).split(),
+        "Diffusion: denial of service on a small UNet (photo patches kept, digits denied)",
+    ),
     (
         "bench_demo_quality.py",
         ["--seeds", "0", "1", "2", "--output", "benchmarks/out/demo_quality"],
