@@ -9,6 +9,7 @@ from conftest import image_dataset, tiny_vit
 from datasets import Dataset, DatasetDict
 
 from sophon_hf.cli import main
+from sophon_hf.utils import model_fingerprint
 
 # The test machine's cores are shared: one intra-op thread avoids OpenMP contention (tiny steps 20x slower).
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -340,3 +341,90 @@ def test_attack_cli_tokenizes_raw_text_with_the_models_tokenizer_to_its_length(t
     with pytest.raises(_Stop):
         main([*args, "--input-column", "review", "--output", str(tmp_path / "o")])
     assert captured["train"].with_format("torch")[:]["input_ids"].shape == (12, 16)
+
+
+def test_attack_cli_label_and_input_columns_by_name(tmp_path, monkeypatch):
+    from datasets import Features, Image, Value
+
+    images = _raw_images(10, 0)
+    data = Dataset.from_dict(
+        {"photo": images["image"], "label": [0] * 10, "fine_label": [i % 5 for i in range(10)]},
+        features=Features({"photo": Image(), "label": Value("int64"), "fine_label": Value("int64")}),
+    )
+    DatasetDict(train=data, test=data.select(range(4))).save_to_disk(str(tmp_path / "raw"))
+    from transformers import ViTImageProcessor
+
+    tiny_vit().save_pretrained(tmp_path / "vit")
+    ViTImageProcessor(size={"height": 8, "width": 8}, do_normalize=False).save_pretrained(tmp_path / "vit")
+    captured = _capture_harness(monkeypatch)
+    args = ["attack", "--model", str(tmp_path / "vit"), "--restricted-train", str(tmp_path / "raw")]
+    with pytest.raises(_Stop):
+        # The chosen label column wins over a `label` column; raw images under another name go through the processor.
+        main([*args, "--label-column", "fine_label", "--input-column", "photo", "--output", str(tmp_path / "o")])
+    batch = captured["train"].with_format("torch")[:]
+    assert batch["labels"].tolist() == [i % 5 for i in range(10)] and batch["pixel_values"].shape == (10, 1, 8, 8)
+
+
+def test_attack_cli_downloads_a_reference_model_given_by_hub_id(saved, monkeypatch):
+    captured = _capture_harness(monkeypatch)
+    requested = []
+
+    def snapshot_download(repo_id, *, token=None, **kwargs):
+        requested.append((repo_id, token))
+        return str(saved / "reference")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    args = [*_args(saved, saved / "x")]
+    args[args.index("--reference-model") + 1] = "me/reference"
+    with pytest.raises(_Stop):
+        main(args)
+    assert requested == [("me/reference", None)]
+    assert model_fingerprint(captured["reference_model"]) == model_fingerprint(tiny_vit(seed=2))
+
+
+def test_attack_cli_names_pickle_only_and_unknown_model_folders(tmp_path):
+    model = tiny_vit()
+    model.save_pretrained(tmp_path / "pickled")
+    (tmp_path / "pickled" / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pickled" / "pytorch_model.bin")
+    args = ["attack", "--restricted-train", str(tmp_path / "nodata"), "--output", str(tmp_path / "o")]
+    DatasetDict(train=_raw_images(4, 0), test=_raw_images(4, 1)).save_to_disk(str(tmp_path / "nodata"))
+    with pytest.raises(SystemExit, match=r"only pickle weights \(pytorch_model.bin\).*save_pretrained"):
+        main([*args, "--model", str(tmp_path / "pickled")])
+    model.save_pretrained(tmp_path / "unknown")
+    config = json.loads((tmp_path / "unknown" / "config.json").read_text())
+    (tmp_path / "unknown" / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModel"]}))
+    with pytest.raises(SystemExit, match="Cannot load the model in"):
+        main([*args, "--model", str(tmp_path / "unknown")])
+
+
+def test_save_unprotected_reference_writes_on_the_main_process_only(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from sophon_hf.utils import save_unprotected_reference
+
+    model = tiny_vit()
+    save_unprotected_reference(
+        str(tmp_path / "rank1"), SimpleNamespace(process_index=1, resume_from_checkpoint=None), model
+    )
+    assert not (tmp_path / "rank1").exists()
+    resumed = SimpleNamespace(process_index=0, resume_from_checkpoint="out/checkpoint-5")
+    with caplog.at_level("WARNING"):
+        save_unprotected_reference(str(tmp_path / "resumed"), resumed, model)
+    assert not (tmp_path / "resumed").exists() and "holds no unprotected reference" in caplog.text
+    save_unprotected_reference(
+        str(tmp_path / "ok"), SimpleNamespace(process_index=0, resume_from_checkpoint=None), model
+    )
+    assert (tmp_path / "ok" / "model.safetensors").is_file()
+
+
+def test_to_model_inputs_names_a_missing_column_and_drops_other_columns(tmp_path):
+    from transformers import ViTImageProcessor
+
+    from sophon_hf.data import to_model_inputs
+
+    processor = ViTImageProcessor(size={"height": 8, "width": 8}, do_normalize=False)
+    raw = _raw_images(4, 0).rename_column("label", "labels").add_column("id", ["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="Found no image column"):
+        to_model_inputs(raw, processor, image_column="missing")
+    assert to_model_inputs(raw, processor, num_channels=1).column_names == ["pixel_values", "labels"]

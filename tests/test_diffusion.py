@@ -347,6 +347,9 @@ def test_bad_input_errors_name_the_fix(tmp_path):
     class_conditional = UNet2DModel(**{**tiny_unet().config, "num_class_embeds": 10})
     with pytest.raises(ValueError, match="class-conditional .*unconditional denoisers only"):
         DiffusionTask(class_conditional, ddpm)
+    timestep_conditional = UNet2DModel(**{**tiny_unet().config, "class_embed_type": "timestep"})
+    with pytest.raises(ValueError, match="class-conditional"):
+        DiffusionTask(timestep_conditional, ddpm)
     text_conditional = UNet2DConditionModel(
         sample_size=16,
         in_channels=1,
@@ -385,6 +388,11 @@ def test_images_in_0_1_are_flagged(caplog):
         assert not caplog.records
         task.prepare_dataset(pixels_dataset(4, low=0.0, high=1.0), "restricted_dataset")
     assert "`restricted_dataset` has no negative pixel value" in caplog.text and "x * 2 - 1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="sophon_hf.diffusion"):
+        # What ToTensor gives for images with black pixels: exactly 0 at the minimum.
+        task.prepare_dataset(Dataset.from_dict({"pixel_values": np.zeros((2, 1, 16, 16), np.float32)}), "black")
+    assert "`black` has no negative pixel value" in caplog.text
 
 
 def test_trainer_evaluation_of_a_unet_is_seeded(tmp_path):

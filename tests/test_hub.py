@@ -662,3 +662,128 @@ def test_files_describing_an_earlier_model_are_removed_from_the_branch(tmp_path,
         (remote / name).write_bytes(b"from the model pushed before")
     push_folder(folder, "me/vit-sophon")
     assert not earlier & set(hub.files("me/vit-sophon"))
+
+
+# ---------------------------------------------------------------------- mutation-testing round on this session's code
+def test_cli_push_keeps_a_chosen_name_and_renames_a_folder_name(tmp_path, hub):
+    chosen = protected_folder(tmp_path / "chosen")
+    write_model_card(chosen, model_name="My ViT")
+    assert cli_main(["push", "--model", str(chosen), "--repo-id", "me/x"]) == 0
+    assert ModelCard.load(hub.branch_dir("me/x") / "README.md").data.model_name == "My ViT"
+    # A name that was only the folder's (what trainer.save_model stores) becomes the repo's.
+    named = protected_folder(tmp_path / "vit-protected")
+    write_model_card(named, model_name="vit-protected")
+    assert cli_main(["push", "--model", str(named), "--repo-id", "me/other"]) == 0
+    assert ModelCard.load(hub.branch_dir("me/other") / "README.md").data.model_name == "other"
+
+
+@pytest.mark.parametrize("failure", ["refused", "interrupted"])
+def test_cli_push_that_fails_leaves_a_folder_without_a_card_without_one(tmp_path, hub, monkeypatch, failure):
+    folder = tmp_path / "out"
+    tiny_vit().save_pretrained(folder)
+    before = snapshot(folder)
+    if failure == "refused":
+        response = SimpleNamespace(status_code=403, headers={}, request=None)
+        hub.fail_next_commit = HfHubHTTPError("denied", response=response)
+        with pytest.raises(SystemExit):
+            cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"])
+    else:
+        hub.fail_next_commit = KeyboardInterrupt()
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C propagates, after the folder is put back
+            cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"])
+    assert snapshot(folder) == before
+
+
+def test_every_tokenizer_file_of_an_earlier_model_leaves_the_branch(tmp_path, hub):
+    from sophon_hf.hub import STALE_REMOTE_PATTERNS
+
+    folder = protected_folder(tmp_path / "out")
+    remote = hub.branch_dir("me/vit-sophon")
+    remote.mkdir(parents=True)
+    names = ["tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt"]
+    for name in [*names, "spiece.model"]:
+        (remote / name).write_bytes(b"earlier")
+    push_folder(folder, "me/vit-sophon")
+    assert not {*names, "spiece.model"} & set(hub.files("me/vit-sophon"))
+    assert "*.model" in STALE_REMOTE_PATTERNS
+
+
+def test_resolve_repo_id_uses_the_given_token_and_falls_back_offline(monkeypatch):
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    from sophon_hf.hub import resolve_repo_id
+
+    monkeypatch.setattr(HfApi, "whoami", lambda api, **kwargs: {"name": f"user-of-{api.token}"})
+    assert resolve_repo_id("x", token="hf_other") == "user-of-hf_other/x"
+    assert resolve_repo_id("ns/x", token="hf_other") == "ns/x"
+
+    def offline(api, **kwargs):
+        raise OfflineModeIsEnabled("offline")
+
+    monkeypatch.setattr(HfApi, "whoami", offline)
+    assert resolve_repo_id("x", token="hf_other") == "x"  # the push itself reports the problem
+
+
+def test_sharded_weights_publish_and_a_folder_without_config_is_refused(tmp_path, hub):
+    sharded = tmp_path / "sharded"
+    tiny_vit().save_pretrained(sharded, max_shard_size="2KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    write_model_card(sharded)
+    push_folder(sharded, "me/sharded")
+    assert "model.safetensors.index.json" in hub.files("me/sharded")
+    no_config = protected_folder(tmp_path / "no-config")
+    (no_config / "config.json").unlink()
+    calls = len(hub.calls)
+    with pytest.raises(ValueError, match="has no config.json"):
+        push_folder(no_config, "me/x")
+    assert len(hub.calls) == calls
+
+
+def test_the_cards_prose_and_metadata_both_give_the_reports_original_numbers(tmp_path):
+    model = tiny_vit()
+    model.save_pretrained(tmp_path)
+    report = classification_report(model)
+    report.original = {"protected": 0.984, "unprotected": 0.986}
+    report.save(str(tmp_path))
+    write_model_card(tmp_path, original_metrics={"protected": 0.97, "unprotected": 0.99})
+    text = (tmp_path / "README.md").read_text()
+    assert "protected 0.984" in text and "0.97," not in text
+
+
+def test_a_folder_with_a_tokenizer_gets_a_card_that_loads_it(tmp_path):
+    from conftest import tiny_bert
+    from transformers import BertTokenizer
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good"]))
+    tiny_bert().save_pretrained(tmp_path / "bert")
+    BertTokenizer(str(vocab)).save_pretrained(tmp_path / "bert")
+    write_model_card(tmp_path / "bert")
+    assert "AutoTokenizer.from_pretrained" in (tmp_path / "bert" / "README.md").read_text()
+
+
+def test_trainer_card_takes_trainers_dataset_spelling_and_warns_about_ignored_options(tmp_path, caplog):
+    from conftest import image_dataset, tiny_config
+
+    from sophon_hf import SophonTrainer
+
+    trainer = SophonTrainer(
+        tiny_vit(),
+        args=tiny_config(tmp_path / "out", max_steps=1),
+        train_dataset=image_dataset(16, seed=1),
+        restricted_dataset=image_dataset(16, seed=2),
+    )
+    with caplog.at_level("WARNING"):
+        trainer.create_model_card(dataset="me/digits", language="en", finetuned_from="./local", model_name="Named")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.datasets == ["me/digits"] and card.data.model_name == "Named"  # the card was written
+    assert "are ignored" in caplog.text and "is not a Hub model id" in caplog.text
+
+
+def test_an_existing_relative_folder_is_not_published_as_base_model(tmp_path, monkeypatch):
+    from sophon_hf.trainer import _is_hub_model_id
+
+    monkeypatch.chdir(tmp_path)
+    assert _is_hub_model_id("models/vit")  # reads like a Hub id ...
+    (tmp_path / "models" / "vit").mkdir(parents=True)
+    assert not _is_hub_model_id("models/vit")  # ... but it is a local folder

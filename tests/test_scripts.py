@@ -233,6 +233,15 @@ def test_protect_cli_user_errors_are_messages(tmp_path, monkeypatch):
     monkeypatch.setenv("SOPHON_HF_DEBUG", "1")
     with pytest.raises(FileNotFoundError):
         main(missing)
+    monkeypatch.delenv("SOPHON_HF_DEBUG")
+    # A ValueError from inside the script (data with neither images nor text) is a message too.
+    DatasetDict(train=Dataset.from_dict({"x": [1, 2], "label": [0, 1]})).save_to_disk(str(tmp_path / "no_inputs"))
+    (tmp_path / "no_inputs.yaml").write_text(
+        f"original_dataset: {tmp_path / 'no_inputs'}\nrestricted_dataset: {tmp_path / 'no_inputs'}\n"
+        f"output_dir: {tmp_path / 'o'}\n"
+    )
+    with pytest.raises(SystemExit, match="sophon-hf protect: ValueError: "):
+        main(["protect", "--config", str(tmp_path / "no_inputs.yaml"), "--use_cpu", "true"])
 
 
 def test_diffusion_recipes_parse_the_same_way(tmp_path):

@@ -276,3 +276,18 @@ def test_verify_catches_a_reference_model_other_than_the_measured_one(tmp_path, 
     capsys.readouterr()
     assert cli_main([*args, "--reference-model", str(tmp_path / "impostor")]) == 1
     assert "is not the unprotected model the report was measured against" in capsys.readouterr().out
+
+
+def test_verify_downloads_a_reference_model_with_the_given_token(published, tmp_path, monkeypatch):
+    folder, data_dir = published
+    tiny_vit(seed=3).save_pretrained(tmp_path / "ref")
+    requested = []
+
+    def snapshot_download(repo_id, *, token=None, **kwargs):
+        requested.append((repo_id, token))
+        return str(tmp_path / "ref")
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    args = ["verify", "--model", str(folder), "--restricted-test", str(data_dir), "--reference-model", "me/ref"]
+    cli_main([*args, "--token", "hf_private"])
+    assert requested == [("me/ref", "hf_private")]  # a private reference repo needs the token
