@@ -113,6 +113,11 @@ def snapshot(folder: Path) -> dict[str, str]:
     }
 
 
+def http_error(status: int, message: str = "denied") -> HfHubHTTPError:
+    # A stand-in for the HTTP response object (its class depends on the huggingface_hub version).
+    return HfHubHTTPError(message, response=SimpleNamespace(status_code=status, headers={}, request=None))
+
+
 def protected_folder(path: Path, model=None, with_report: bool = True) -> Path:
     """A Trainer-like output folder: weights, card, report, plus pickles and a checkpoint that must stay local."""
     model = model if model is not None else tiny_vit()
@@ -219,9 +224,7 @@ def test_no_token_is_a_clear_error_and_nothing_is_sent(tmp_path, hub, monkeypatc
 def test_no_permission_is_a_clear_error_and_local_files_are_intact(tmp_path, hub, status, message):
     folder = protected_folder(tmp_path / "out")
     before = snapshot(folder)
-    # A stand-in for the HTTP response object (its class depends on the huggingface_hub version).
-    response = SimpleNamespace(status_code=status, headers={}, request=None)
-    hub.fail_next_commit = HfHubHTTPError("denied", response=response)
+    hub.fail_next_commit = http_error(status)
 
     with pytest.raises(HubPublishError, match=message):
         push_folder(folder, "other/vit")
@@ -464,8 +467,7 @@ def test_stale_files_in_subfolders_of_the_remote_are_kept(tmp_path, hub):
 def test_cli_push_that_fails_puts_the_card_back(tmp_path, hub, status):
     folder = protected_folder(tmp_path / "out")
     before = snapshot(folder)
-    response = SimpleNamespace(status_code=status, headers={}, request=None)
-    hub.fail_next_commit = HfHubHTTPError("refused", response=response)
+    hub.fail_next_commit = http_error(status, "refused")
     with pytest.raises(SystemExit, match="Nothing in .* was changed"):
         # New details rewrite the card before the upload: a push that fails must not keep that rewrite.
         cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon", "--original-domain", "new words"])
@@ -632,9 +634,7 @@ def test_a_local_base_model_kept_by_an_older_version_is_dropped(tmp_path, hub):
 @pytest.mark.parametrize("status", [408, 409, 429])
 def test_transient_hub_errors_say_to_push_again(tmp_path, hub, status):
     folder = protected_folder(tmp_path / "out")
-    hub.fail_next_commit = HfHubHTTPError(
-        "busy", response=SimpleNamespace(status_code=status, headers={}, request=None)
-    )
+    hub.fail_next_commit = http_error(status, "busy")
     with pytest.raises(HubPublishError, match="run the same push again"):
         push_folder(folder, "me/vit-sophon")
 
@@ -643,8 +643,7 @@ def test_hub_refusals_and_offline_mode_get_advice_that_works(tmp_path, hub):
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     folder = protected_folder(tmp_path / "out")
-    response = SimpleNamespace(status_code=400, headers={}, request=None)
-    hub.fail_next_commit = HfHubHTTPError('"base_model" is not a valid model id', response=response)
+    hub.fail_next_commit = http_error(400, '"base_model" is not a valid model id')
     with pytest.raises(HubPublishError, match="refused the commit .*fix what the Hub names") as refused:
         push_folder(folder, "me/vit-sophon")
     assert "run the same push again" not in str(refused.value)  # the same content would be refused again
@@ -683,8 +682,7 @@ def test_cli_push_that_fails_leaves_a_folder_without_a_card_without_one(tmp_path
     tiny_vit().save_pretrained(folder)
     before = snapshot(folder)
     if failure == "refused":
-        response = SimpleNamespace(status_code=403, headers={}, request=None)
-        hub.fail_next_commit = HfHubHTTPError("denied", response=response)
+        hub.fail_next_commit = http_error(403)
         with pytest.raises(SystemExit):
             cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"])
     else:
