@@ -9,6 +9,7 @@ one. The trainer, the simulation and the attack harness reach the model only thr
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import logging
 import os
@@ -238,10 +239,12 @@ class DiffusionTask:
     def _noise(
         self,
         batch: Mapping[str, torch.Tensor],
-        generator: torch.Generator | None,
+        generator: torch.Generator | int | None,
         timestep: int | tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         clean = batch["pixel_values"]
+        if isinstance(generator, int):
+            return self._noise_per_image(clean, generator, timestep)
         # Drawn on the CPU from the trainer's seeded generator, so a resumed run replays the same noise on any device.
         noise = torch.randn(clean.shape, generator=generator).to(device=clean.device, dtype=clean.dtype)
         if timestep is None:
@@ -251,6 +254,25 @@ class DiffusionTask:
         else:
             timesteps = torch.full((clean.shape[0],), timestep, dtype=torch.long)
         timesteps = timesteps.to(clean.device)
+        return clean, noise, timesteps, self.noise_scheduler.add_noise(clean, noise, timesteps)
+
+    def _noise_per_image(
+        self, clean: torch.Tensor, seed: int, timestep: int | tuple[int, int] | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        # One stream per image, seeded by `seed` and the image's bytes: the same image gets the same noise and timestep
+        # in any batch, order or process.
+        if timestep is None:
+            low, high = 0, self.num_train_timesteps - 1
+        else:
+            low, high = (timestep, timestep) if isinstance(timestep, int) else timestep
+        noise, timesteps = [], []
+        for image in clean.detach().float().cpu():
+            digest = hashlib.blake2b(image.numpy().tobytes(), digest_size=8).digest()
+            stream = torch.Generator().manual_seed((seed * 1_000_003 + int.from_bytes(digest, "little")) % 2**63)
+            noise.append(torch.randn(image.shape, generator=stream))
+            timesteps.append(torch.randint(low, high + 1, (1,), generator=stream))
+        noise = torch.stack(noise).to(device=clean.device, dtype=clean.dtype)
+        timesteps = torch.cat(timesteps).to(clean.device)
         return clean, noise, timesteps, self.noise_scheduler.add_noise(clean, noise, timesteps)
 
     def _target(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -265,12 +287,13 @@ class DiffusionTask:
         model: nn.Module,
         batch: Mapping[str, torch.Tensor],
         params: Mapping[str, torch.Tensor] | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The DDPM training loss (noise-prediction MSE at uniform timesteps) and the prediction.
 
         What normal training reinforcement and (simulated or real) attackers minimise. Noise and timesteps come from
-        `generator` (the global RNG when `None`).
+        `generator` (the global RNG when `None`); an `int` seeds each image's noise and timestep by the seed and the
+        image itself, so that an evaluation does not depend on batch size, order or the number of processes.
         """
         clean, noise, timesteps, noisy = self._noise(batch, generator)
         prediction = self.forward(model, noisy, timesteps, params)

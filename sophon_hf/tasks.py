@@ -245,11 +245,11 @@ class ClassificationTask:
         model: nn.Module,
         batch: Mapping[str, torch.Tensor],
         params: Mapping[str, torch.Tensor] | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | int | None = None,
         label_smoothing: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The ordinary task loss (cross-entropy, optionally label-smoothed) and the logits: what normal training and
-        attackers minimise."""
+        attackers minimise. `generator` is unused (nothing is random here); it keeps the diffusion task's signature."""
         logits = self.forward(model, batch, params)
         return F.cross_entropy(logits, batch["labels"], label_smoothing=label_smoothing), logits
 

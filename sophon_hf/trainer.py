@@ -120,6 +120,32 @@ def _collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]
     return {key: torch.stack([torch.as_tensor(e[key]) for e in examples]) for key in examples[0]}
 
 
+def _check_attention_has_second_derivatives(model: nn.Module) -> None:
+    """Refuse second-order meta-gradients through attention kernels that have no double backward.
+
+    PyTorch's fused `scaled_dot_product_attention` kernels (what Transformers' "sdpa" and Diffusers' default attention
+    processor call) raise deep inside the first outer iteration when differentiated twice.
+    """
+    implementation = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if implementation not in (None, "eager"):
+        raise ValueError(
+            f"first_order=False differentiates twice through attention, and this model's attention implementation "
+            f"{implementation!r} has no second derivative. Load the model with attn_implementation='eager' "
+            "(`from_pretrained(..., attn_implementation='eager')`, or `attn_implementation: eager` in a recipe), or "
+            "keep first_order=True."
+        )
+    processors = {type(m.processor).__name__ for m in model.modules() if hasattr(m, "set_processor")}
+    if processors - {"AttnProcessor"}:
+        raise ValueError(
+            f"first_order=False differentiates twice through attention, and this UNet's attention processors "
+            f"({', '.join(sorted(processors - {'AttnProcessor'}))}) call PyTorch's scaled_dot_product_attention, which "
+            "has no second derivative. Switch them to the classic processor first: `from "
+            "diffusers.models.attention_processor import AttnProcessor`, then `unet.set_attn_processor(AttnProcessor())` "
+            "(UNet2DConditionModel) or `module.set_processor(AttnProcessor())` on each attention module; or keep "
+            "first_order=True."
+        )
+
+
 class SophonTrainer(Trainer):
     """
     Trainer for SOPHON non-fine-tunable learning (Deng et al., "SOPHON: Non-Fine-Tunable Learning to Restrain Task
@@ -206,6 +232,8 @@ class SophonTrainer(Trainer):
             else args.diffusion_timestep,
         )
         is_denoiser = self.task.name == "unconditional-image-generation"
+        if not args.first_order:
+            _check_attention_has_second_derivatives(model)
         if args.restricted_loss == "denial_of_service" and not is_denoiser:
             raise ValueError(
                 "restricted_loss='denial_of_service' is for diffusion UNets; classifiers use "
@@ -277,7 +305,6 @@ class SophonTrainer(Trainer):
         self._attacker: _PersistentAttacker | None = None
         self._metrics = defaultdict(list)
         self._best_state: dict[str, torch.Tensor] | None = None
-        self._eval_generator: torch.Generator | None = None
         self.stop_reason: str | None = None
         metric = args.metric_for_best_model
         if metric is not None and compute_metrics is None and eval_datasets:
@@ -564,8 +591,11 @@ class SophonTrainer(Trainer):
         chunks = [{k: v[i :: self.args.ntr_steps] for k, v in inputs.items()} for i in range(self.args.ntr_steps)]
         # The last batch of an epoch can hold fewer rows than there are NTR steps: skip the empty chunks.
         chunks = [chunk for chunk in chunks if len(next(iter(chunk.values())))]
+        # Diffusion noise and timesteps come from a stream of this rank's own (the global RNG is seeded alike on every
+        # rank, which would give every rank the same noise), replayed exactly on resume.
+        generator = self._generator(salt=1)
         for chunk in chunks[:-1]:
-            loss = self._ntr_loss(model, chunk)
+            loss = self._ntr_loss(model, chunk, generator)
             if loss is None:
                 return torch.zeros((), device=self.args.device)
             self.accelerator.backward(loss)
@@ -573,15 +603,17 @@ class SophonTrainer(Trainer):
                 self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad()
-        loss = self._ntr_loss(model, chunks[-1])
+        loss = self._ntr_loss(model, chunks[-1], generator)
         if loss is None:
             return torch.zeros((), device=self.args.device)
         self.accelerator.backward(loss)
         return loss.detach()
 
-    def _ntr_loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def _ntr_loss(
+        self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
+    ) -> torch.Tensor | None:
         smoothing = {"label_smoothing": self.args.label_smoothing_factor} if self.args.label_smoothing_factor else {}
-        loss, _ = self.task.loss(model, batch, **smoothing)
+        loss, _ = self.task.loss(model, batch, generator=generator, **smoothing)
         finite = torch.isfinite(loss.detach()).float()
         if self.args.world_size > 1:
             # Every rank must take the same decision: a rank that skipped its backward would leave the others
@@ -597,18 +629,14 @@ class SophonTrainer(Trainer):
         loss, outputs = self.task.loss(model, inputs)
         return (loss, outputs) if return_outputs else loss
 
-    def evaluation_loop(self, *args, **kwargs):
-        # Denoising losses draw noise and timesteps: the same seeded stream for every evaluation, so that evaluations
-        # (and `metric_for_best_model`) compare weights, not noise.
-        self._eval_generator = torch.Generator().manual_seed(self.args.seed)
-        return super().evaluation_loop(*args, **kwargs)
-
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             if getattr(self.task, "label_column", None) and self.task.label_column not in inputs:
                 return None, self.task.forward(model, inputs).detach(), None  # `predict` on unlabelled data
-            loss, outputs = self.task.loss(model, inputs, generator=self._eval_generator)
+            # Denoising losses draw noise and timesteps: seeded per image, so that evaluations (and
+            # `metric_for_best_model`) compare weights, not noise, whatever the batch size or number of processes.
+            loss, outputs = self.task.loss(model, inputs, generator=self.args.seed)
         if prediction_loss_only:
             return loss.detach(), None, None
         return loss.detach(), outputs.detach(), inputs.get("labels")

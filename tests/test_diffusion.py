@@ -406,6 +406,47 @@ def test_trainer_evaluation_of_a_unet_is_seeded(tmp_path):
     )
     first, second = trainer.evaluate(), trainer.evaluate()
     assert first["eval_original_loss"] == second["eval_original_loss"]  # the same weights score the same
+    # Noise is seeded per image: other batch sizes (and so other shardings over processes) score the same.
+    trainer.args.per_device_eval_batch_size = 3
+    torch.manual_seed(123)  # nor does the global RNG matter
+    assert trainer.evaluate()["eval_original_loss"] == pytest.approx(first["eval_original_loss"], rel=1e-5)
+    trainer.args.per_device_eval_batch_size = 8
+    other = trainer.evaluate(pixels_dataset(8, seed=3))
+    assert other["eval_loss"] != pytest.approx(first["eval_original_loss"], rel=1e-3)
+
+
+def test_per_image_noise_does_not_depend_on_the_batch():
+    task = DiffusionTask(tiny_unet(), scheduler())
+    images = torch.as_tensor(pixels_dataset(6)["pixel_values"])
+    _, noise, timesteps, _ = task._noise({"pixel_values": images}, 7)
+    _, noise_b, timesteps_b, _ = task._noise({"pixel_values": images.flip(0)[:4]}, 7)
+    torch.testing.assert_close(noise_b, noise.flip(0)[:4])
+    assert torch.equal(timesteps_b, timesteps.flip(0)[:4])
+    assert len(set(timesteps.tolist())) > 1 and not torch.equal(noise[0], noise[1])
+    _, other, _, _ = task._noise({"pixel_values": images}, 8)  # another seed, other noise
+    assert not torch.allclose(other, noise)
+    _, _, band, _ = task._noise({"pixel_values": images}, 7, (3, 5))
+    assert band.min() >= 3 and band.max() <= 5
+    assert torch.equal(task._noise({"pixel_values": images}, 7, 4)[2], torch.full((6,), 4))
+
+
+def test_second_order_refuses_attention_without_a_second_derivative(tmp_path):
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = tiny_unet()
+    kwargs = dict(train_dataset=pixels_dataset(8), restricted_dataset=pixels_dataset(8, seed=1))
+    with pytest.raises(ValueError, match="AttnProcessor2_0.*set_attn_processor"):
+        SophonTrainer(unet, config(str(tmp_path), first_order=False), noise_scheduler=scheduler(), **kwargs)
+    for module in unet.modules():
+        if hasattr(module, "set_processor"):
+            module.set_processor(AttnProcessor())
+    before = copy.deepcopy(unet.state_dict())
+    trainer = SophonTrainer(
+        unet, config(str(tmp_path), first_order=False, max_steps=1), noise_scheduler=scheduler(), **kwargs
+    )
+    trainer.train()
+    assert trainer.stop_reason is None
+    assert any(not torch.equal(before[k], v) for k, v in unet.state_dict().items())
 
 
 def test_samplers_without_a_generator_argument_generate():

@@ -93,10 +93,10 @@ def _non_finite_on_one_rank(output_dir):
     from sophon_hf import SophonTrainer
 
     class NaNOnRankOne(SophonTrainer):
-        def _ntr_loss(self, model, batch):
+        def _ntr_loss(self, model, batch, generator):
             if self.args.process_index == 1 and self.state.global_step == 2:
                 batch = {**batch, "pixel_values": batch["pixel_values"] * float("nan")}
-            return super()._ntr_loss(model, batch)
+            return super()._ntr_loss(model, batch, generator)
 
     trainer = _two_rank_trainer(output_dir, NaNOnRankOne)
     trainer.train()
@@ -106,3 +106,50 @@ def _non_finite_on_one_rank(output_dir):
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     # The rank that stops skips its backward: the other would wait in DDP's all-reduce forever.
     run_two_processes(_non_finite_on_one_rank, str(tmp_path), timeout=120)
+
+
+def _diffusion_noise_on_two_ranks():
+    import torch.distributed as dist
+    from test_diffusion import config, pixels_dataset, scheduler, tiny_unet
+
+    from sophon_hf import SophonTrainer
+
+    class Recording(SophonTrainer):
+        # Records the timesteps and noise that normal training (not the simulation) draws.
+        def _ntr_loss(self, model, batch, generator):
+            original, drawn = self.task._noise, []
+
+            def recording(*args, **kwargs):
+                drawn.append(original(*args, **kwargs))
+                return drawn[-1]
+
+            self.task._noise = recording
+            try:
+                return super()._ntr_loss(model, batch, generator)
+            finally:
+                self.task._noise = original
+                self.ntr_draws.append(torch.cat([drawn[0][2].float(), drawn[0][1].reshape(-1)]))
+
+    args = config(tempfile.mkdtemp(), max_steps=2, ntr_steps=2)
+    trainer = Recording(
+        tiny_unet(),
+        args=args,
+        train_dataset=pixels_dataset(16),
+        restricted_dataset=pixels_dataset(16, seed=1),
+        noise_scheduler=scheduler(),
+    )
+    trainer.ntr_draws = []
+    trainer.train()
+    draws = torch.stack(trainer.ntr_draws)
+    assert len(draws) == 4  # 2 outer iterations x 2 normal-training steps
+    gathered = [torch.zeros_like(draws) for _ in range(2)]
+    dist.all_gather(gathered, draws)
+    for step in range(4):
+        assert not torch.equal(gathered[0][step], gathered[1][step]), "both ranks drew the same noise"
+    assert not torch.equal(draws[0], draws[1])  # and each step draws new noise
+
+
+def test_two_process_diffusion_training_draws_its_own_noise_on_each_rank():
+    # The global RNG is seeded alike on every rank: without a per-rank stream the ranks would add the same noise to
+    # their different images, halving the independent draws of a global batch.
+    run_two_processes(_diffusion_noise_on_two_ranks)

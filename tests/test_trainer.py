@@ -568,6 +568,18 @@ def test_first_order_false_reaches_the_simulation(tmp_output):
     assert grad_norm(True) != pytest.approx(grad_norm(False), rel=1e-4)
 
 
+def test_second_order_needs_attention_with_a_second_derivative(tmp_output):
+    vit = tiny_vit()
+    vit.config._attn_implementation = "sdpa"
+    with pytest.raises(ValueError, match="attn_implementation='eager'"):
+        _trainer(vit, tmp_output, first_order=False)
+    vit.config._attn_implementation = "eager"
+    trainer = _trainer(vit, tmp_output, simulation_strategies=["full"], first_order=False)
+    trainer.create_optimizer()
+    assert trainer._fine_tuning_simulation_step()
+    _trainer(tiny_resnet(), tmp_output, first_order=False)  # no attention, nothing to refuse
+
+
 def test_every_outer_iteration_simulates_on_new_restricted_batches(tmp_output):
     trainer = _trainer(SmallCNN(), tmp_output, restricted_batch_size=4)
     drawn = []
@@ -615,9 +627,9 @@ def test_persistent_attacker_resumes_from_its_offsets_head_and_support_pool(tmp_
 
 
 class _RecordingTrainer(SophonTrainer):
-    def _ntr_loss(self, model, batch):
+    def _ntr_loss(self, model, batch, generator):
         self.ntr_batches = [*getattr(self, "ntr_batches", []), batch]
-        return super()._ntr_loss(model, batch)
+        return super()._ntr_loss(model, batch, generator)
 
 
 def test_ntr_steps_split_the_batch_into_disjoint_chunks(tmp_output):

@@ -151,7 +151,11 @@ class ModelArguments:
     )
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
     attn_implementation: str | None = field(
-        default=None, metadata={"help": "e.g. 'eager' (second-order meta-gradients need it on CPU: SDPA has none)."}
+        default=None,
+        metadata={
+            "help": "e.g. 'eager' or 'sdpa' (default: the model's; 'eager' with first_order=False, as second-order "
+            "meta-gradients need a second derivative that the SDPA kernels lack)."
+        },
     )
     pretrain_steps: int = field(
         default=0,
@@ -382,6 +386,8 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
     )
 
     # Model and its processor
+    if not training_args.first_order and model_args.attn_implementation is None:
+        model_args.attn_implementation = "eager"
     model = load_model(model_args, kind, num_labels, label_names)
     processor = load_processor(model_args, kind)
     if kind == "text" and processor is not None and processor.pad_token is None:

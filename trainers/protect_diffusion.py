@@ -272,6 +272,13 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)  # a UNet built from its config starts from the same weights every run
     unet, scheduler = load_model(model_args)
+    if not training_args.first_order:
+        from diffusers.models.attention_processor import AttnProcessor
+
+        # Second-order meta-gradients differentiate twice through attention; the fused SDPA kernels cannot.
+        for module in unet.modules():
+            if hasattr(module, "set_processor"):
+                module.set_processor(AttnProcessor())
     size = unet.config.sample_size
     image_size = size if isinstance(size, int) else size[0]
     with training_args.main_process_first(desc="loading and converting images"):
