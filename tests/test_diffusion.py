@@ -619,8 +619,12 @@ def test_end_to_end_protection_on_real_digits(tmp_path):
 
 
 # ---------------------------------------------------------------------- the script
-def test_protect_diffusion_script_on_local_standins_of_hub_datasets(tmp_path):
-    """`trainers/protect_diffusion.py` end to end on folders shaped like CIFAR-100 (`img`) and CelebA (`image`)."""
+@pytest.mark.parametrize("first_order", [True, False], ids=["first-order", "second-order"])
+def test_protect_diffusion_script_on_local_standins_of_hub_datasets(tmp_path, first_order):
+    """`trainers/protect_diffusion.py` end to end on folders shaped like CIFAR-100 (`img`) and CelebA (`image`).
+
+    Second order needs the classic attention processor (SDPA has no double backward): the script switches to it.
+    """
     from datasets import DatasetDict
     from diffusers import DDPMScheduler as Scheduler
 
@@ -654,7 +658,7 @@ def test_protect_diffusion_script_on_local_standins_of_hub_datasets(tmp_path):
         f"--per_device_train_batch_size 4 --restricted_batch_size 4 --eval_steps 2 --save_strategy no "
         f"--dataloader_num_workers 0 --use_cpu true --eval_fraction 0.25 --num_sample_images 2 "
         f"--num_inference_steps 2 --output_dir {output} --unprotected_output_dir {tmp_path / 'unprotected'} "
-        "--disable_tqdm true".split()
+        f"--disable_tqdm true --first_order {str(first_order).lower()}".split()
     )
     assert training_args.restricted_loss == "denial_of_service" and training_args.fts_learning_rate == 5e-6
     assert script_args.restricted_eval_split is None and training_args.simulation_strategies == ["full", "lora"]

@@ -462,14 +462,16 @@ def test_unprotected_reference_is_saved_with_its_image_processor(stand_ins, tmp_
     assert processor.size == AutoImageProcessor.from_pretrained(stand_ins / "resnet").size
 
 
-def test_builtin_mnist_recipe_end_to_end(tmp_path, one_thread):
+@pytest.mark.parametrize("first_order", ["true", "false"], ids=["first-order", "second-order"])
+def test_builtin_mnist_recipe_end_to_end(tmp_path, one_thread, first_order):
+    # Second order needs attention with a second derivative: the script picks the eager implementation for it.
     from transformers import AutoModelForImageClassification
 
     output_dir = tmp_path / "protected"
     script_args, training_args, model_args = script.parse_args(
         ["--config", "mnist_vit_cpu.yaml", *FAST, "--output_dir", str(output_dir), "--config_overrides", TINY_VIT_28,
          "--max_original_samples", "64", "--max_restricted_samples", "64", "--max_eval_samples", "32",
-         "--unprotected_output_dir", str(tmp_path / "unprotected")]
+         "--unprotected_output_dir", str(tmp_path / "unprotected"), "--first_order", first_order]
     )  # fmt: skip
     metrics = script.main(script_args, training_args, model_args)
     assert 0 <= metrics["eval_original_accuracy"] <= 1 and 0 <= metrics["eval_restricted_accuracy"] <= 1
