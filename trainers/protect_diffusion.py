@@ -155,8 +155,22 @@ def load_model(model_args: ModelArguments):
             norm_num_groups=model_args.norm_num_groups,
         )
         return unet, DDPMScheduler(num_train_timesteps=model_args.num_train_timesteps)
-    unet = UNet2DModel.from_pretrained(model_args.model_name_or_path, subfolder=model_args.unet_subfolder)
-    scheduler = DDPMScheduler.from_pretrained(model_args.model_name_or_path, subfolder=model_args.scheduler_subfolder)
+    try:
+        unet = UNet2DModel.from_pretrained(model_args.model_name_or_path, subfolder=model_args.unet_subfolder)
+        scheduler = DDPMScheduler.from_pretrained(
+            model_args.model_name_or_path, subfolder=model_args.scheduler_subfolder
+        )
+    except OSError as error:
+        if os.path.isdir(model_args.model_name_or_path):
+            raise
+        from huggingface_hub import constants
+
+        # Offline, Diffusers reports a Hub id as a repo without `config.json`: say what actually happened.
+        offline = " HF_HUB_OFFLINE is set, so nothing can be downloaded." if constants.HF_HUB_OFFLINE else ""
+        raise OSError(
+            f"Cannot load the UNet {model_args.model_name_or_path!r}: it is not a local folder, and downloading it "
+            f"from the Hub failed.{offline} ({error})"
+        ) from error
     return unet, scheduler
 
 

@@ -26,11 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", help="protected model: a save_pretrained folder or a Hub id")
+    parser.add_argument("--model", help="required: the protected model, a save_pretrained folder or a Hub id")
     parser.add_argument(
         "--reference-model", help="unprotected original (folder or Hub id), for the 'unprotected' curves"
     )
-    parser.add_argument("--restricted-train", help="attacker's training data: a save_to_disk folder or a Hub dataset")
+    parser.add_argument(
+        "--restricted-train", help="required: the attacker's training data, a save_to_disk folder or a Hub dataset"
+    )
     parser.add_argument(
         "--restricted-test", help="held-out restricted data (default: --test-split of --restricted-train)"
     )
@@ -50,7 +52,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--attacks-file", help="YAML or JSON list of AttackSpec fields (replaces --suite)")
     parser.add_argument("--list-suites", action="store_true", help="print the suites and their attacks, then exit")
-    parser.add_argument("--output", help="folder for report.json, report.md, attack_curves.png and resumable runs")
+    parser.add_argument(
+        "--output", help="required: folder for report.json, report.md, attack_curves.png and resumable runs"
+    )
     parser.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
     parser.add_argument(
         "--scratch-inits",
