@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -41,7 +42,12 @@ SCHEDULES = ("constant", "warmup_cosine")
 # Strategies that throw the head away: they may resize it to the restricted label count.
 HEAD_REINIT_STRATEGIES = ("full_reinit_head", "linear_probe")
 # What someone training the architecture from scratch would do (not a fine-tuning learning rate that cripples it).
+logger = logging.getLogger(__name__)
 SCRATCH_SEED_OFFSET = 1_000_003
+# Measured ratios of weight RMS to a fresh initialisation: 0.6-2.8x on the demo's classifiers, up to 1.4x on an
+# unprotected UNet and up to 5.8x on UNets protected with denial of service (RESULTS.md section 5h).
+WEIGHT_SCALE_THRESHOLD = 10.0
+NORMALISATION_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 DEFAULT_SCRATCH_RECIPE = {"optimizer": "adam", "learning_rate": 1e-3, "weight_decay": 0.0, "schedule": "constant"}
 SCRATCH_INIT_STRIDE = 7_919  # seed step between the initialisations of the scratch baseline
 
@@ -329,6 +335,64 @@ def build_scratch_model(
     scratch = scratch.to(reference.device)
     # Only cast when needed: Diffusers warns on any dtype cast of a model with float32-pinned modules.
     return scratch if next(scratch.parameters()).dtype == reference.dtype else scratch.to(reference.dtype)
+
+
+def audit_weight_scale(model: nn.Module, threshold: float = WEIGHT_SCALE_THRESHOLD) -> list[str]:
+    """Warnings when `model`'s weights are far larger than at initialisation (an optimizer trap, not a protection).
+
+    A layer followed by a normalisation is scale-invariant: multiplying its weights by 100 leaves the model's function
+    unchanged but makes every optimizer's steps 100x smaller relative to the weights, so fine-tuning barely moves
+    them. Measured on the demo's ResNet (`benchmarks/bench_scale_trap.py`, RESULTS.md section 5h), that alone takes
+    the *unprotected* model's head start over scratch away under the standard attacks, and an attacker who divides
+    the scales back gets it again. The root mean square of each weight matrix or kernel and of each normalisation
+    layer's parameters is compared with a fresh initialisation of the same architecture (`build_scratch_model`);
+    trained classifiers stay within 3x of it, UNets protected with denial of service within 6x.
+
+    Args:
+        model (`nn.Module`): the model to audit (not modified).
+        threshold (`float`, *optional*, defaults to `10.0`): ratio above which a tensor is reported.
+
+    Returns:
+        `list[str]`: one warning naming the tensors, or an empty list (also for models that cannot be re-initialised).
+
+    Example:
+        >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        >>> audit_weight_scale(mlp)
+        []
+    """
+    try:
+        fresh = dict(build_scratch_model(model).named_parameters())
+    except ValueError:  # modules without reset_parameters(): nothing to compare with
+        return []
+    large, total = [], 0
+    for module_name, module in model.named_modules():
+        for short_name, weight in module.named_parameters(recurse=False):
+            name = f"{module_name}.{short_name}" if module_name else short_name
+            initial = fresh.get(name)
+            if initial is None or initial.shape != weight.shape or not weight.is_floating_point():
+                continue
+            total += weight.numel()
+            # Weight matrices and kernels, and normalisation layers' scales and shifts; not the biases of other
+            # layers (an output bias that moves says nothing about scale symmetries, and many start at zero).
+            if weight.ndim < 2 and not isinstance(module, NORMALISATION_LAYERS):
+                continue
+            initial_rms = initial.detach().float().pow(2).mean().sqrt().item()
+            if initial_rms > 0:
+                ratio = weight.detach().float().pow(2).mean().sqrt().item() / initial_rms
+                if ratio > threshold:
+                    large.append((ratio, name, weight.numel()))
+    if not large:
+        return []
+    large.sort(reverse=True)
+    share = sum(n for _, _, n in large) / max(total, 1)
+    examples = ", ".join(f"{name} {ratio:.0f}x" for ratio, name, _ in large[:3])
+    return [
+        f"{len(large)} weight tensors ({share:.0%} of the parameters) are more than {threshold:g}x larger than at "
+        f"initialisation ({examples}). Weights followed by a normalisation can be scaled up without changing the "
+        "model's function, which makes every optimizer's steps tiny relative to them: results of ordinary "
+        "fine-tuning attacks may show such an optimizer trap, which an attacker who rescales the weights undoes, "
+        "rather than missing restricted-domain information."
+    ]
 
 
 def _lora_targets(model: nn.Module, spec: AttackSpec, head_name: str | None) -> list[str]:
@@ -696,6 +760,9 @@ def evaluate_finetuning_resistance(
     """
     task = get_task(model, head_name=head_name, noise_scheduler=noise_scheduler)
     specs = resolve_attacks(attacks, steps_scale, has_head=task.head_name is not None)
+    warnings = audit_weight_scale(model)
+    for warning in warnings:
+        logger.warning(warning)
     restricted_labels = _restricted_label_count(task, (restricted_train, restricted_test), num_labels)
     head_size = getattr(task, "num_labels", None)
     resize = restricted_labels is not None and head_size is not None and restricted_labels != head_size
@@ -826,6 +893,7 @@ def evaluate_finetuning_resistance(
             else None
         ),
         fingerprints=fingerprints,
+        warnings=warnings,
     )
     if output_dir is not None and rank == 0:
         report.save(output_dir)

@@ -500,6 +500,7 @@ def generate_model_card(
             and (name != "lora_r" or "lora" in (sophon_config.get("simulation_strategies") or []))
         ],
         "report": report,
+        "report_warnings": (report or {}).get("warnings", []),
         "curves_image": curves_image,
         "has_report_md": has_report_md,
         "has_image_processor": has_image_processor,

@@ -53,6 +53,8 @@ class ResistanceReport:
             baseline's step-0 value to its final value (baseline: scratch, else unprotected, else protected).
         tolerance (`float`, *optional*, defaults to `0.0`):
             A protected model better than scratch by at most this much is reported as "no head start".
+        warnings (`list[str]`, *optional*): what the harness found suspicious about the measurement (e.g.
+            `audit_weight_scale`), shown above the results.
 
     A run that diverged (non-finite loss or metric) has `final` `None`; comparisons use its best value before
     divergence instead (an attacker keeps the last good checkpoint), and the verdict says so.
@@ -72,6 +74,7 @@ class ResistanceReport:
     original: dict[str, float] | None = None
     threshold_fraction: float = 0.9
     tolerance: float = 0.0
+    warnings: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------------------------------------ derived
     @property
@@ -200,6 +203,7 @@ class ResistanceReport:
         out["fingerprints"] = dict(self.fingerprints)
         out["threshold_fraction"] = self.threshold_fraction
         out["tolerance"] = self.tolerance
+        out["warnings"] = list(self.warnings)
         out["attacks"] = [
             {
                 "name": a["name"],
@@ -227,6 +231,7 @@ class ResistanceReport:
             original=data.get("original"),
             threshold_fraction=data.get("threshold_fraction", 0.9),
             tolerance=data.get("tolerance", 0.0),
+            warnings=data.get("warnings", []),
         )
 
     def save(self, output_dir: str) -> list[str]:
@@ -275,6 +280,7 @@ class ResistanceReport:
             "",
             f"**Verdict: {summary['verdict']}.**",
             "",
+            *(f"> **Warning:** {warning}\n" for warning in self.warnings),
             f"- Task: {self.task}; metric: {self.metric} ({direction} is better for the attacker)",
         ]
         if self.original:
@@ -340,6 +346,7 @@ class ResistanceReport:
             f"({self.metric}; {direction} is better for the attacker; head start and lead > 0: the protected start "
             "is ahead of scratch)"
         )
+        lines += [f"Warning: {warning}" for warning in self.warnings]
         return "\n".join(lines)
 
     def plot(self, path: str) -> str:

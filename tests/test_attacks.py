@@ -541,3 +541,49 @@ def test_diverged_scratch_initialisations_are_left_out_of_the_mean():
     broken = {"curve": [[0, 0.9], [4, 0.9]], "diverged": True, "diverged_at": 4}
     mean = _mean_of_runs([healthy[0], broken, healthy[1]])
     assert mean["curve"] == [[0, pytest.approx(0.3)], [4, pytest.approx(0.7)]] and not mean["diverged"]
+
+
+@torch.no_grad()
+def _scale_convolutions(model, factor):
+    # Every convolution of a Transformers ResNet feeds a BatchNorm: scaling its weights (and the BatchNorm's running
+    # statistics) leaves the function unchanged and makes every optimizer's steps tiny relative to the weights.
+    for module in model.modules():
+        if isinstance(getattr(module, "normalization", None), nn.BatchNorm2d):
+            module.convolution.weight.mul_(factor)
+            module.normalization.running_mean.mul_(factor)
+            module.normalization.running_var.mul_(factor**2)
+
+
+def test_weights_scaled_far_beyond_initialisation_are_flagged_in_the_report_and_card():
+    from conftest import tiny_resnet
+
+    from sophon_hf.attacks import audit_weight_scale
+    from sophon_hf.model_card import generate_model_card
+
+    model = tiny_resnet(num_labels=5).eval()
+    assert audit_weight_scale(model) == [] and audit_weight_scale(MLP()) == []
+    pixels = torch.rand(4, 1, 8, 8)
+    before = model(pixel_values=pixels).logits
+    _scale_convolutions(model, 100.0)
+    torch.testing.assert_close(model(pixel_values=pixels).logits, before, rtol=1e-3, atol=1e-4)  # same function
+    (warning,) = audit_weight_scale(model)
+    assert "100x" in warning and "rescales the weights" in warning
+    assert audit_weight_scale(model, threshold=200.0) == []
+    # Normalisation scales count; other layers' biases do not (an output bias that moves is no scale symmetry).
+    bias_only, norm_only = MLP(), tiny_resnet(num_labels=5)
+    with torch.no_grad():
+        bias_only.out.bias.mul_(100.0)
+        norm_only.resnet.embedder.embedder.normalization.weight.mul_(100.0)
+    assert audit_weight_scale(bias_only) == []
+    assert "normalization.weight 100x" in audit_weight_scale(norm_only)[0]
+
+    attack = AttackSpec(strategy="full", optimizer="adam", learning_rate=1e-3, steps=2, eval_interval=2)
+    data = image_dataset(16, size=8)
+    report = evaluate_finetuning_resistance(model, data, data, attacks=[attack], include_scratch=False)
+    assert report.warnings == [warning] and report.to_dict()["warnings"] == [warning]
+    assert f"Warning: {warning}" in report.to_text() and warning in report.to_markdown()
+    assert type(report).from_dict(report.to_dict()).warnings == [warning]
+    card = str(generate_model_card(report=report.to_dict()))
+    assert "The attack harness flagged this measurement" in card and "100x" in card
+    clean = evaluate_finetuning_resistance(MLP(), data, data, attacks=[attack], include_scratch=False)
+    assert clean.to_dict()["warnings"] == [] and "flagged" not in str(generate_model_card(report=clean.to_dict()))
