@@ -70,6 +70,38 @@ def digit_halves(image_size: int, num_restricted_train: int, seed: int):
     )
 
 
+def load_data(
+    restricted_domain: str, image_size: int, restricted_train: int, attacker_images: int, seed: int
+) -> DatasetDict:
+    """The splits of one pairing: original_train/test, restricted_train (the attacker's), defender_train, restricted_test."""
+    if restricted_domain == "photos":
+        data = load_digits_and_photo_patches(image_size=image_size, num_restricted_train=restricted_train, seed=seed)
+    elif restricted_domain == "digits":
+        data = digit_halves(image_size, restricted_train, seed)
+    else:
+        swapped = load_digits_and_photo_patches(
+            image_size=image_size,
+            num_original_train=restricted_train,
+            num_original_test=200,
+            num_restricted_train=2000,
+            num_restricted_test=500,
+            seed=seed,
+        )
+        data = DatasetDict(
+            original_train=swapped["restricted_train"],
+            original_test=swapped["restricted_test"],
+            restricted_train=swapped["original_train"],
+            restricted_test=swapped["original_test"],
+        )
+    if attacker_images:
+        restricted = data["restricted_train"]
+        data["defender_train"] = restricted.select(range(attacker_images, restricted.num_rows))
+        data["restricted_train"] = restricted.select(range(attacker_images))
+    else:
+        data["defender_train"] = data["restricted_train"]
+    return data
+
+
 def build_unet(image_size: int, seed: int) -> UNet2DModel:
     torch.manual_seed(seed)
     return UNet2DModel(
@@ -149,33 +181,7 @@ def main():
     os.makedirs(args.output, exist_ok=True)
     results = {"args": vars(args)}
 
-    if args.restricted_domain == "photos":
-        data = load_digits_and_photo_patches(
-            image_size=args.image_size, num_restricted_train=args.restricted_train, seed=args.seed
-        )
-    elif args.restricted_domain == "digits":
-        data = digit_halves(args.image_size, args.restricted_train, args.seed)
-    else:
-        swapped = load_digits_and_photo_patches(
-            image_size=args.image_size,
-            num_original_train=args.restricted_train,
-            num_original_test=200,
-            num_restricted_train=2000,
-            num_restricted_test=500,
-            seed=args.seed,
-        )
-        data = DatasetDict(
-            original_train=swapped["restricted_train"],
-            original_test=swapped["restricted_test"],
-            restricted_train=swapped["original_train"],
-            restricted_test=swapped["original_test"],
-        )
-    if args.attacker_images:
-        restricted = data["restricted_train"]
-        data["defender_train"] = restricted.select(range(args.attacker_images, restricted.num_rows))
-        data["restricted_train"] = restricted.select(range(args.attacker_images))
-    else:
-        data["defender_train"] = data["restricted_train"]
+    data = load_data(args.restricted_domain, args.image_size, args.restricted_train, args.attacker_images, args.seed)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     unprotected_dir = os.path.join(args.output, "unprotected")
 
