@@ -1,6 +1,6 @@
 """Run every benchmark and write the commands and their printed results into `benchmarks/RESULTS.md`.
 
-    python benchmarks/run_all.py                  # everything (about 2.5 hours on 2 CPU cores)
+    python benchmarks/run_all.py                  # everything (about 2.5 hours on 2 CPU cores, plus about 10 minutes for the two scale benchmarks added later)
     python benchmarks/run_all.py --skip-quality   # speed benchmarks and diffusion only
     python benchmarks/run_all.py --only bench_trainer.py
 
@@ -35,6 +35,11 @@ BENCHMARKS = [
         "Diffusion: denial of service on a small UNet (photo patches kept, digits denied)",
     ),
     (
+        "bench_diffusion_scale.py",
+        ["--run", "benchmarks/out/diffusion"],
+        "Diffusion: the same protected UNet with its grown weight scale undone (function unchanged)",
+    ),
+    (
         "bench_demo_quality.py",
         ["--seeds", "0", "1", "2", "--output", "benchmarks/out/demo_quality"],
         "Protection quality on the demo's setting, 3 seeds",
@@ -45,8 +50,13 @@ BENCHMARKS = [
         "Ablation of protection recipes on the demo's setting, 3 seeds, the six key attacks",
     ),
     ("bench_head_start.py", ["--seeds", "0", "1", "2"], "Where the attacker's head start lives"),
+    (
+        "bench_scale_trap.py",
+        ["--demo-output", "benchmarks/out/demo_quality/seed0"],
+        "A function-preserving weight-scale trap on the seed-0 demo's models",
+    ),
 ]
-QUALITY = {"bench_demo_quality.py", "bench_ablation.py", "bench_head_start.py"}
+QUALITY = {"bench_demo_quality.py", "bench_ablation.py", "bench_head_start.py", "bench_scale_trap.py"}
 
 
 def main() -> None:
