@@ -36,20 +36,21 @@ from .simulation import default_lora_targets
 from .tasks import check_label_column, get_task
 from .utils import model_fingerprint
 
+logger = logging.getLogger(__name__)
+
 STRATEGIES = ("full", "full_reinit_head", "linear_probe", "lora")
 OPTIMIZERS = ("sgd", "sgd_momentum", "sgd_nesterov", "adam", "adamw", "adagrad", "adadelta", "rmsprop")
 SCHEDULES = ("constant", "warmup_cosine")
 # Strategies that throw the head away: they may resize it to the restricted label count.
 HEAD_REINIT_STRATEGIES = ("full_reinit_head", "linear_probe")
 # What someone training the architecture from scratch would do (not a fine-tuning learning rate that cripples it).
-logger = logging.getLogger(__name__)
 SCRATCH_SEED_OFFSET = 1_000_003
+DEFAULT_SCRATCH_RECIPE = {"optimizer": "adam", "learning_rate": 1e-3, "weight_decay": 0.0, "schedule": "constant"}
+SCRATCH_INIT_STRIDE = 7_919  # seed step between the initialisations of the scratch baseline
 # Measured ratios of weight RMS to a fresh initialisation: 0.6-2.8x on the demo's classifiers, up to 1.4x on an
 # unprotected UNet and up to 5.8x on UNets protected with denial of service (RESULTS.md section 5h).
 WEIGHT_SCALE_THRESHOLD = 10.0
 NORMALISATION_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-DEFAULT_SCRATCH_RECIPE = {"optimizer": "adam", "learning_rate": 1e-3, "weight_decay": 0.0, "schedule": "constant"}
-SCRATCH_INIT_STRIDE = 7_919  # seed step between the initialisations of the scratch baseline
 
 
 @dataclass
