@@ -12,6 +12,7 @@ import copy
 import hashlib
 import inspect
 import logging
+import numbers
 import os
 from collections.abc import Mapping
 
@@ -243,8 +244,8 @@ class DiffusionTask:
         timestep: int | tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         clean = batch["pixel_values"]
-        if isinstance(generator, int):
-            return self._noise_per_image(clean, generator, timestep)
+        if isinstance(generator, numbers.Integral):
+            return self._noise_per_image(clean, int(generator), timestep)
         # Drawn on the CPU from the trainer's seeded generator, so a resumed run replays the same noise on any device.
         noise = torch.randn(clean.shape, generator=generator).to(device=clean.device, dtype=clean.dtype)
         if timestep is None:
@@ -265,13 +266,13 @@ class DiffusionTask:
             low, high = 0, self.num_train_timesteps - 1
         else:
             low, high = (timestep, timestep) if isinstance(timestep, int) else timestep
-        noise, timesteps = [], []
+        noise, timesteps = [torch.zeros((0, *clean.shape[1:]))], [torch.zeros(0, dtype=torch.long)]  # empty batches
         for image in clean.detach().float().cpu():
             digest = hashlib.blake2b(image.numpy().tobytes(), digest_size=8).digest()
             stream = torch.Generator().manual_seed((seed * 1_000_003 + int.from_bytes(digest, "little")) % 2**63)
-            noise.append(torch.randn(image.shape, generator=stream))
+            noise.append(torch.randn((1, *image.shape), generator=stream))
             timesteps.append(torch.randint(low, high + 1, (1,), generator=stream))
-        noise = torch.stack(noise).to(device=clean.device, dtype=clean.dtype)
+        noise = torch.cat(noise).to(device=clean.device, dtype=clean.dtype)
         timesteps = torch.cat(timesteps).to(clean.device)
         return clean, noise, timesteps, self.noise_scheduler.add_noise(clean, noise, timesteps)
 

@@ -828,4 +828,10 @@ def card_report_mismatches(card: ModelCard, report: dict[str, Any] | None) -> li
         for key in published
         if key not in expected and key[0] != "original domain"
     ]
+    # The harness's warnings qualify every number above: a card without them overstates the measurement.
+    problems += [
+        f"report.json warns that {warning[:60]}..., and the card does not say so"
+        for warning in report.get("warnings", [])
+        if warning not in card.text
+    ]
     return problems

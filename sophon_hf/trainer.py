@@ -635,7 +635,8 @@ class SophonTrainer(Trainer):
             if getattr(self.task, "label_column", None) and self.task.label_column not in inputs:
                 return None, self.task.forward(model, inputs).detach(), None  # `predict` on unlabelled data
             # Denoising losses draw noise and timesteps: seeded per image, so that evaluations (and
-            # `metric_for_best_model`) compare weights, not noise, whatever the batch size or number of processes.
+            # `metric_for_best_model`) compare weights, not noise, whatever the batch size. (Under several processes
+            # Trainer's sampler repeats a few images to even out the shards, as for any Trainer evaluation loss.)
             loss, outputs = self.task.loss(model, inputs, generator=self.args.seed)
         if prediction_loss_only:
             return loss.detach(), None, None

@@ -568,6 +568,8 @@ def test_weights_scaled_far_beyond_initialisation_are_flagged_in_the_report_and_
     torch.testing.assert_close(model(pixel_values=pixels).logits, before, rtol=1e-3, atol=1e-4)  # same function
     (warning,) = audit_weight_scale(model)
     assert "100x" in warning and "rescales the weights" in warning
+    scaled = sum(m.convolution.weight.numel() for m in model.modules() if hasattr(m, "convolution"))
+    assert f"({scaled / sum(p.numel() for p in model.parameters()):.0%} of the parameters)" in warning
     assert audit_weight_scale(model, threshold=200.0) == []
     # Normalisation scales count; other layers' biases do not (an output bias that moves is no scale symmetry).
     bias_only, norm_only = MLP(), tiny_resnet(num_labels=5)
@@ -576,6 +578,27 @@ def test_weights_scaled_far_beyond_initialisation_are_flagged_in_the_report_and_
         norm_only.resnet.embedder.embedder.normalization.weight.mul_(100.0)
     assert audit_weight_scale(bias_only) == []
     assert "normalization.weight 100x" in audit_weight_scale(norm_only)[0]
+    # A config cannot move the baseline: initialisation settings come from the config class's defaults.
+    vit = tiny_vit()
+    with torch.no_grad():
+        for module in vit.vit.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.mul_(100.0)
+    vit.config.initializer_range = 2.0
+    config_warning, scale_warning = audit_weight_scale(vit)
+    assert (
+        "initializer_range=2.0 where ViTConfig's default is 0.02" in config_warning
+        and "6 weight tensors" in scale_warning
+    )
+    assert build_scratch_model(vit).config.initializer_range == 0.02 and vit.config.initializer_range == 2.0
+
+    # A model the audit cannot re-initialise says so instead of staying silent.
+    class NoReset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(3))
+
+    assert "could not run" in audit_weight_scale(NoReset())[0]
 
     attack = AttackSpec(strategy="full", optimizer="adam", learning_rate=1e-3, steps=2, eval_interval=2)
     data = image_dataset(16, size=8)
@@ -583,7 +606,15 @@ def test_weights_scaled_far_beyond_initialisation_are_flagged_in_the_report_and_
     assert report.warnings == [warning] and report.to_dict()["warnings"] == [warning]
     assert f"Warning: {warning}" in report.to_text() and warning in report.to_markdown()
     assert type(report).from_dict(report.to_dict()).warnings == [warning]
-    card = str(generate_model_card(report=report.to_dict()))
-    assert "The attack harness flagged this measurement" in card and "100x" in card
+    card = generate_model_card(report=report.to_dict())
+    assert "The attack harness flagged this measurement" in str(card) and "100x" in str(card)
+    # A card that does not carry the report's warnings is stale: `push` rewrites it, `verify` flags it.
+    from sophon_hf.model_card import card_report_mismatches
+
+    assert card_report_mismatches(card, report.to_dict()) == []
+    (problem,) = card_report_mismatches(
+        generate_model_card(report={**report.to_dict(), "warnings": []}), report.to_dict()
+    )
+    assert "the card does not say so" in problem
     clean = evaluate_finetuning_resistance(MLP(), data, data, attacks=[attack], include_scratch=False)
     assert clean.to_dict()["warnings"] == [] and "flagged" not in str(generate_model_card(report=clean.to_dict()))

@@ -407,9 +407,10 @@ def test_trainer_evaluation_of_a_unet_is_seeded(tmp_path):
         eval_dataset=pixels_dataset(8, seed=2),
         noise_scheduler=scheduler(),
     )
-    first, second = trainer.evaluate(), trainer.evaluate()
-    assert first["eval_original_loss"] == second["eval_original_loss"]  # the same weights score the same
-    # Noise is seeded per image: other batch sizes (and so other shardings over processes) score the same.
+    first = trainer.evaluate()
+    trainer.state.global_step = 5  # a later evaluation of the same weights
+    assert trainer.evaluate()["eval_original_loss"] == first["eval_original_loss"]  # the same weights score the same
+    # Noise is seeded per image: other batch sizes score the same.
     trainer.args.per_device_eval_batch_size = 3
     torch.manual_seed(123)  # nor does the global RNG matter
     assert trainer.evaluate()["eval_original_loss"] == pytest.approx(first["eval_original_loss"], rel=1e-5)
@@ -428,9 +429,17 @@ def test_per_image_noise_does_not_depend_on_the_batch():
     assert len(set(timesteps.tolist())) > 1 and not torch.equal(noise[0], noise[1])
     _, other, _, _ = task._noise({"pixel_values": images}, 8)  # another seed, other noise
     assert not torch.allclose(other, noise)
-    _, _, band, _ = task._noise({"pixel_values": images}, 7, (3, 5))
-    assert band.min() >= 3 and band.max() <= 5
+    many = torch.as_tensor(pixels_dataset(32)["pixel_values"])
+    assert set(task._noise({"pixel_values": many}, 7, (3, 5))[2].tolist()) == {3, 4, 5}  # both ends of a band
     assert torch.equal(task._noise({"pixel_values": images}, 7, 4)[2], torch.full((6,), 4))
+    short = DiffusionTask(tiny_unet(), DDPMScheduler(num_train_timesteps=3))  # the whole schedule, both ends
+    assert set(short._noise({"pixel_values": many}, np.int64(7))[2].tolist()) == {0, 1, 2}
+    # Half-precision images (numpy has no bfloat16) get noise of their dtype, the same every time; an empty batch
+    # gives empty tensors.
+    _, half, _, _ = task._noise({"pixel_values": images.to(torch.bfloat16)}, 7)
+    assert half.dtype == torch.bfloat16 and torch.equal(half, task._noise({"pixel_values": images.bfloat16()}, 7)[1])
+    _, empty, no_steps, _ = task._noise({"pixel_values": images[:0]}, 7)
+    assert empty.shape == (0, *images.shape[1:]) and no_steps.shape == (0,)
 
 
 def test_second_order_refuses_attention_without_a_second_derivative(tmp_path):

@@ -146,7 +146,8 @@ def _diffusion_noise_on_two_ranks():
     dist.all_gather(gathered, draws)
     for step in range(4):
         assert not torch.equal(gathered[0][step], gathered[1][step]), "both ranks drew the same noise"
-    assert not torch.equal(draws[0], draws[1])  # and each step draws new noise
+    assert not torch.equal(draws[0], draws[1])  # each normal-training step draws new noise ...
+    assert not torch.equal(draws[0], draws[2])  # ... and so does each outer iteration
 
 
 def test_two_process_diffusion_training_draws_its_own_noise_on_each_rank():

@@ -242,10 +242,11 @@ def test_protect_cli_user_errors_are_messages(tmp_path, monkeypatch):
     )
     with pytest.raises(SystemExit, match="sophon-hf protect: ValueError: "):
         main(["protect", "--config", str(tmp_path / "no_inputs.yaml"), "--use_cpu", "true"])
-    # The paper's DDPM recipe offline: Diffusers would report the Hub repo as lacking config.json.
-    with pytest.raises(SystemExit, match="'google/ddpm-cifar10-32': it is not a local folder.*HF_HUB_OFFLINE is set"):
+    # The paper's DDPM recipe offline (another repo id, in case the real one is cached): Diffusers would report the
+    # Hub repo as lacking config.json.
+    with pytest.raises(SystemExit, match="'sophon-hf-tests/no-such-unet': it is not a local folder.*HF_HUB_OFFLINE"):
         main(["protect", "--config", "diffusion_cifar100_celeba.yaml", "--use_cpu", "true", "--bf16", "false",
-              "--output_dir", str(tmp_path / "ddpm")])  # fmt: skip
+              "--model_name_or_path", "sophon-hf-tests/no-such-unet", "--output_dir", str(tmp_path / "ddpm")])  # fmt: skip
 
 
 def test_diffusion_recipes_parse_the_same_way(tmp_path):

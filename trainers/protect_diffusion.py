@@ -168,7 +168,8 @@ def load_model(model_args: ModelArguments):
         # Offline, Diffusers reports a Hub id as a repo without `config.json`: say what actually happened.
         offline = " HF_HUB_OFFLINE is set, so nothing can be downloaded." if constants.HF_HUB_OFFLINE else ""
         raise OSError(
-            f"Cannot load the UNet {model_args.model_name_or_path!r}: it is not a local folder, and downloading it "
+            f"Cannot load the UNet or its scheduler {model_args.model_name_or_path!r}: it is not a local folder, and "
+            "downloading it "
             f"from the Hub failed.{offline} ({error})"
         ) from error
     return unet, scheduler
