@@ -93,6 +93,27 @@ def test_verify_catches_a_report_of_other_weights_and_a_stale_card(published, ca
     assert "card: scratch result of" in out and "report.json says 0.123" in out
 
 
+def test_verify_catches_a_report_that_drops_the_harness_warnings(published, capsys):
+    folder, data_dir = published
+    model = tiny_vit()
+    with torch.no_grad():  # LayerNorm follows: a scale the harness flags
+        for module in model.vit.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(100.0)
+    model.save_pretrained(folder)
+    data = DatasetDict.load_from_disk(str(data_dir))
+    report = evaluate_finetuning_resistance(model, data["train"], data["test"], attacks=ATTACKS).to_dict()
+    (warning,) = report["warnings"]
+    command = ["verify", "--model", str(folder), "--restricted-test", str(data_dir), "--tolerance", "1e-6"]
+    (folder / "README.md").unlink()
+    (folder / "report.json").write_text(json.dumps({**report, "warnings": []}))
+    assert cli_main(command) == 1
+    assert f"the harness warns, and the published report does not: {warning}" in capsys.readouterr().out
+    (folder / "report.json").write_text(json.dumps(report))
+    assert cli_main(command) == 0
+    assert f"with the report's own warning: {warning}" in capsys.readouterr().out
+
+
 def test_verify_refuses_to_train_on_its_test_rows(published, tmp_path):
     folder, data_dir = published
     restricted_data(16, seed=1).save_to_disk(str(tmp_path / "single"))

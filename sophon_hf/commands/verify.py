@@ -208,6 +208,13 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise SystemExit(f"sophon-hf verify: {error}") from None
     rows = compare_reports({**published, "attacks": attacks}, rerun.to_dict(), args.tolerance)
+    # A warning of the harness (e.g. weights scaled far beyond initialisation) qualifies every number: the published
+    # report must carry the ones the re-run raises.
+    failures += [
+        f"the harness warns, and the published report does not: {warning}"
+        for warning in rerun.warnings
+        if warning not in published.get("warnings", [])
+    ]
 
     # 3. Say, per attack, whether the claim holds.
     metric = published.get("metric", "metric")
@@ -228,4 +235,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"  - {failure}")
         return 1
     print(f"\nThe published claim holds: {len(rows)} attack(s) reproduced within {args.tolerance:g}.")
+    for warning in published.get("warnings", []):
+        print(f"  with the report's own warning: {warning}")
     return 0
