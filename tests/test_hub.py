@@ -464,7 +464,7 @@ def test_stale_files_in_subfolders_of_the_remote_are_kept(tmp_path, hub):
 
 # ---------------------------------------------------------------------- found by reviewing the publish path
 @pytest.mark.parametrize("status", [403, 500])
-def test_cli_push_that_fails_puts_the_card_back(tmp_path, hub, status):
+def test_cli_push_that_fails_puts_the_card_back(tmp_path, hub, status, capsys):
     folder = protected_folder(tmp_path / "out")
     before = snapshot(folder)
     hub.fail_next_commit = http_error(status, "refused")
@@ -472,6 +472,8 @@ def test_cli_push_that_fails_puts_the_card_back(tmp_path, hub, status):
         # New details rewrite the card before the upload: a push that fails must not keep that rewrite.
         cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon", "--original-domain", "new words"])
     assert snapshot(folder) == before
+    out = capsys.readouterr().out  # the "writing README.md" line is followed by what became of it
+    assert out.index("writing") < out.index("The push did not happen: ") and "put back as it was" in out
 
 
 def test_cli_push_of_pickle_only_weights_neither_writes_a_card_nor_unpickles(tmp_path, hub, monkeypatch):

@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if stored.get("repo_id") != repo_id and edited and not stale:
         print(f"Keeping {card_path}: it was edited after sophon_hf wrote it (its usage lines may name another repo).")
     before = {path: path.read_bytes() if path.is_file() else None for path in (card_path, sidecar, edited_copy)}
+    rewrote = False
     try:
         if not card_path.is_file() or stale or elsewhere or any(value is not None for value in overrides.values()):
             reason = (
@@ -100,6 +101,7 @@ def run(args: argparse.Namespace) -> int:
                 else "given new details"
             )
             print(f"Model card {reason}: writing {card_path}")
+            rewrote = True
             if edited:
                 edited_copy.write_bytes(card_path.read_bytes())
                 print(f"It had been edited by hand: that version is saved as {edited_copy} (not uploaded).")
@@ -123,6 +125,8 @@ def run(args: argparse.Namespace) -> int:
                 path.unlink(missing_ok=True)
             else:
                 path.write_bytes(content)
+        if rewrote:
+            print(f"The push did not happen: {card_path} was put back as it was.")
         if isinstance(error, ValueError | FileNotFoundError | HubPublishError):
             raise SystemExit(f"error: {error}") from error
         raise
