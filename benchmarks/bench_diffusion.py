@@ -102,6 +102,26 @@ def load_data(
     return data
 
 
+def attack_specs(text: str, steps: int, batch_size: int, seed: int) -> list:
+    """Full fine-tuning attacks from "optimizer:lr,optimizer:lr" (the `--attacks` option)."""
+    from sophon_hf.attacks import AttackSpec
+
+    specs = []
+    for item in text.split(","):
+        optimizer, _, lr = item.partition(":")
+        specs.append(
+            AttackSpec(
+                strategy="full",
+                optimizer=optimizer,
+                learning_rate=float(lr),
+                steps=steps,
+                batch_size=batch_size,
+                seed=seed,
+            )
+        )
+    return specs
+
+
 def build_unet(image_size: int, seed: int) -> UNet2DModel:
     torch.manual_seed(seed)
     return UNet2DModel(
@@ -273,21 +293,9 @@ def main():
     print(json.dumps(before, indent=2))
 
     # 4. Ordinary fine-tuning attacks through the harness: protected, unprotected, scratch.
-    from sophon_hf.attacks import AttackSpec, evaluate_finetuning_resistance
+    from sophon_hf.attacks import evaluate_finetuning_resistance
 
-    specs = []
-    for item in args.attacks.split(","):
-        optimizer, _, lr = item.partition(":")
-        specs.append(
-            AttackSpec(
-                strategy="full",
-                optimizer=optimizer,
-                learning_rate=float(lr),
-                steps=args.attack_steps,
-                batch_size=args.batch_size,
-                seed=args.seed,
-            )
-        )
+    specs = attack_specs(args.attacks, args.attack_steps, args.batch_size, args.seed)
     report_dir = os.path.join(args.output, "report")
     shutil.rmtree(report_dir, ignore_errors=True)  # the harness refuses to mix runs of different models
     report = evaluate_finetuning_resistance(

@@ -21,11 +21,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from bench_diffusion import load_data  # noqa: E402
+from bench_diffusion import attack_specs, load_data  # noqa: E402
 from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
 
-from sophon_hf.attacks import AttackSpec, evaluate_finetuning_resistance  # noqa: E402
+from sophon_hf.attacks import evaluate_finetuning_resistance  # noqa: E402
 from sophon_hf.diffusion import DiffusionTask  # noqa: E402
 
 
@@ -82,19 +82,7 @@ def main() -> None:
     }
     print(f"rescaling factors: {min(factors.values()):.3f}-{max(factors.values()):.3f}")
     print("before any attack (denoising error):", json.dumps(before, indent=1))
-    specs = []
-    for item in args.attacks.split(","):
-        optimizer, _, lr = item.partition(":")
-        specs.append(
-            AttackSpec(
-                strategy="full",
-                optimizer=optimizer,
-                learning_rate=float(lr),
-                steps=args.attack_steps,
-                batch_size=run_args["batch_size"],
-                seed=run_args["seed"],
-            )
-        )
+    specs = attack_specs(args.attacks, args.attack_steps, run_args["batch_size"], run_args["seed"])
     finals = {}
     for name, model in (("protected", protected), ("rescaled", rescaled)):
         report = evaluate_finetuning_resistance(

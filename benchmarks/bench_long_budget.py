@@ -24,6 +24,14 @@ from sophon_hf import evaluate_finetuning_resistance  # noqa: E402
 from sophon_hf.data import mnist_domains  # noqa: E402
 
 
+def load_demo(demo_output: str, seed: int):
+    """The demo's MNIST splits for `seed` and the attacker's images (as many as the demo in `demo_output` gave)."""
+    with open(os.path.join(demo_output, "demo_settings.json")) as f:
+        settings = json.load(f)
+    data = mnist_domains(num_restricted_train=None, seed=seed)
+    return data, data["restricted_train"].select(range(settings["attacker_images"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--demo-output", required=True, help="folder written by `sophon-hf demo` (its seed: --seed)")
@@ -31,10 +39,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--json")
     args = parser.parse_args()
-    with open(os.path.join(args.demo_output, "demo_settings.json")) as f:
-        settings = json.load(f)
-    data = mnist_domains(num_restricted_train=None, seed=args.seed)
-    attacker = data["restricted_train"].select(range(settings["attacker_images"]))
+    data, attacker = load_demo(args.demo_output, args.seed)
     protected = AutoModelForImageClassification.from_pretrained(os.path.join(args.demo_output, "protected"))
     unprotected = AutoModelForImageClassification.from_pretrained(os.path.join(args.demo_output, "unprotected"))
     attacks = [{**a.to_dict(), "steps": args.steps, "eval_interval": max(args.steps // 10, 1)} for a in KEY_ATTACKS]

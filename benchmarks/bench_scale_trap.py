@@ -27,10 +27,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 from bench_ablation import KEY_ATTACKS  # noqa: E402
+from bench_long_budget import load_demo  # noqa: E402
 from transformers import AutoModelForImageClassification  # noqa: E402
 
 from sophon_hf import evaluate_finetuning_resistance  # noqa: E402
-from sophon_hf.data import mnist_domains  # noqa: E402
 from sophon_hf.tasks import ClassificationTask  # noqa: E402
 
 
@@ -63,10 +63,7 @@ def main() -> None:
     parser.add_argument("--affine-scale", type=float, default=100.0)
     parser.add_argument("--json")
     args = parser.parse_args()
-    with open(os.path.join(args.demo_output, "demo_settings.json")) as f:
-        settings = json.load(f)
-    data = mnist_domains(num_restricted_train=None, seed=args.seed)
-    attacker = data["restricted_train"].select(range(settings["attacker_images"]))
+    data, attacker = load_demo(args.demo_output, args.seed)
     results = {}
     for which in ("protected", "unprotected"):
         model = AutoModelForImageClassification.from_pretrained(os.path.join(args.demo_output, which))
