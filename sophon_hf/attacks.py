@@ -51,8 +51,8 @@ SCRATCH_INIT_STRIDE = 7_919  # seed step between the initialisations of the scra
 # unprotected UNet and up to 5.8x on UNets protected with denial of service (RESULTS.md section 5h).
 WEIGHT_SCALE_THRESHOLD = 10.0
 NORMALISATION_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-# Transformers config fields that set the scale of a fresh initialisation.
-INIT_SETTINGS = ("initializer_range", "initializer_factor", "init_std", "init_xavier_std")
+# Warning kinds: `verify` requires a published report to carry the kinds its re-run raises (the wording holds numbers).
+WEIGHT_SCALE_WARNING, LARGE_INIT_WARNING, AUDIT_SKIPPED = "[weight scale]", "[large initialisation]", "[audit skipped]"
 
 
 @dataclass
@@ -290,30 +290,6 @@ def _replace_head(model: nn.Module, head_name: str, num_labels: int) -> None:
         config.num_labels = num_labels
 
 
-def changed_init_settings(model: nn.Module) -> dict[str, tuple[Any, Any]]:
-    """Initialisation settings of a Transformers model's config that differ from its config class's defaults.
-
-    Returns `{field: (model's value, default)}`. A published config can set e.g. `initializer_range=2.0`, which would
-    make a from-scratch baseline built from it (and any comparison with its initial weights) start badly; the
-    harness builds scratch models with the defaults instead.
-    """
-    from .tasks import _is_transformers_model
-
-    if not _is_transformers_model(model):
-        return {}
-    try:
-        defaults = type(model.config)()
-    except Exception:  # composite configs (e.g. encoder-decoder) need their parts: no class-wide default to compare
-        return {}
-    return {
-        name: (getattr(model.config, name), getattr(defaults, name))
-        for name in INIT_SETTINGS
-        if hasattr(model.config, name)
-        and hasattr(defaults, name)
-        and getattr(model.config, name) != getattr(defaults, name)
-    }
-
-
 def build_scratch_model(
     model: nn.Module,
     num_labels: int | None = None,
@@ -323,11 +299,11 @@ def build_scratch_model(
 ) -> nn.Module:
     """The architecture of `model`, freshly initialised (seeded by `seed`); `model` itself is not touched.
 
-    Transformers models are rebuilt from their config (`type(model)(config)`) with the config class's default
-    initialisation settings (`changed_init_settings`), Diffusers models with `from_config`, plain modules are
-    deep-copied and every submodule's `reset_parameters()` is called. `num_labels` resizes a classifier head (for
-    restricted data with another label count); plain modules need `head_name` for that (Transformers models resize
-    through `config.num_labels`). The result is put on `device` (default: `model`'s).
+    Transformers models are rebuilt from their config (`type(model)(config)`), Diffusers models with
+    `from_config`, plain modules are deep-copied and every submodule's `reset_parameters()` is called.
+    `num_labels` resizes a classifier head (for restricted data with another label count); plain modules need
+    `head_name` for that (Transformers models resize through `config.num_labels`). The result is put on `device`
+    (default: `model`'s).
 
     Example:
         >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -343,8 +319,6 @@ def build_scratch_model(
         torch.manual_seed(SCRATCH_SEED_OFFSET + seed)
         if _is_transformers_model(model):
             config = copy.deepcopy(model.config)
-            for name, (_, default) in changed_init_settings(model).items():
-                setattr(config, name, default)
             if num_labels is not None:
                 config.num_labels = num_labels
             scratch = type(model)(config)
@@ -387,26 +361,43 @@ def audit_weight_scale(model: nn.Module, threshold: float = WEIGHT_SCALE_THRESHO
         threshold (`float`, *optional*, defaults to `10.0`): ratio above which a tensor is reported.
 
     Returns:
-        `list[str]`: a warning naming the tensors; one naming initialisation settings of the config that differ from
-        the defaults (`changed_init_settings`); or one saying that the architecture could not be re-initialised and
-        nothing was checked. Empty when all is well. A trap just under `threshold` is not caught: the audit is a
-        sanity check, not a proof.
+        `list[str]`: warnings, each starting with its kind: `[weight scale]` (tensors far above their fresh
+        initialisation), `[large initialisation]` (the fresh initialisation itself, from the config, far above
+        PyTorch's default scale for its linear and convolution layers: a config can inflate the reference and weaken
+        the scratch baseline) or `[audit skipped]` (the architecture could not be re-initialised). Empty when all is
+        well. A trap just under `threshold` is not caught: the audit is a sanity check, not a proof.
 
     Example:
         >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
         >>> audit_weight_scale(mlp)
         []
     """
-    warnings = [
-        f"The model's config sets {name}={value!r} where {type(model.config).__name__}'s default is {default!r}: "
-        "the from-scratch baseline and the weight-scale audit start from the default instead."
-        for name, (value, default) in changed_init_settings(model).items()
-    ]
     try:
         # On the CPU: a second copy of a large model on the accelerator is not needed to compare scales.
-        fresh = dict(build_scratch_model(model, device="cpu").named_parameters())
+        scratch = build_scratch_model(model, device="cpu")
     except Exception as error:  # e.g. modules without reset_parameters(): nothing to compare with
-        return [*warnings, f"The weight-scale audit could not run: re-initialising the architecture failed ({error})."]
+        return [
+            f"{AUDIT_SKIPPED} The weight-scale audit could not run: re-initialising the architecture failed ({error})."
+        ]
+    fresh = dict(scratch.named_parameters())
+    warnings = []
+    # The reference itself: a config can make the fresh initialisation (and so the scratch baseline) large.
+    inflated = []
+    for name, module in scratch.named_modules():
+        if isinstance(module, nn.Linear | nn.modules.conv._ConvNd) and module.weight.numel():
+            default_rms = (3 * module.weight[0].numel()) ** -0.5  # PyTorch's default: uniform(+-1/sqrt(fan_in))
+            ratio = module.weight.detach().float().pow(2).mean().sqrt().item() / default_rms
+            if ratio > threshold:
+                inflated.append((ratio, f"{name}.weight" if name else "weight"))
+    if inflated:
+        inflated.sort(reverse=True)
+        examples = ", ".join(f"{name} {ratio:.0f}x" for ratio, name in inflated[:3])
+        warnings.append(
+            f"{LARGE_INIT_WARNING} A fresh initialisation of this architecture, from its config, puts "
+            f"{len(inflated)} layers' weights more than {threshold:g}x above PyTorch's default scale ({examples}): the "
+            "scratch baseline starts from it, and the weight-scale audit compares with it; check the config's "
+            "initialisation settings (e.g. initializer_range)."
+        )
     large, total = [], 0
     for module_name, module in model.named_modules():
         for short_name, weight in module.named_parameters(recurse=False):
@@ -431,7 +422,8 @@ def audit_weight_scale(model: nn.Module, threshold: float = WEIGHT_SCALE_THRESHO
     examples = ", ".join(f"{name} {ratio:.0f}x" for ratio, name, _ in large[:3])
     return [
         *warnings,
-        f"{len(large)} weight tensors ({share:.0%} of the parameters) are more than {threshold:g}x larger than at "
+        f"{WEIGHT_SCALE_WARNING} {len(large)} weight tensors ({share:.0%} of the parameters) are more than "
+        f"{threshold:g}x larger than at "
         f"initialisation ({examples}). Weights followed by a normalisation can be scaled up without changing the "
         "model's function, which makes every optimizer's steps tiny relative to them: results of ordinary "
         "fine-tuning attacks may show such an optimizer trap, which an attacker who rescales the weights undoes, "

@@ -474,6 +474,13 @@ def test_cli_push_that_fails_puts_the_card_back(tmp_path, hub, status, capsys):
     assert snapshot(folder) == before
     out = capsys.readouterr().out  # the "writing README.md" line is followed by what became of it
     assert out.index("writing") < out.index("The push did not happen: ") and "put back as it was" in out
+    assert cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"]) == 0  # the card names the repo
+    capsys.readouterr()
+    hub.fail_next_commit = http_error(status, "refused")
+    with pytest.raises(SystemExit, match="Nothing in .* was changed"):  # a current card: nothing to put back
+        cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"])
+    out = capsys.readouterr().out
+    assert "writing" not in out and "put back" not in out
 
 
 def test_cli_push_of_pickle_only_weights_neither_writes_a_card_nor_unpickles(tmp_path, hub, monkeypatch):
