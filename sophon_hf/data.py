@@ -109,7 +109,12 @@ def _mnist() -> tuple[np.ndarray, np.ndarray]:
 def _split(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator, num_test: int) -> tuple[Dataset, Dataset]:
     order = rng.permutation(len(labels))
     test, train = order[:num_test], order[num_test:]
-    make = lambda idx: Dataset.from_dict({"pixel_values": images[idx], "labels": labels[idx]})  # noqa: E731
+    # Fixed-shape features: Arrow stores one block per image, which `datasets` turns into arrays in one go (as nested
+    # lists it rebuilds every pixel in Python: about 3x slower per batch, a third of the demo's pre-training time).
+    features = Features({"pixel_values": Array3D(images.shape[1:], "float32"), "labels": Value("int64")})
+    make = lambda idx: Dataset.from_dict(  # noqa: E731
+        {"pixel_values": images[idx], "labels": labels[idx]}, features=features
+    )
     return make(train), make(test)
 
 

@@ -43,3 +43,16 @@ def test_every_data_file_matches_a_package_data_pattern():
             if path.suffix in SHIPPED_SUFFIXES - {".py"}:
                 patterns = package_data.get(package, [])
                 assert any(fnmatch.fnmatch(path.name, p) for p in patterns), f"{path} is not package data"
+
+
+def test_the_command_line_starts_without_loading_torch():
+    # `sophon-hf --help` and argument errors should answer at once; the public names load on first use.
+    import subprocess
+    import sys
+
+    code = "import sys, sophon_hf.cli; sophon_hf.cli.build_parser(); print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "[]"
+    code = "from sophon_hf import SophonTrainer, kl_uniform; print(SophonTrainer.__module__, kl_uniform.__module__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.split() == ["sophon_hf.trainer", "sophon_hf.losses"]
