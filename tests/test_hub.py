@@ -537,19 +537,24 @@ def test_original_metrics_and_a_report_with_its_own_agree_on_the_card(tmp_path, 
     assert original == {"protected": 0.984, "unprotected": 0.986}
 
 
-def test_local_paths_are_never_published_as_base_model(tmp_path, hub):
+def _vit_trainer(output_dir, model=None):
+    """A SophonTrainer of a tiny ViT with one outer iteration, for card and push tests."""
     from conftest import image_dataset, tiny_config
 
     from sophon_hf import SophonTrainer
 
-    model = tiny_vit()
-    model.config._name_or_path = str(tmp_path / "gone" / "pretrained")  # loaded from a folder deleted since
-    trainer = SophonTrainer(
-        model,
-        args=tiny_config(tmp_path / "out", max_steps=1),
+    return SophonTrainer(
+        model if model is not None else tiny_vit(),
+        args=tiny_config(output_dir, max_steps=1),
         train_dataset=image_dataset(16, seed=1),
         restricted_dataset=image_dataset(16, seed=2),
     )
+
+
+def test_local_paths_are_never_published_as_base_model(tmp_path, hub):
+    model = tiny_vit()
+    model.config._name_or_path = str(tmp_path / "gone" / "pretrained")  # loaded from a folder deleted since
+    trainer = _vit_trainer(tmp_path / "out", model)
     trainer.save_model()
     assert ModelCard.load(tmp_path / "out" / "README.md").data.base_model is None
     with pytest.raises(SystemExit, match="is not a Hub model id"):
@@ -566,16 +571,7 @@ def test_cli_push_card_names_the_repo_it_is_published_in(tmp_path, hub):
 
 
 def test_trainer_push_to_hub_passes_card_options_like_trainer(tmp_path, hub):
-    from conftest import image_dataset, tiny_config
-
-    from sophon_hf import SophonTrainer
-
-    trainer = SophonTrainer(
-        tiny_vit(),
-        args=tiny_config(tmp_path / "vit-protected", max_steps=1),
-        train_dataset=image_dataset(16, seed=1),
-        restricted_dataset=image_dataset(16, seed=2),
-    )
+    trainer = _vit_trainer(tmp_path / "vit-protected")
     trainer.push_to_hub(license="mit", dataset_name="me/digits", tags="mnist", finetuned_from="google/vit-base")
     card = ModelCard.load(hub.branch_dir("me/vit-protected") / "README.md")
     assert card.data.license == "mit" and card.data.datasets == ["me/digits"] and "mnist" in card.data.tags
@@ -590,16 +586,7 @@ def test_trainer_push_to_hub_passes_card_options_like_trainer(tmp_path, hub):
 
 
 def test_trainer_card_keeps_the_publishers_name_and_tags_and_names_the_namespaced_repo(tmp_path, hub):
-    from conftest import image_dataset, tiny_config
-
-    from sophon_hf import SophonTrainer
-
-    trainer = SophonTrainer(
-        tiny_vit(),
-        args=tiny_config(tmp_path / "vit-protected", max_steps=1),
-        train_dataset=image_dataset(16, seed=1),
-        restricted_dataset=image_dataset(16, seed=2),
-    )
+    trainer = _vit_trainer(tmp_path / "vit-protected")
     trainer.create_model_card(model_name="My protected ViT", tags=["mnist"])
     trainer.save_model()  # a later save keeps them
     card = ModelCard.load(tmp_path / "vit-protected" / "README.md")
@@ -770,16 +757,7 @@ def test_a_folder_with_a_tokenizer_gets_a_card_that_loads_it(tmp_path):
 
 
 def test_trainer_card_takes_trainers_dataset_spelling_and_warns_about_ignored_options(tmp_path, caplog):
-    from conftest import image_dataset, tiny_config
-
-    from sophon_hf import SophonTrainer
-
-    trainer = SophonTrainer(
-        tiny_vit(),
-        args=tiny_config(tmp_path / "out", max_steps=1),
-        train_dataset=image_dataset(16, seed=1),
-        restricted_dataset=image_dataset(16, seed=2),
-    )
+    trainer = _vit_trainer(tmp_path / "out")
     with caplog.at_level("WARNING"):
         trainer.create_model_card(dataset="me/digits", language="en", finetuned_from="./local", model_name="Named")
     card = ModelCard.load(tmp_path / "out" / "README.md")
