@@ -130,8 +130,18 @@ class _Interrupt(TrainerCallback):
             control.should_training_stop = True
 
 
+PERSISTENT = {"simulation_horizon": 4, "simulation_support_size": 6}
+
+
 @pytest.mark.parametrize(
-    "persistent", [{}, {"simulation_horizon": 4, "simulation_support_size": 6}], ids=["fresh", "persistent"]
+    "persistent",
+    [
+        {},
+        PERSISTENT,
+        # Checkpointed mid-trajectory with Adam moments and the attacker's own fresh head / LoRA adapters.
+        {**PERSISTENT, "simulation_strategies": ["full_reinit_head", "lora"], "inner_optimizers": ["adam:1e-3"]},
+    ],
+    ids=["fresh", "persistent", "persistent-adam-own-weights"],
 )
 def test_resume_from_checkpoint_continues_exactly(tmp_path, persistent):
     def run(output_dir, resume=None, interrupt_at=None):
@@ -142,9 +152,7 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, persistent):
             max_steps=6,
             save_strategy="steps",
             save_steps=3,
-            simulation_strategies=ALL_STRATEGIES,
-            inner_optimizers=["sgd", "adam:1e-3"],
-            **persistent,
+            **{"simulation_strategies": ALL_STRATEGIES, "inner_optimizers": ["sgd", "adam:1e-3"], **persistent},
         )
         if interrupt_at:
             trainer.add_callback(_Interrupt(interrupt_at))
