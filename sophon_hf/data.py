@@ -32,8 +32,8 @@ def to_model_inputs(
 ) -> Dataset:
     """Map raw images (through an image processor) to `pixel_values`, or raw text (through a tokenizer) to `input_ids`.
 
-    A dataset that already holds `pixel_values` or `input_ids` is returned as it is. Other columns than `labels`
-    are dropped.
+    A dataset that already holds `pixel_values` or `input_ids` is returned as it is. A `label` column (the usual name
+    on the Hub) becomes `labels` when there is none; other columns are dropped.
 
     Args:
         dataset (`datasets.Dataset`): rows with an image column (`image`/`img` or `image_column`) or a text column
@@ -54,6 +54,9 @@ def to_model_inputs(
     columns = dataset.column_names
     if "pixel_values" in columns or "input_ids" in columns:
         return dataset
+    if "label" in columns and "labels" not in columns:
+        dataset = dataset.rename_column("label", "labels")
+        columns = dataset.column_names
     found_image = first_present(columns, image_column, IMAGE_COLUMNS)
     found_text = first_present(columns, text_column, TEXT_COLUMNS)
     if found_image is None and found_text is None:

@@ -274,6 +274,13 @@ class SophonTrainer(Trainer):
                 )
 
         # Data
+        if isinstance(eval_dataset, dict) and not hasattr(eval_dataset, "column_names"):
+            raise ValueError(
+                f"`eval_dataset` is a dict of datasets ({list(eval_dataset)}): SophonTrainer evaluates one "
+                "original-domain test split (`eval_dataset`, metrics `eval_original_*`) and one restricted-domain "
+                "split (`restricted_eval_dataset`, `eval_restricted_*`). Pass one split here; evaluate others with "
+                "`trainer.evaluate({'name': dataset, ...})`."
+            )
         train_dataset = self.task.prepare_dataset(train_dataset, "train_dataset")
         self.restricted_dataset = self.task.prepare_dataset(restricted_dataset, "restricted_dataset")
         eval_datasets = {}

@@ -250,8 +250,10 @@ def test_missing_restricted_dataset(tmp_output):
         (Dataset.from_dict({"image": [[0.0]], "labels": [0]}), "image processor"),
         (Dataset.from_dict({"pixel_values": [[[[0.0]]]] * 2, "labels": [0, 7]}), r"label ids in \[0, 7\]"),
         (Dataset.from_dict({"pixel_values": [], "labels": []}), "empty"),
+        (Dataset.from_dict({"pixel_values": [[[[0.0]]]] * 2, "labels": [0, -1]}), r"negative label ids .*filter"),
+        (Dataset.from_dict({"text": ["a b"], "labels": [0]}), r"to_model_inputs\(dataset, tokenizer\)"),
     ],
-    ids=["label-not-labels", "raw-images", "labels-out-of-range", "empty"],
+    ids=["label-not-labels", "raw-images", "labels-out-of-range", "empty", "unlabelled", "raw-text"],
 )
 def test_bad_restricted_datasets(dataset, match, tmp_output):
     with pytest.raises(ValueError, match=match):
@@ -316,6 +318,26 @@ def test_a_dataset_missing_an_input_column_of_the_others_is_refused(tmp_output):
             train_dataset=text_dataset(),
             restricted_dataset=text_dataset(seed=2),
             eval_dataset=no_mask,
+        )
+
+
+def test_a_later_dataset_with_an_input_column_the_first_lacks_is_refused(tmp_output):
+    # Without this the restricted data's mask was dropped and its padding reported as "no attention_mask".
+    no_mask = text_dataset(8, seed=3).remove_columns("attention_mask")
+    with pytest.raises(
+        ValueError, match=r"`restricted_dataset` has \['attention_mask'\] column\(s\) that `train_dataset`"
+    ):
+        _trainer(tiny_bert(), tmp_output, train=no_mask, restricted=text_dataset(seed=2))
+
+
+def test_a_dict_of_eval_datasets_is_refused_with_what_to_do(tmp_output):
+    with pytest.raises(ValueError, match=r"dict of datasets \(\['a', 'b'\]\).*trainer.evaluate"):
+        SophonTrainer(
+            SmallCNN(),
+            args=tiny_config(tmp_output),
+            train_dataset=image_dataset(),
+            restricted_dataset=image_dataset(seed=2),
+            eval_dataset={"a": image_dataset(8), "b": image_dataset(8, seed=1)},
         )
 
 
