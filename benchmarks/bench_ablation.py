@@ -221,12 +221,13 @@ def pretrain(model, dataset, steps: int = 1000, seed: int = 0):
     return model
 
 
-def run(variant: str, seed: int, attacks, attacker_images: int = 50) -> dict:
+def run(variant: str, seed: int, attacks, attacker_images: int = 50, make_model=demo_model) -> dict:
+    """Pre-train `make_model(seed)`, protect a copy with `variant`, attack both; `make_model` defaults to the demo's."""
     data = mnist_domains(num_restricted_train=None, seed=seed)
     attacker = data["restricted_train"].select(range(attacker_images))
     defender = data["restricted_train"].select(range(attacker_images, data["restricted_train"].num_rows))
     started = time.time()
-    unprotected = pretrain(demo_model(seed), data["original_train"], seed=seed)
+    unprotected = pretrain(make_model(seed), data["original_train"], seed=seed)
     pretrain_seconds = time.time() - started
     task = ClassificationTask(unprotected)
     original_test = task.prepare_dataset(data["original_test"], "original_test")
@@ -234,7 +235,7 @@ def run(variant: str, seed: int, attacks, attacker_images: int = 50) -> dict:
     started = time.time()
     settings = {"max_steps": 300, "per_device_train_batch_size": 32, "inner_steps": 10, **VARIANTS[variant]}
     args = SophonConfig(
-        output_dir=f"/tmp/sophon-ablation/{variant}-{seed}",
+        output_dir=f"/tmp/sophon-ablation/{variant}-{seed}-{os.getpid()}",
         use_cpu=True,
         report_to="none",
         save_strategy="no",

@@ -27,7 +27,7 @@ def to_model_inputs(
     image_column: str | None = None,
     text_column: str | None = None,
     num_channels: int | None = None,
-    max_length: int = 128,
+    max_length: int | None = None,
     num_proc: int | None = None,
 ) -> Dataset:
     """Map raw images (through an image processor) to `pixel_values`, or raw text (through a tokenizer) to `input_ids`.
@@ -41,7 +41,8 @@ def to_model_inputs(
         processor: the model's image processor or tokenizer (`AutoImageProcessor` / `AutoTokenizer`).
         image_column, text_column (`str`, *optional*): the column to convert, when not one of the usual names.
         num_channels (`int`, *optional*): 1 converts images to grayscale, else RGB (Hub datasets mix modes).
-        max_length (`int`, *optional*, defaults to `128`): text is padded and truncated to this many tokens.
+        max_length (`int`, *optional*): text is padded and truncated to this many tokens; by default the length the
+            tokenizer records (`model_max_length`, as `sophon-hf attack` uses), else 128.
         num_proc (`int`, *optional*): processes for `Dataset.map`.
 
     Example:
@@ -82,10 +83,11 @@ def to_model_inputs(
         # A fixed-shape Array3D feature: batches are read back as one block instead of nested lists.
         features = {"pixel_values": Array3D(shape, "float32")}
     else:
+        length = max_length or default_text_length(processor)
 
         def transform(batch):
             # Fixed length: the trainer and the harness stack batches without a padding collator.
-            return dict(processor(batch[found_text], padding="max_length", truncation=True, max_length=max_length))
+            return dict(processor(batch[found_text], padding="max_length", truncation=True, max_length=length))
 
         features = {k: Sequence(Value("int64")) for k in transform(dataset[:1])}
     if "labels" in columns:
@@ -98,6 +100,12 @@ def to_model_inputs(
         num_proc=num_proc,
         desc="preprocessing",
     )
+
+
+def default_text_length(tokenizer) -> int:
+    """The length a tokenizer records for its model (`model_max_length`), or 128 when it records none."""
+    recorded = getattr(tokenizer, "model_max_length", None)
+    return recorded if isinstance(recorded, int) and recorded < 100_000 else 128  # unset: a huge sentinel
 
 
 def _mnist() -> tuple[np.ndarray, np.ndarray]:

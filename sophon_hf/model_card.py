@@ -531,6 +531,9 @@ def _describe_scratch_recipe(recipe: dict[str, Any] | str) -> str:
         parts.append(f"`{recipe['optimizer']}`")
     if _is_number(recipe.get("learning_rate")):
         parts.append(f"learning rate {recipe['learning_rate']:g}")
+    elif recipe.get("learning_rates"):
+        rates = ", ".join(f"{rate:g}" for rate in recipe["learning_rates"])
+        parts.append(f"the best of learning rates {rates} at each budget (chosen on the test set)")
     if recipe.get("schedule"):
         parts.append(f"{recipe['schedule']} schedule")
     if _is_number(recipe.get("weight_decay")):

@@ -22,6 +22,9 @@ START_STYLES = {
 }
 MAX_PLOTTED_ATTACKS = 24
 
+# Per-attack record of a tuned scratch baseline (`scratch_learning_rates`): the chosen rate and every rate's final value.
+TUNED_SCRATCH_KEYS = ("scratch_learning_rate", "scratch_grid")
+
 
 def area_under_curve(curve: list[list[float]]) -> float | None:
     """Trapezoidal area under `[[step, value], ...]` divided by the steps covered: the mean metric over training."""
@@ -211,6 +214,7 @@ class ResistanceReport:
                 "curves": a["curves"],
                 "diverged": a.get("diverged", {}),
                 "diverged_at": a.get("diverged_at", {}),
+                **{k: a[k] for k in TUNED_SCRATCH_KEYS if k in a},
                 **self.attack_summary(a),
             }
             for a in self.attacks
@@ -220,7 +224,7 @@ class ResistanceReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ResistanceReport:
-        raw_keys = ("name", "spec", "curves", "diverged", "diverged_at")
+        raw_keys = ("name", "spec", "curves", "diverged", "diverged_at", *TUNED_SCRATCH_KEYS)
         return cls(
             task=data["task"],
             metric=data["metric"],

@@ -234,6 +234,7 @@ def test_attack_cli_options_reach_the_harness(saved, monkeypatch):
             ["attack", "--model", str(saved / "protected"), "--reference-model", str(saved / "reference"),
              "--restricted-train", str(saved / "raw"), "--train-split", "a", "--input-column", "image",
              "--suite", "standard", "--seed", "5", "--no-scratch", "--scratch-inits", "2", "--steps-scale", "0.5",
+             "--scratch-learning-rates", "1e-3", "1e-2",
              "--head-name", "classifier", "--device", "cpu", "--restricted-test", str(saved / "raw"),
              "--test-split", "b", "--output", str(saved / "x")]
         )  # fmt: skip
@@ -246,6 +247,7 @@ def test_attack_cli_options_reach_the_harness(saved, monkeypatch):
         "train"
     ].column_names
     assert captured["include_scratch"] is False and captured["scratch_inits"] == 2 and captured["steps_scale"] == 0.5
+    assert captured["scratch_learning_rates"] == [1e-3, 1e-2]
     assert (captured["head_name"], captured["device"], captured["output_dir"]) == (
         "classifier",
         "cpu",
@@ -341,6 +343,11 @@ def test_attack_cli_tokenizes_raw_text_with_the_models_tokenizer_to_its_length(t
     with pytest.raises(_Stop):
         main([*args, "--input-column", "review", "--output", str(tmp_path / "o")])
     assert captured["train"].with_format("torch")[:]["input_ids"].shape == (12, 16)
+    # In Python too: the tokenizer's recorded length by default (as the CLI), else what is asked for.
+    from sophon_hf.data import to_model_inputs
+
+    assert len(to_model_inputs(raw, tokenizer, text_column="review")[0]["input_ids"]) == 10
+    assert len(to_model_inputs(raw, tokenizer, text_column="review", max_length=6)[0]["input_ids"]) == 6
 
 
 def test_attack_cli_label_and_input_columns_by_name(tmp_path, monkeypatch):
@@ -428,3 +435,8 @@ def test_to_model_inputs_names_a_missing_column_and_drops_other_columns(tmp_path
     with pytest.raises(ValueError, match="Found no image column"):
         to_model_inputs(raw, processor, image_column="missing")
     assert to_model_inputs(raw, processor, num_channels=1).column_names == ["pixel_values", "labels"]
+    # The Hub's usual `label` column is kept, as `labels`.
+    hub_style = _raw_images(4, 0)
+    assert "label" in hub_style.column_names and "labels" not in hub_style.column_names
+    converted = to_model_inputs(hub_style, processor, num_channels=1)
+    assert converted.column_names == ["pixel_values", "labels"] and converted["labels"] == hub_style["label"]

@@ -22,6 +22,7 @@ from sophon_hf.attacks import (
     resolve_attacks,
     run_attack,
 )
+from sophon_hf.report import ResistanceReport
 from sophon_hf.tasks import get_task
 
 # The test machine's cores are shared: one intra-op thread avoids OpenMP contention (tiny steps 20x slower).
@@ -174,6 +175,58 @@ def test_harness_scratch_curve_is_the_mean_over_fresh_initialisations():
     assert single.attacks[0]["curves"]["scratch"][0][1] == fresh[0]
     with pytest.raises(ValueError, match="scratch_inits must be >= 1"):
         evaluate_finetuning_resistance(model, train, test_data, attacks=[spec], scratch_inits=0)
+
+
+def test_tuned_scratch_compares_each_attack_with_the_best_learning_rate_at_its_budget(tmp_output):
+    model = MLP()
+    train, test_data = image_dataset(24), image_dataset(16, seed=1)
+    short, long = AttackSpec(steps=2, batch_size=8, seed=5), AttackSpec(steps=6, batch_size=8, seed=5)
+    rates = [1e-4, 3e-2]
+    tuned = evaluate_finetuning_resistance(
+        model, train, test_data, [short, long], scratch_inits=2, scratch_learning_rates=rates, output_dir=tmp_output
+    )
+    for record in tuned.attacks:
+        spec = AttackSpec.from_dict(record["spec"])
+        # Each rate's curve is what a plain single-recipe scratch baseline at that rate gives.
+        singles = {
+            rate: evaluate_finetuning_resistance(
+                model, train, test_data, [spec], scratch_inits=2, scratch_recipe={"learning_rate": rate}
+            ).attacks[0]["curves"]["scratch"]
+            for rate in rates
+        }
+        assert record["scratch_grid"] == [[rate, singles[rate][-1][1]] for rate in rates]
+        best = max(rates, key=lambda rate: singles[rate][-1][1])
+        assert record["scratch_learning_rate"] == best
+        assert record["curves"]["scratch"] == singles[best]
+    # Every rate is trained once per budget and initialisation; the report says how scratch was chosen, and keeps it.
+    runs = [f for f in os.listdir(os.path.join(tmp_output, "runs")) if f.startswith("scratch--")]
+    assert len(runs) == 2 * 2 * 2
+    assert tuned.scratch_recipe["learning_rates"] == rates
+    assert tuned.scratch_recipe["learning_rate"] == "tuned per budget"
+    saved = ResistanceReport.load(tmp_output).to_dict()
+    assert [a["scratch_grid"] for a in saved["attacks"]] == [a["scratch_grid"] for a in tuned.attacks]
+    assert [a["scratch_learning_rate"] for a in saved["attacks"]] == [
+        a["scratch_learning_rate"] for a in tuned.attacks
+    ]
+    # Without a grid, no per-attack choice is recorded.
+    plain = evaluate_finetuning_resistance(model, train, test_data, [short], scratch_inits=1).to_dict()
+    assert "scratch_grid" not in plain["attacks"][0] and plain["scratch_recipe"]["learning_rate"] == 1e-3
+    for bad in ([], [1e-3, 1e-3], [0.0]):
+        with pytest.raises(ValueError, match="scratch_learning_rates must be distinct positive"):
+            evaluate_finetuning_resistance(model, train, test_data, [short], scratch_learning_rates=bad)
+
+
+def test_best_scratch_run_follows_the_metric_direction_and_skips_diverged_runs():
+    from sophon_hf.attacks import _best_scratch_run
+
+    def run(final, diverged=False):
+        return {"curve": [[0, 0.5], [10, final]], "diverged": diverged}
+
+    candidates = [(1e-3, run(0.2)), (1e-2, run(0.4)), (1e-1, run(0.9, diverged=True))]
+    assert _best_scratch_run(candidates, higher_is_better=True)[0] == 1e-2  # a diverged run is never "best"
+    assert _best_scratch_run(candidates, higher_is_better=False)[0] == 1e-3  # a denoising error: lower is better
+    everything_diverged = [(1e-3, run(0.2, True)), (1e-2, run(0.4, True))]
+    assert _best_scratch_run(everything_diverged, higher_is_better=True)[0] == 1e-3
 
 
 def test_scratch_is_trained_once_per_budget_seed_and_initialisation(tmp_output):

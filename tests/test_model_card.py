@@ -159,6 +159,19 @@ def test_card_text_names_scratch_worst_attack_and_verdicts():
     assert "HUB_TOKEN" not in text
 
 
+def test_card_describes_a_tuned_scratch_baseline():
+    report = classification_report()
+    report.scratch_recipe = {
+        "optimizer": "adam",
+        "learning_rate": "tuned per budget",
+        "learning_rates": [3e-4, 1e-2],
+        "initialisations": 3,
+    }
+    text = generate_model_card(report=report.to_dict(), sophon_config=SOPHON_CONFIG).text
+    assert "the best of learning rates 0.0003, 0.01 at each budget (chosen on the test set)" in text
+    assert "learning rate tuned" not in text
+
+
 def test_card_lists_what_was_not_tested():
     text = generate_model_card(report=classification_report().to_dict()).text
     untested = text.split("## What was not tested")[1].split("## Limitations")[0]

@@ -248,9 +248,28 @@ def test_verify_re_runs_with_the_published_recipe_splits_and_reference(published
         )  # fmt: skip
     assert [spec.name for spec in captured["attacks"]] == [ATTACKS[1].name]
     assert captured["scratch_recipe"]["learning_rate"] == 0.0123 and captured["scratch_inits"] == 2
-    assert captured["include_scratch"] is True
+    assert captured["include_scratch"] is True and captured["scratch_learning_rates"] is None
     assert (captured["train"].num_rows, captured["test"].num_rows) == (24, 16)  # "train" to attack, "test" to score
     assert model_fingerprint(captured["reference_model"]) == model_fingerprint(reference)
+
+
+def test_verify_re_runs_a_tuned_scratch_baseline_with_its_learning_rates(published, monkeypatch):
+    folder, data_dir = published
+    report = json.loads((folder / "report.json").read_text())
+    report["scratch_recipe"] = {**report["scratch_recipe"], "learning_rate": "tuned per budget"}
+    report["scratch_recipe"]["learning_rates"] = [3e-4, 1e-2]
+    (folder / "report.json").write_text(json.dumps(report))
+    captured = {}
+
+    def harness(model, train, test, **kwargs):
+        captured.update(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr("sophon_hf.attacks.evaluate_finetuning_resistance", harness)
+    with pytest.raises(_Stop):
+        cli_main(["verify", "--model", str(folder), "--restricted-test", str(data_dir)])
+    assert captured["scratch_learning_rates"] == [3e-4, 1e-2]
+    assert "learning_rate" not in captured["scratch_recipe"]  # the grid replaces it; the label is no number
 
 
 def test_verify_refuses_a_negative_tolerance(published):

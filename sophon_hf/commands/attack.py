@@ -62,6 +62,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=3,
         help="train scratch from this many initialisations and compare with their mean curve (default: 3)",
     )
+    parser.add_argument(
+        "--scratch-learning-rates",
+        type=float,
+        nargs="+",
+        default=None,
+        help="tuned scratch: train it at each of these learning rates and compare each attack with the best "
+        "(e.g. 3e-4 1e-3 3e-3 1e-2; default: the single from-scratch recipe, Adam 1e-3)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="added to every attack's seed (default: 0)")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every attack's step budget")
     parser.add_argument(
@@ -199,7 +207,7 @@ def model_inputs(dataset, model, folder: str, column: str | None = None):
     tokenizer), or resized to a UNet's sample size in [-1, 1]. Datasets of model inputs are returned as they are."""
     if "pixel_values" in dataset.column_names or "input_ids" in dataset.column_names:
         return dataset
-    from ..data import to_model_inputs
+    from ..data import default_text_length, to_model_inputs
     from ..tasks import is_diffusers_model
 
     try:
@@ -211,7 +219,7 @@ def model_inputs(dataset, model, folder: str, column: str | None = None):
                 dataset, size if isinstance(size, int) else size[0], model.config.in_channels, column
             )
         config = getattr(model, "config", None)
-        processor, max_length = None, 128
+        processor, max_length = None, None
         if os.path.isfile(os.path.join(folder, "preprocessor_config.json")):
             from transformers import AutoImageProcessor
 
@@ -222,8 +230,7 @@ def model_inputs(dataset, model, folder: str, column: str | None = None):
             processor = AutoTokenizer.from_pretrained(folder)
             # The length the model was trained with when the tokenizer records it (the recipe script saves it),
             # and never more positions than the model has.
-            if processor.model_max_length < 100_000:
-                max_length = processor.model_max_length
+            max_length = default_text_length(processor)
             max_length = min(max_length, getattr(config, "max_position_embeddings", None) or max_length)
         text = column is not None and _is_text(dataset.features.get(column))
         return to_model_inputs(
@@ -313,6 +320,7 @@ def run(args: argparse.Namespace) -> int:
             reference_model=reference,
             include_scratch=not args.no_scratch,
             scratch_inits=args.scratch_inits,
+            scratch_learning_rates=args.scratch_learning_rates,
             steps_scale=args.steps_scale,
             head_name=args.head_name,
             noise_scheduler=noise_scheduler,

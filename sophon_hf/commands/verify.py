@@ -183,7 +183,10 @@ def run(args: argparse.Namespace) -> int:
         )
     train, test = (model_inputs(d, model, str(folder), args.input_column) for d in (train, test))
     include_scratch = any("scratch" in a.get("curves", a.get("final", {})) for a in attacks)
-    recipe = {k: v for k, v in (published.get("scratch_recipe") or {}).items() if k in DEFAULT_SCRATCH_RECIPE}
+    published_recipe = published.get("scratch_recipe") or {}
+    recipe = {k: v for k, v in published_recipe.items() if k in DEFAULT_SCRATCH_RECIPE and k != "learning_rate"}
+    if isinstance(published_recipe.get("learning_rate"), int | float):
+        recipe["learning_rate"] = published_recipe["learning_rate"]
     noise_scheduler = (
         load_noise_scheduler(str(folder)) if detect_model_folder(folder)["library_name"] == "diffusers" else None
     )
@@ -198,7 +201,8 @@ def run(args: argparse.Namespace) -> int:
             include_scratch=include_scratch,
             scratch_recipe=recipe or None,
             # Reports written before scratch was averaged over initialisations used one.
-            scratch_inits=(published.get("scratch_recipe") or {}).get("initialisations", 1),
+            scratch_inits=published_recipe.get("initialisations", 1),
+            scratch_learning_rates=published_recipe.get("learning_rates"),
             head_name=args.head_name,
             noise_scheduler=noise_scheduler,
             output_dir=args.output,
