@@ -47,6 +47,9 @@ HEAD_REINIT_STRATEGIES = ("full_reinit_head", "linear_probe")
 # What someone training the architecture from scratch would do (not a fine-tuning learning rate that cripples it).
 SCRATCH_SEED_OFFSET = 1_000_003
 DEFAULT_SCRATCH_RECIPE = {"optimizer": "adam", "learning_rate": 1e-3, "weight_decay": 0.0, "schedule": "constant"}
+# Scratch is tuned over the learning rates the suites give Adam attackers (`sophon_hf.suites.LEARNING_RATES`): one fixed
+# rate can understate training from scratch badly (0.681 at 1e-3 against 0.815 at 1e-2 on the demo's setting).
+DEFAULT_SCRATCH_LEARNING_RATES = (1e-4, 1e-3, 1e-2)
 SCRATCH_INIT_STRIDE = 7_919  # seed step between the initialisations of the scratch baseline
 # Measured ratios of weight RMS to a fresh initialisation: 0.6-2.8x on the demo's classifiers, up to 1.4x on an
 # unprotected UNet and up to 5.8x on UNets protected with denial of service (RESULTS.md section 5h).
@@ -757,7 +760,7 @@ def evaluate_finetuning_resistance(
     *,
     scratch_recipe: dict[str, Any] | None = None,
     scratch_inits: int = 3,
-    scratch_learning_rates: Sequence[float] | None = None,
+    scratch_learning_rates: Sequence[float] | None = DEFAULT_SCRATCH_LEARNING_RATES,
     steps_scale: float = 1.0,
     num_labels: int | None = None,
     head_name: str | None = None,
@@ -782,19 +785,22 @@ def evaluate_finetuning_resistance(
         include_scratch (`bool`, *optional*, defaults to `True`): also train the architecture from scratch.
         scratch_recipe (`dict`, *optional*):
             Overrides of the from-scratch recipe (`optimizer`, `learning_rate`, `weight_decay`, `schedule`);
-            defaults to Adam at 1e-3. Budget, batch size and seed follow each attack.
+            defaults to Adam, tuned over `scratch_learning_rates`. A `learning_rate` here fixes the rate (no tuning).
+            Budget, batch size and seed follow each attack.
         scratch_inits (`int`, *optional*, defaults to `3`):
             Train scratch from this many random initialisations and compare against the mean of their curves. One
             initialisation of a small model can land several points above or below another one (7 points measured
             on the demo's setting), which would decide verdicts by luck.
-        scratch_learning_rates (`list[float]`, *optional*):
-            A tuned scratch baseline: train scratch at each of these learning rates (the recipe's other settings
+        scratch_learning_rates (`list[float]`, *optional*, defaults to `(1e-4, 1e-3, 1e-2)`):
+            Tune the scratch baseline: train scratch at each of these learning rates (the recipe's other settings
             kept, `scratch_inits` initialisations each) and compare every attack with the rate whose mean final value
             is best for the attacker at that attack's budget. The attacker's alternative to the released model is the
             best from-scratch training they can run; one fixed learning rate can understate it badly (on the demo's
-            setting Adam from scratch ends at 0.681 at 1e-3 and 0.815 at 1e-2, `benchmarks/RESULTS.md` section 5i).
-            The rate is chosen on `restricted_test`, as the verdicts are. Each attack records the chosen rate
-            (`scratch_learning_rate`) and every rate's final value (`scratch_grid`).
+            setting with 50 attacker images, Adam from scratch ends at 0.681 at 1e-3 and 0.815 at 1e-2,
+            `benchmarks/RESULTS.md` section 5i). The defaults are the learning rates the suites give Adam attackers,
+            so scratch is tuned no more than the attacks are. The rate is chosen on `restricted_test`, as the verdicts
+            are. Each attack records the chosen rate (`scratch_learning_rate`) and every rate's final value
+            (`scratch_grid`). `None` trains scratch at the recipe's single learning rate (Adam 1e-3 by default).
         steps_scale (`float`, *optional*, defaults to `1.0`): multiply every budget (e.g. 0.1 on tiny data).
         num_labels (`int`, *optional*):
             Restricted label count; inferred from a `ClassLabel` feature or the largest label otherwise.
@@ -869,6 +875,13 @@ def evaluate_finetuning_resistance(
     recipe = {**DEFAULT_SCRATCH_RECIPE, **(scratch_recipe or {})}
     if include_scratch and scratch_inits < 1:
         raise ValueError(f"scratch_inits must be >= 1, got {scratch_inits}.")
+    if scratch_learning_rates is not None and "learning_rate" in (scratch_recipe or {}):
+        if scratch_learning_rates is not DEFAULT_SCRATCH_LEARNING_RATES:
+            raise ValueError(
+                "Give either scratch_recipe['learning_rate'] (one fixed rate) or scratch_learning_rates (a tuned "
+                "scratch baseline), not both."
+            )
+        scratch_learning_rates = None  # a fixed rate asked for: no tuning
     if scratch_learning_rates is not None:
         rates = [float(rate) for rate in scratch_learning_rates]
         if not rates or any(not rate > 0 for rate in rates) or len(set(rates)) != len(rates):

@@ -6,7 +6,7 @@ fresh heads, linear probes, LoRA, several seeds and long budgets. Scale every bu
 (`evaluate_finetuning_resistance(..., steps_scale=0.1)` or `sophon-hf attack --steps-scale 0.1`) on tiny data.
 
 - `quick`: 5 attacks covering every strategy with Adam and SGD; minutes on a laptop CPU for a tiny model.
-- `standard`: 4 strategies x 6 optimizers x 2 learning rates (48 attacks), 600 steps each.
+- `standard`: 4 strategies x 6 optimizers x 2 learning rates, Adam at 3 (52 attacks), 600 steps each.
 - `full`: `standard` at 2000 steps, plus warmup+cosine schedules, batch sizes 8 and 128, plain SGD/Nesterov, a
   higher learning rate and seeds 1 and 2 for the strongest attacks.
 """
@@ -20,7 +20,8 @@ LEARNING_RATES = {
     "sgd": (1e-3, 1e-2),
     "sgd_momentum": (1e-3, 1e-2),
     "sgd_nesterov": (1e-3, 1e-2),
-    "adam": (1e-4, 1e-3),
+    # Adam also at 1e-2: the rates of the tuned scratch baseline (`attacks.DEFAULT_SCRATCH_LEARNING_RATES`) are Adam's.
+    "adam": (1e-4, 1e-3, 1e-2),
     "adamw": (1e-4, 1e-3),
     "adagrad": (1e-3, 1e-2),
     "adadelta": (0.1, 1.0),

@@ -66,7 +66,8 @@ def test_attack_cli_writes_the_report_and_resumes(saved, capsys):
     assert set(data["attacks"][0]["curves"]) == {"protected", "unprotected", "scratch"}
 
     runs = {name: os.stat(output / "runs" / name).st_mtime_ns for name in os.listdir(output / "runs")}
-    assert len(runs) == 2 * 2 + 3  # two attacks x two starts, one shared scratch run from each of 3 initialisations
+    # Two attacks x two starts, and one shared scratch run per initialisation (3) and learning rate (3).
+    assert len(runs) == 2 * 2 + 3 * 3
     assert main(_args(saved, output)) == 0
     assert {name: os.stat(output / "runs" / name).st_mtime_ns for name in os.listdir(output / "runs")} == runs
 
@@ -81,7 +82,7 @@ def test_attack_cli_refuses_an_output_folder_of_another_model(saved):
 def test_attack_cli_lists_suites_and_rejects_bad_input(saved, capsys):
     assert main(["attack", "--list-suites"]) == 0
     listing = capsys.readouterr().out
-    assert "quick: 5 attacks" in listing and "standard: 48 attacks" in listing and "lora-adam-lr0.001" in listing
+    assert "quick: 5 attacks" in listing and "standard: 52 attacks" in listing and "lora-adam-lr0.001" in listing
     with pytest.raises(SystemExit, match="--model"):
         main(["attack", "--output", str(saved / "x")])
     args = _args(saved, saved / "x")

@@ -169,7 +169,11 @@ def test_harness_scratch_curve_is_the_mean_over_fresh_initialisations():
     assert len(set(fresh)) > 1, "the initialisations should differ"
     assert report.attacks[0]["curves"]["scratch"][0][1] == pytest.approx(sum(fresh) / 3)
     assert report.scratch_recipe["initialisations"] == 3
-    assert report.scratch_recipe["optimizer"] == "adam" and report.scratch_recipe["learning_rate"] == 1e-3
+    assert report.scratch_recipe["optimizer"] == "adam" and report.scratch_recipe["learning_rates"] == [
+        1e-4,
+        1e-3,
+        1e-2,
+    ]
     # One initialisation: exactly the fresh model's curve.
     single = evaluate_finetuning_resistance(model, train, test_data, attacks=[spec], scratch_inits=1)
     assert single.attacks[0]["curves"]["scratch"][0][1] == fresh[0]
@@ -208,9 +212,19 @@ def test_tuned_scratch_compares_each_attack_with_the_best_learning_rate_at_its_b
     assert [a["scratch_learning_rate"] for a in saved["attacks"]] == [
         a["scratch_learning_rate"] for a in tuned.attacks
     ]
-    # Without a grid, no per-attack choice is recorded.
-    plain = evaluate_finetuning_resistance(model, train, test_data, [short], scratch_inits=1).to_dict()
+    # Without a grid (or with a fixed rate), no per-attack choice is recorded.
+    plain = evaluate_finetuning_resistance(
+        model, train, test_data, [short], scratch_inits=1, scratch_learning_rates=None
+    ).to_dict()
     assert "scratch_grid" not in plain["attacks"][0] and plain["scratch_recipe"]["learning_rate"] == 1e-3
+    fixed = evaluate_finetuning_resistance(
+        model, train, test_data, [short], scratch_inits=1, scratch_recipe={"learning_rate": 3e-2}
+    ).to_dict()
+    assert "scratch_grid" not in fixed["attacks"][0] and fixed["scratch_recipe"]["learning_rate"] == 3e-2
+    with pytest.raises(ValueError, match="not both"):
+        evaluate_finetuning_resistance(
+            model, train, test_data, [short], scratch_recipe={"learning_rate": 3e-2}, scratch_learning_rates=rates
+        )
     for bad in ([], [1e-3, 1e-3], [0.0]):
         with pytest.raises(ValueError, match="scratch_learning_rates must be distinct positive"):
             evaluate_finetuning_resistance(model, train, test_data, [short], scratch_learning_rates=bad)
@@ -236,7 +250,7 @@ def test_scratch_is_trained_once_per_budget_seed_and_initialisation(tmp_output):
         MLP(), image_dataset(24), image_dataset(16, seed=1), specs, output_dir=tmp_output, scratch_inits=2
     )
     scratch_runs = sorted(f for f in os.listdir(os.path.join(tmp_output, "runs")) if f.startswith("scratch--"))
-    assert len(scratch_runs) == 2 * 2
+    assert len(scratch_runs) == 2 * 2 * 3  # two budgets x two initialisations x the three default learning rates
 
 
 # ------------------------------------------------------------------------------------------------ determinism

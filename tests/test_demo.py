@@ -43,6 +43,11 @@ def test_demo_pipeline_writes_models_report_plots_and_card(tmp_path, capsys, mon
 
     printed = capsys.readouterr().out
     assert "20 labelled restricted images" in printed and "Worst attack" in printed
+    chosen = sorted({a["scratch_learning_rate"] for a in report["attacks"]})
+    assert (
+        f"Scratch: adam at the best of learning rates 0.0001, 0.001, 0.01 (chosen: {', '.join(f'{r:g}' for r in chosen)})"
+        in printed
+    )
     data = mnist_domains(num_restricted_train=None)["restricted_test"].with_format("torch")[:4]
     image = PIL.Image.fromarray((data["pixel_values"][0, 0] * 255).round().byte().numpy(), "L")
     for folder in ("unprotected", "protected"):

@@ -170,7 +170,12 @@ def test_real_report_follows_the_design_schema(tmp_path):
     assert data["summary"]["worst_protected_minus_scratch"] == pytest.approx(
         attack["final"]["protected"] - attack["final"]["scratch"]
     )
-    assert data["scratch_recipe"]["optimizer"] == "adam" and data["scratch_recipe"]["learning_rate"] == 1e-3
+    assert data["scratch_recipe"]["optimizer"] == "adam" and data["scratch_recipe"]["learning_rates"] == [
+        1e-4,
+        1e-3,
+        1e-2,
+    ]
+    assert attack["scratch_learning_rate"] in (1e-4, 1e-3, 1e-2) and len(attack["scratch_grid"]) == 3
     assert data["fingerprints"]["protected"] != data["fingerprints"]["reference"]
     assert os.path.getsize(tmp_path / "attack_curves.png") > 1000
 

@@ -202,7 +202,8 @@ def run(args: argparse.Namespace) -> int:
             scratch_recipe=recipe or None,
             # Reports written before scratch was averaged over initialisations used one.
             scratch_inits=published_recipe.get("initialisations", 1),
-            scratch_learning_rates=published_recipe.get("learning_rates"),
+            # A report of a fixed rate (before scratch was tuned by default) re-runs that rate, a tuned one its grid.
+            scratch_learning_rates=None if "learning_rate" in recipe else published_recipe.get("learning_rates"),
             head_name=args.head_name,
             noise_scheduler=noise_scheduler,
             output_dir=args.output,
