@@ -2,7 +2,10 @@
 
 Run `sophon-hf demo --output DIR` first (seed 0), then:
 
-    python benchmarks/bench_long_budget.py --demo-output DIR [--steps 1000] [--json out.json]
+    python benchmarks/bench_long_budget.py --demo-output DIR [--steps 1000] [--with-adam-1e-2] [--json out.json]
+
+`--with-adam-1e-2` adds the standard suite's Adam 1e-2 attacks with a fresh head and with LoRA (the strongest against
+the demo's model once scratch is tuned, seventh session). Scratch follows the harness's default (tuned since then).
 
 Prints, per attack, the final restricted accuracy of protected / unprotected / scratch (mean of 3 initialisations)
 and the largest excess of the protected curve over scratch's at any evaluation point.
@@ -20,7 +23,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from bench_ablation import KEY_ATTACKS  # noqa: E402
 from transformers import AutoModelForImageClassification  # noqa: E402
 
-from sophon_hf import evaluate_finetuning_resistance  # noqa: E402
+from sophon_hf import AttackSpec, evaluate_finetuning_resistance  # noqa: E402
 from sophon_hf.data import mnist_domains  # noqa: E402
 
 
@@ -37,12 +40,19 @@ def main() -> None:
     parser.add_argument("--demo-output", required=True, help="folder written by `sophon-hf demo` (its seed: --seed)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--with-adam-1e-2", action="store_true", help="also fresh-head and LoRA Adam 1e-2")
     parser.add_argument("--json")
     args = parser.parse_args()
     data, attacker = load_demo(args.demo_output, args.seed)
     protected = AutoModelForImageClassification.from_pretrained(os.path.join(args.demo_output, "protected"))
     unprotected = AutoModelForImageClassification.from_pretrained(os.path.join(args.demo_output, "unprotected"))
-    attacks = [{**a.to_dict(), "steps": args.steps, "eval_interval": max(args.steps // 10, 1)} for a in KEY_ATTACKS]
+    key = list(KEY_ATTACKS)
+    if args.with_adam_1e_2:
+        key += [
+            AttackSpec(strategy=s, optimizer="adam", learning_rate=1e-2, steps=300)
+            for s in ("full_reinit_head", "lora")
+        ]
+    attacks = [{**a.to_dict(), "steps": args.steps, "eval_interval": max(args.steps // 10, 1)} for a in key]
     report = evaluate_finetuning_resistance(
         protected, attacker, data["restricted_test"], attacks=attacks, reference_model=unprotected
     ).to_dict()

@@ -268,18 +268,22 @@ def _mean_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"curve": curve, "diverged": False, "diverged_at": None}
 
 
-def _final_value(run: dict[str, Any]) -> float | None:
-    """The last evaluated value of a (mean) scratch run, or `None` when it diverged."""
-    return None if run["diverged"] or not run["curve"] else run["curve"][-1][1]
+def _effective_value(run: dict[str, Any], higher_is_better: bool) -> float | None:
+    """What a (mean) scratch run counts as, the way the report counts every run: its last value, or its best value
+    before it diverged (an attacker keeps the last good checkpoint); `None` without any evaluation."""
+    values = [value for _, value in run["curve"]]
+    if not values:
+        return None
+    if not run["diverged"]:
+        return values[-1]
+    return max(values) if higher_is_better else min(values)
 
 
 def _best_scratch_run(candidates: list[tuple[float, dict[str, Any]]], higher_is_better: bool):
-    """The `(learning_rate, run)` whose final value is best for the attacker; diverged runs only if all diverged."""
-    finite = [c for c in candidates if _final_value(c[1]) is not None]
-    if not finite:
-        return candidates[0]
+    """The `(learning_rate, run)` whose value (`_effective_value`) is best for the attacker."""
+    scored = [c for c in candidates if _effective_value(c[1], higher_is_better) is not None] or candidates[:1]
     sign = 1 if higher_is_better else -1
-    return max(finite, key=lambda c: sign * _final_value(c[1]))
+    return max(scored, key=lambda c: sign * (_effective_value(c[1], higher_is_better) or 0.0))
 
 
 def scratch_spec(attack: AttackSpec, recipe: dict[str, Any] | None = None) -> AttackSpec:
@@ -760,7 +764,7 @@ def evaluate_finetuning_resistance(
     *,
     scratch_recipe: dict[str, Any] | None = None,
     scratch_inits: int = 3,
-    scratch_learning_rates: Sequence[float] | None = DEFAULT_SCRATCH_LEARNING_RATES,
+    scratch_learning_rates: Sequence[float] | None = None,
     steps_scale: float = 1.0,
     num_labels: int | None = None,
     head_name: str | None = None,
@@ -791,7 +795,7 @@ def evaluate_finetuning_resistance(
             Train scratch from this many random initialisations and compare against the mean of their curves. One
             initialisation of a small model can land several points above or below another one (7 points measured
             on the demo's setting), which would decide verdicts by luck.
-        scratch_learning_rates (`list[float]`, *optional*, defaults to `(1e-4, 1e-3, 1e-2)`):
+        scratch_learning_rates (`list[float]`, *optional*, defaults to `DEFAULT_SCRATCH_LEARNING_RATES`, `(1e-4, 1e-3, 1e-2)`):
             Tune the scratch baseline: train scratch at each of these learning rates (the recipe's other settings
             kept, `scratch_inits` initialisations each) and compare every attack with the rate whose mean final value
             is best for the attacker at that attack's budget. The attacker's alternative to the released model is the
@@ -799,8 +803,9 @@ def evaluate_finetuning_resistance(
             setting with 50 attacker images, Adam from scratch ends at 0.681 at 1e-3 and 0.815 at 1e-2,
             `benchmarks/RESULTS.md` section 5i). The defaults are the learning rates the suites give Adam attackers,
             so scratch is tuned no more than the attacks are. The rate is chosen on `restricted_test`, as the verdicts
-            are. Each attack records the chosen rate (`scratch_learning_rate`) and every rate's final value
-            (`scratch_grid`). `None` trains scratch at the recipe's single learning rate (Adam 1e-3 by default).
+            are, by the value the report counts (the best before divergence for a run that diverged). Each attack
+            records the chosen rate (`scratch_learning_rate`) and every rate's value and whether it diverged
+            (`scratch_grid`). Not used when `scratch_recipe` fixes a `learning_rate`.
         steps_scale (`float`, *optional*, defaults to `1.0`): multiply every budget (e.g. 0.1 on tiny data).
         num_labels (`int`, *optional*):
             Restricted label count; inferred from a `ClassLabel` feature or the largest label otherwise.
@@ -875,13 +880,14 @@ def evaluate_finetuning_resistance(
     recipe = {**DEFAULT_SCRATCH_RECIPE, **(scratch_recipe or {})}
     if include_scratch and scratch_inits < 1:
         raise ValueError(f"scratch_inits must be >= 1, got {scratch_inits}.")
-    if scratch_learning_rates is not None and "learning_rate" in (scratch_recipe or {}):
-        if scratch_learning_rates is not DEFAULT_SCRATCH_LEARNING_RATES:
+    if "learning_rate" in (scratch_recipe or {}):
+        if scratch_learning_rates is not None:
             raise ValueError(
                 "Give either scratch_recipe['learning_rate'] (one fixed rate) or scratch_learning_rates (a tuned "
                 "scratch baseline), not both."
             )
-        scratch_learning_rates = None  # a fixed rate asked for: no tuning
+    elif scratch_learning_rates is None:
+        scratch_learning_rates = DEFAULT_SCRATCH_LEARNING_RATES
     if scratch_learning_rates is not None:
         rates = [float(rate) for rate in scratch_learning_rates]
         if not rates or any(not rate > 0 for rate in rates) or len(set(rates)) != len(rates):
@@ -961,7 +967,9 @@ def evaluate_finetuning_resistance(
             record["diverged_at"]["scratch"] = run["diverged_at"]
             if scratch_learning_rates is not None:
                 record["scratch_learning_rate"] = lr
-                record["scratch_grid"] = [[rate, _final_value(c)] for rate, c in candidates]
+                record["scratch_grid"] = [
+                    [rate, _effective_value(c, task.higher_is_better), c["diverged"]] for rate, c in candidates
+                ]
         attack_records.append(record)
 
     report = ResistanceReport(

@@ -42,7 +42,8 @@ def to_model_inputs(
         image_column, text_column (`str`, *optional*): the column to convert, when not one of the usual names.
         num_channels (`int`, *optional*): 1 converts images to grayscale, else RGB (Hub datasets mix modes).
         max_length (`int`, *optional*): text is padded and truncated to this many tokens; by default the length the
-            tokenizer records (`model_max_length`, as `sophon-hf attack` uses), else 128.
+            tokenizer records (`model_max_length`: the length a model protected with `trainers/protect_classifier.py`
+            was trained with, 512 for most Hub BERT tokenizers), else 128. Shorter is cheaper: every example is padded.
         num_proc (`int`, *optional*): processes for `Dataset.map`.
 
     Example:

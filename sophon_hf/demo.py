@@ -31,9 +31,10 @@ class DemoSettings:
 
     quick: bool = False
     seed: int = 0
-    # Labelled restricted images the attacker fine-tunes on (a random sample, 1-7 per digit). Against a tuned scratch
-    # baseline, pre-training's head start is visible with 20 (the unprotected model beats scratch in 21 of 48 standard
-    # attacks, by up to 11 points) and nearly gone with 50 (5 of 48, at most 2 points): RESULTS.md section 5i.
+    # Labelled restricted images the attacker fine-tunes on (a random sample, 1-7 per digit). Against scratch at its
+    # best learning rate, pre-training's head start is visible with 20 (the unprotected model beats scratch in 6-24 of
+    # the 52 standard attacks, by up to 7-15 points, RESULTS.md section 4a) and nearly gone with 50 (seed 0: 5 of 48
+    # attacks, by at most 2 points, section 5i).
     attacker_images: int = 20
     pretrain_steps: int = 1000
     batch_size: int = 32

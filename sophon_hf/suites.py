@@ -74,7 +74,7 @@ FULL = (
         )
         for strategy in STRATEGIES
         for optimizer in (*STANDARD_OPTIMIZERS, "sgd", "sgd_nesterov")
-        for lr in (*LEARNING_RATES[optimizer], LEARNING_RATES[optimizer][1] * 3)
+        for lr in (*LEARNING_RATES[optimizer], max(LEARNING_RATES[optimizer]) * 3)
         for schedule in ("constant", "warmup_cosine")
     ]
     + [

@@ -221,6 +221,10 @@ def test_attack_cli_defaults_reach_the_harness(saved, monkeypatch):
     assert (captured["train"].num_rows, captured["test"].num_rows) == (24, 16)
     assert captured["include_scratch"] is True and captured["scratch_inits"] == 3
     assert captured["steps_scale"] == 1.0 and captured["reference_model"] is None and captured["head_name"] is None
+    assert "scratch_learning_rates" not in captured and "scratch_recipe" not in captured  # the harness's tuned default
+    with pytest.raises(_Stop):  # one rate fixes it
+        main([*args, "--label-column", "label", "--output", str(saved / "x"), "--scratch-learning-rates", "0.02"])
+    assert captured["scratch_recipe"] == {"learning_rate": 0.02} and "scratch_learning_rates" not in captured
 
 
 def test_attack_cli_options_reach_the_harness(saved, monkeypatch):

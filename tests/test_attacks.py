@@ -198,7 +198,7 @@ def test_tuned_scratch_compares_each_attack_with_the_best_learning_rate_at_its_b
             ).attacks[0]["curves"]["scratch"]
             for rate in rates
         }
-        assert record["scratch_grid"] == [[rate, singles[rate][-1][1]] for rate in rates]
+        assert record["scratch_grid"] == [[rate, singles[rate][-1][1], False] for rate in rates]
         best = max(rates, key=lambda rate: singles[rate][-1][1])
         assert record["scratch_learning_rate"] == best
         assert record["curves"]["scratch"] == singles[best]
@@ -212,11 +212,7 @@ def test_tuned_scratch_compares_each_attack_with_the_best_learning_rate_at_its_b
     assert [a["scratch_learning_rate"] for a in saved["attacks"]] == [
         a["scratch_learning_rate"] for a in tuned.attacks
     ]
-    # Without a grid (or with a fixed rate), no per-attack choice is recorded.
-    plain = evaluate_finetuning_resistance(
-        model, train, test_data, [short], scratch_inits=1, scratch_learning_rates=None
-    ).to_dict()
-    assert "scratch_grid" not in plain["attacks"][0] and plain["scratch_recipe"]["learning_rate"] == 1e-3
+    # With a fixed rate, no per-attack choice is recorded.
     fixed = evaluate_finetuning_resistance(
         model, train, test_data, [short], scratch_inits=1, scratch_recipe={"learning_rate": 3e-2}
     ).to_dict()
@@ -230,17 +226,23 @@ def test_tuned_scratch_compares_each_attack_with_the_best_learning_rate_at_its_b
             evaluate_finetuning_resistance(model, train, test_data, [short], scratch_learning_rates=bad)
 
 
-def test_best_scratch_run_follows_the_metric_direction_and_skips_diverged_runs():
+def test_best_scratch_run_follows_the_metric_direction_and_counts_diverged_runs_by_their_best_value():
     from sophon_hf.attacks import _best_scratch_run
 
-    def run(final, diverged=False):
-        return {"curve": [[0, 0.5], [10, final]], "diverged": diverged}
+    def run(*values, diverged=False):
+        return {"curve": [[10 * k, v] for k, v in enumerate(values)], "diverged": diverged}
 
-    candidates = [(1e-3, run(0.2)), (1e-2, run(0.4)), (1e-1, run(0.9, diverged=True))]
-    assert _best_scratch_run(candidates, higher_is_better=True)[0] == 1e-2  # a diverged run is never "best"
+    candidates = [(1e-3, run(0.1, 0.2)), (1e-2, run(0.1, 0.4))]
+    assert _best_scratch_run(candidates, higher_is_better=True)[0] == 1e-2
     assert _best_scratch_run(candidates, higher_is_better=False)[0] == 1e-3  # a denoising error: lower is better
-    everything_diverged = [(1e-3, run(0.2, True)), (1e-2, run(0.4, True))]
-    assert _best_scratch_run(everything_diverged, higher_is_better=True)[0] == 1e-3
+    # A diverged run counts with its best value before diverging, as every run in the report does.
+    reached_high = [(1e-3, run(0.1, 0.6)), (1e-2, run(0.1, 0.9, diverged=True))]
+    assert _best_scratch_run(reached_high, higher_is_better=True)[0] == 1e-2
+    reached_low = [(1e-3, run(0.9, 0.5)), (1e-2, run(0.9, 0.3, diverged=True))]
+    assert _best_scratch_run(reached_low, higher_is_better=False)[0] == 1e-2
+    everything_diverged = [(1e-3, run(0.1, 0.2, diverged=True)), (1e-2, run(0.1, 0.9, diverged=True))]
+    assert _best_scratch_run(everything_diverged, higher_is_better=True)[0] == 1e-2
+    assert _best_scratch_run([(1e-3, run(diverged=True))], higher_is_better=True)[0] == 1e-3
 
 
 def test_scratch_is_trained_once_per_budget_seed_and_initialisation(tmp_output):

@@ -245,6 +245,15 @@ def model_inputs(dataset, model, folder: str, column: str | None = None):
         raise SystemExit(f"Cannot turn the data into inputs of the model in {folder}: {error}") from None
 
 
+def _scratch_options(rates: list[float] | None) -> dict:
+    """The harness's scratch options for --scratch-learning-rates: none (its default grid), one fixed rate, or a grid."""
+    if not rates:
+        return {}
+    if len(rates) == 1:
+        return {"scratch_recipe": {"learning_rate": rates[0]}}
+    return {"scratch_learning_rates": rates}
+
+
 def check_device(device: str | None) -> None:
     """Refuse a CUDA device on a machine without one, before any model is loaded."""
     import torch
@@ -320,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
             reference_model=reference,
             include_scratch=not args.no_scratch,
             scratch_inits=args.scratch_inits,
-            **({"scratch_learning_rates": args.scratch_learning_rates} if args.scratch_learning_rates else {}),
+            **_scratch_options(args.scratch_learning_rates),
             steps_scale=args.steps_scale,
             head_name=args.head_name,
             noise_scheduler=noise_scheduler,

@@ -187,6 +187,8 @@ def run(args: argparse.Namespace) -> int:
     recipe = {k: v for k, v in published_recipe.items() if k in DEFAULT_SCRATCH_RECIPE and k != "learning_rate"}
     if isinstance(published_recipe.get("learning_rate"), int | float):
         recipe["learning_rate"] = published_recipe["learning_rate"]
+    elif not published_recipe.get("learning_rates"):  # written before scratch was tuned: its one fixed rate
+        recipe["learning_rate"] = DEFAULT_SCRATCH_RECIPE["learning_rate"]
     noise_scheduler = (
         load_noise_scheduler(str(folder)) if detect_model_folder(folder)["library_name"] == "diffusers" else None
     )
@@ -203,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
             # Reports written before scratch was averaged over initialisations used one.
             scratch_inits=published_recipe.get("initialisations", 1),
             # A report of a fixed rate (before scratch was tuned by default) re-runs that rate, a tuned one its grid.
-            scratch_learning_rates=None if "learning_rate" in recipe else published_recipe.get("learning_rates"),
+            scratch_learning_rates=published_recipe.get("learning_rates") if "learning_rate" not in recipe else None,
             head_name=args.head_name,
             noise_scheduler=noise_scheduler,
             output_dir=args.output,
