@@ -1,4 +1,4 @@
-"""`sophon-hf demo`: the whole story offline on real MNIST digits, in about 9 minutes on 2 CPU cores (`--quick`: 1.5).
+"""`sophon-hf demo`: the whole story offline on real MNIST digits, in about 6 minutes on 2 CPU cores (`--quick`: 1).
 
 1. Pre-train a small Transformers image classifier on the original domain (digits 0-4).
 2. Protect a copy with `SophonTrainer` against the restricted domain (digits 5-9), using the defender's own

@@ -9,10 +9,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="offline end-to-end demo on real MNIST digits (pre-train, protect, attack, report)",
         description="Pre-trains a small Transformers classifier on MNIST digits 0-4, protects it with SOPHON against "
         "digits 5-9, then attacks the protected model, the unprotected original and a from-scratch model with real "
-        "fine-tuning attacks. Everything is offline; about 10 minutes on 2 CPU cores (--quick: under 2).",
+        "fine-tuning attacks. Everything is offline; about 6 minutes on 2 CPU cores (--quick: about 1).",
     )
     parser.add_argument("--output", default="demo_output", help="output folder (default: demo_output)")
-    parser.add_argument("--quick", action="store_true", help="quick suite and shorter protection (under 2 minutes)")
+    parser.add_argument("--quick", action="store_true", help="quick suite and shorter protection (about 1 minute)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data split, models and attacks (default: 0)")
     parser.set_defaults(func=run)
 
