@@ -1,6 +1,6 @@
 """Run every benchmark and write the commands and their printed results into `benchmarks/RESULTS.md`.
 
-    python benchmarks/run_all.py                  # everything (about 2.5 hours on 2 CPU cores, plus about 10 minutes for the two scale benchmarks added later)
+    python benchmarks/run_all.py                  # everything (about 3 hours on 2 CPU cores)
     python benchmarks/run_all.py --skip-quality   # speed benchmarks and diffusion only
     python benchmarks/run_all.py --only bench_trainer.py
 
@@ -55,8 +55,32 @@ BENCHMARKS = [
         ["--demo-output", "benchmarks/out/demo_quality/seed0"],
         "A function-preserving weight-scale trap on the seed-0 demo's models",
     ),
+    (
+        "bench_tuned_scratch.py",
+        ["--demo-output", "benchmarks/out/demo_quality/seed0"],
+        "The seed-0 demo's attacks against scratch at Adam 1e-3 alone and at its best learning rate",
+    ),
+    (
+        "bench_long_budget.py",
+        ["--demo-output", "benchmarks/out/demo_quality/seed0", "--steps", "1000", "--with-adam-1e-2"],
+        "The seed-0 demo's models at 1000 steps, 10x the simulated horizon",
+    ),
+    ("bench_normalization.py", ["--seeds", "0"], "The demo's ResNet with batch, layer or no normalisation"),
+    (
+        "bench_diffusion_scratch.py",
+        ["--run", "benchmarks/out/diffusion"],
+        "Diffusion: the protected UNet against a tuned scratch baseline",
+    ),
 ]
-QUALITY = {"bench_demo_quality.py", "bench_ablation.py", "bench_head_start.py", "bench_scale_trap.py"}
+QUALITY = {
+    "bench_demo_quality.py",
+    "bench_ablation.py",
+    "bench_head_start.py",
+    "bench_scale_trap.py",
+    "bench_tuned_scratch.py",
+    "bench_long_budget.py",
+    "bench_normalization.py",
+}
 
 
 def main() -> None:
