@@ -274,6 +274,16 @@ def run(
     }
 
 
+def print_finals(finals: dict) -> None:
+    """One line per attack: final restricted accuracy of protected / unprotected / scratch."""
+    for name, final in finals.items():
+        print(
+            f"  {name:36s} protected {final['protected']:.3f}  unprotected {final['unprotected']:.3f}  "
+            f"scratch {final['scratch']:.3f}",
+            flush=True,
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
@@ -298,12 +308,7 @@ def main() -> None:
                 f"{r['original']['protected']:.3f}, protection {r['protection_seconds']:.0f} s "
                 f"({r['protection_seconds'] / r['pretrain_seconds']:.1f}x the {r['pretrain_seconds']:.0f} s of pre-training)"
             )
-            for name, final in r["final"].items():
-                print(
-                    f"  {name:36s} protected {final['protected']:.3f}  unprotected {final['unprotected']:.3f}  "
-                    f"scratch {final['scratch']:.3f}",
-                    flush=True,
-                )
+            print_finals(r["final"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

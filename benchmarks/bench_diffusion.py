@@ -102,6 +102,14 @@ def load_data(
     return data
 
 
+def load_run(run: str) -> tuple[dict, DatasetDict]:
+    """The options a finished run (an `--output` folder) recorded, and its data splits."""
+    with open(os.path.join(run, "results.json")) as f:
+        options = json.load(f)["args"]
+    keys = ("restricted_domain", "image_size", "restricted_train", "attacker_images", "seed")
+    return options, load_data(*(options[k] for k in keys))
+
+
 def attack_specs(text: str, steps: int, batch_size: int, seed: int) -> list:
     """Full fine-tuning attacks from "optimizer:lr,optimizer:lr" (the `--attacks` option)."""
     from sophon_hf.attacks import AttackSpec

@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from bench_diffusion import attack_specs, load_data  # noqa: E402
+from bench_diffusion import attack_specs, load_run  # noqa: E402
 from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
 from diffusers.models.resnet import ResnetBlock2D  # noqa: E402
 
@@ -60,15 +60,7 @@ def main() -> None:
     parser.add_argument("--attack-steps", type=int, default=200)
     parser.add_argument("--json")
     args = parser.parse_args()
-    with open(os.path.join(args.run, "results.json")) as f:
-        run_args = json.load(f)["args"]
-    data = load_data(
-        run_args["restricted_domain"],
-        run_args["image_size"],
-        run_args["restricted_train"],
-        run_args["attacker_images"],
-        run_args["seed"],
-    )
+    run_args, data = load_run(args.run)
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     unprotected = UNet2DModel.from_pretrained(os.path.join(args.run, "unprotected"))
     protected = UNet2DModel.from_pretrained(os.path.join(args.run, "protected"))

@@ -16,7 +16,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from bench_diffusion import attack_specs, load_data  # noqa: E402
+from bench_diffusion import attack_specs, load_run  # noqa: E402
 from diffusers import DDPMScheduler, UNet2DModel  # noqa: E402
 
 from sophon_hf.attacks import evaluate_finetuning_resistance  # noqa: E402
@@ -27,15 +27,7 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="an --output folder of bench_diffusion.py")
     parser.add_argument("--json")
     args = parser.parse_args()
-    with open(os.path.join(args.run, "results.json")) as f:
-        options = json.load(f)["args"]
-    data = load_data(
-        options["restricted_domain"],
-        options["image_size"],
-        options["restricted_train"],
-        options["attacker_images"],
-        options["seed"],
-    )
+    options, data = load_run(args.run)
     report = evaluate_finetuning_resistance(
         UNet2DModel.from_pretrained(os.path.join(args.run, "protected")),
         data["restricted_train"],

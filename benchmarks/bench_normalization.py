@@ -23,7 +23,7 @@ import functools
 import json
 
 import torch
-from bench_ablation import KEY_ATTACKS, run
+from bench_ablation import KEY_ATTACKS, print_finals, run
 from torch import nn
 
 
@@ -104,12 +104,7 @@ def main() -> None:
                 f"{r['original']['protected']:.3f}, protection {r['protection_seconds']:.0f} s",
                 flush=True,
             )
-            for name, final in r["final"].items():
-                print(
-                    f"  {name:36s} protected {final['protected']:.3f}  unprotected {final['unprotected']:.3f}  "
-                    f"scratch {final['scratch']:.3f}",
-                    flush=True,
-                )
+            print_finals(r["final"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)
