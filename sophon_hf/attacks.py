@@ -795,7 +795,7 @@ def evaluate_finetuning_resistance(
             Train scratch from this many random initialisations and compare against the mean of their curves. One
             initialisation of a small model can land several points above or below another one (7 points measured
             on the demo's setting), which would decide verdicts by luck.
-        scratch_learning_rates (`list[float]`, *optional*, defaults to `DEFAULT_SCRATCH_LEARNING_RATES`, `(1e-4, 1e-3, 1e-2)`):
+        scratch_learning_rates (`list[float]`, *optional*, defaults to `(1e-4, 1e-3, 1e-2)`):
             Tune the scratch baseline: train scratch at each of these learning rates (the recipe's other settings
             kept, `scratch_inits` initialisations each) and compare every attack with the rate whose mean final value
             is best for the attacker at that attack's budget. The attacker's alternative to the released model is the
@@ -985,7 +985,8 @@ def evaluate_finetuning_resistance(
                     {
                         "learning_rate": "tuned per budget",
                         "learning_rates": [r["learning_rate"] for r in recipes],
-                        "selection": "the rate whose mean final value on the test set is best for the attacker",
+                        "selection": "per budget, the rate whose value on the test set (final, or best before a "
+                        "divergence; mean over initialisations) is best for the attacker",
                     }
                     if scratch_learning_rates is not None
                     else {}

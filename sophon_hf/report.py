@@ -22,7 +22,7 @@ START_STYLES = {
 }
 MAX_PLOTTED_ATTACKS = 24
 
-# Per-attack record of a tuned scratch baseline (`scratch_learning_rates`): the chosen rate and every rate's final value.
+# Per-attack record of a tuned scratch baseline (`scratch_learning_rates`): the chosen rate, every rate's value and divergence.
 TUNED_SCRATCH_KEYS = ("scratch_learning_rate", "scratch_grid")
 
 
