@@ -305,13 +305,18 @@ class ResistanceReport:
             "- Diverged runs (non-finite loss or metric) are compared by their best value before divergence.",
             "",
         ]
-        header = ["attack"] + [f"final {s}" for s in starts] + ["protected - scratch"]
+        tuned = any("scratch_learning_rate" in record for record in self.attacks)
+        header = ["attack"] + [f"final {s}" for s in starts] + (["scratch lr"] if tuned else [])
+        header += ["protected - scratch"]
         header += [f"AUC {s}" for s in starts] + [f"steps to thr. {s}" for s in starts] + ["verdict"]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for record in self._worst_first():
             s = self.attack_summary(record)
             final = [fmt(s["final"].get(x)) if not record.get("diverged", {}).get(x) else "diverged" for x in starts]
-            row = [f"`{record['name']}`", *final, fmt(s["protected_minus_scratch"])]
+            row = [f"`{record['name']}`", *final]
+            if tuned:  # the learning rate of the tuned scratch baseline this attack is compared with
+                row.append(fmt(record.get("scratch_learning_rate")))
+            row.append(fmt(s["protected_minus_scratch"]))
             row += [fmt(s["auc"].get(x)) for x in starts] + [fmt(s["steps_to_threshold"].get(x)) for x in starts]
             lines.append("| " + " | ".join(row + [s["verdict"]]) + " |")
         if len(self.attacks) > MAX_PLOTTED_ATTACKS:

@@ -212,11 +212,18 @@ def test_tuned_scratch_compares_each_attack_with_the_best_learning_rate_at_its_b
     assert [a["scratch_learning_rate"] for a in saved["attacks"]] == [
         a["scratch_learning_rate"] for a in tuned.attacks
     ]
+    # report.md shows the rate each attack was compared with.
+    markdown = tuned.to_markdown()
+    assert "| scratch lr |" in markdown
+    for record in tuned.attacks:
+        row = next(line for line in markdown.splitlines() if line.startswith(f"| `{record['name']}`"))
+        assert f" {record['scratch_learning_rate']:.4g} |" in row
     # With a fixed rate, no per-attack choice is recorded.
     fixed = evaluate_finetuning_resistance(
         model, train, test_data, [short], scratch_inits=1, scratch_recipe={"learning_rate": 3e-2}
     ).to_dict()
     assert "scratch_grid" not in fixed["attacks"][0] and fixed["scratch_recipe"]["learning_rate"] == 3e-2
+    assert "scratch lr" not in ResistanceReport.from_dict(fixed).to_markdown()
     with pytest.raises(ValueError, match="not both"):
         evaluate_finetuning_resistance(
             model, train, test_data, [short], scratch_recipe={"learning_rate": 3e-2}, scratch_learning_rates=rates
