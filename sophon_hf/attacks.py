@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .report import ResistanceReport
+from .report import ResistanceReport, effective_final
 from .simulation import default_lora_targets
 from .tasks import check_label_column, get_task
 from .utils import model_fingerprint
@@ -269,14 +269,8 @@ def _mean_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _effective_value(run: dict[str, Any], higher_is_better: bool) -> float | None:
-    """What a (mean) scratch run counts as, the way the report counts every run: its last value, or its best value
-    before it diverged (an attacker keeps the last good checkpoint); `None` without any evaluation."""
-    values = [value for _, value in run["curve"]]
-    if not values:
-        return None
-    if not run["diverged"]:
-        return values[-1]
-    return max(values) if higher_is_better else min(values)
+    """What a (mean) scratch run counts as: the report's rule for every run (`report.effective_final`)."""
+    return effective_final(run["curve"], run["diverged"], higher_is_better)
 
 
 def _best_scratch_run(candidates: list[tuple[float, dict[str, Any]]], higher_is_better: bool):

@@ -26,6 +26,15 @@ MAX_PLOTTED_ATTACKS = 24
 TUNED_SCRATCH_KEYS = ("scratch_learning_rate", "scratch_grid")
 
 
+def effective_final(curve: list[list[float]], diverged: bool, higher_is_better: bool) -> float | None:
+    """What a run counts as: its last value, or its best value before it diverged (an attacker keeps the last good
+    checkpoint); `None` without any evaluation."""
+    if not curve:
+        return None
+    values = [value for _, value in curve]
+    return (max(values) if higher_is_better else min(values)) if diverged else values[-1]
+
+
 def area_under_curve(curve: list[list[float]]) -> float | None:
     """Trapezoidal area under `[[step, value], ...]` divided by the steps covered: the mean metric over training."""
     if not curve:
@@ -84,13 +93,8 @@ class ResistanceReport:
     def _sign(self) -> int:
         return 1 if self.higher_is_better else -1
 
-    def _best(self, values: list[float]) -> float:
-        return max(values) if self.higher_is_better else min(values)
-
     def _effective_final(self, curve: list[list[float]], diverged: bool) -> float | None:
-        if not curve:
-            return None
-        return self._best([v for _, v in curve]) if diverged else curve[-1][1]
+        return effective_final(curve, diverged, self.higher_is_better)
 
     def _steps_to(self, curve: list[list[float]], threshold: float | None) -> int | None:
         if threshold is None:
