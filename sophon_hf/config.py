@@ -45,7 +45,8 @@ class SophonConfig(TrainingArguments):
         simulation_strategies (`list[str]`, *optional*, defaults to `["full_reinit_head"]`):
             Attacker strategies sampled uniformly at each outer iteration: `"full"` (all weights, head kept),
             `"full_reinit_head"` (all weights, fresh head; the paper's ICE setting), `"linear_probe"` (fresh head,
-            only the head adapts) and `"lora"` (fresh LoRA adapters through PEFT, only the adapters adapt).
+            only the head adapts) and `"lora"` (fresh LoRA adapters through PEFT and the released head adapt, as in
+            the real LoRA attack).
         inner_optimizers (`list[str]`, *optional*, defaults to `["sgd"]`):
             Simulated attacker optimizers, sampled at each outer iteration: `"sgd"`, `"sgd_momentum"`, `"adam"`,
             `"rmsprop"`, `"adagrad"`, each optionally with its own step size as `"name:lr"` (e.g. `"adam:1e-3"`);
@@ -226,6 +227,10 @@ class SophonConfig(TrainingArguments):
                 )
             if not self.first_order:
                 raise ValueError("simulation_horizon (persistent attackers) needs first_order=True.")
+        if self.feature_suppression_weight < 0:
+            raise ValueError(
+                f"feature_suppression_weight must be >= 0 (0 disables the term), got {self.feature_suppression_weight}."
+            )
         if self.fts_max_grad_norm < 0:
             raise ValueError(f"fts_max_grad_norm must be >= 0 (0 disables clipping), got {self.fts_max_grad_norm}.")
         if self.diffusion_timestep is not None and self.diffusion_timestep_range is not None:

@@ -9,7 +9,8 @@ meta-gradient flows back to those only):
 - `full_reinit_head`: every parameter adapts, the head starts fresh (its gradient does not reach the model);
 - `linear_probe`: a fresh head adapts, the body is frozen (first order: the body's gradient is taken at each adapted
   head, treating the head's updates as constants; `first_order=False` differentiates through them too);
-- `lora`: fresh LoRA adapters on a PEFT-wrapped copy adapt, everything else is frozen.
+- `lora`: fresh LoRA adapters on a PEFT-wrapped copy adapt with the released head (as the real LoRA attack trains
+  them), everything else is frozen.
 """
 
 from __future__ import annotations

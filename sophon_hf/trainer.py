@@ -735,8 +735,12 @@ class SophonTrainer(Trainer):
             return SimulationView(module, fresh, {**frozen, **body}, {n: n for n in body})
         lora_model, base_map, adapters = self._lora
         own = {**dict(module.named_parameters()), **frozen}
-        lora_frozen = {peft_name: own[name] for peft_name, name in base_map.items()}
+        # The real LoRA attack trains the released head along with the adapters (as PEFT's `modules_to_save` does for
+        # a classifier): so does the simulated one, and the head's meta-gradient is taken at each adapted point.
+        lora_head = {peft_name for peft_name, name in base_map.items() if name in head and name in params}
+        lora_frozen = {peft_name: own[name] for peft_name, name in base_map.items() if peft_name not in lora_head}
         adapted = {k: v.to(self.args.device) for k, v in fresh_lora_weights(lora_model, adapters, generator).items()}
+        adapted.update({peft_name: params[base_map[peft_name]] for peft_name in lora_head})
         to_model = {peft_name: name for peft_name, name in base_map.items() if name in params}
         return SimulationView(lora_model, adapted, lora_frozen, to_model)
 

@@ -273,6 +273,7 @@ def test_bad_restricted_datasets(dataset, match, tmp_output):
         ({"simulation_support_size": 0}, "simulation_support_size must be"),
         ({"simulation_horizon": 5}, "not a multiple of inner_steps"),
         ({"fts_max_grad_norm": -0.5}, "fts_max_grad_norm must be >= 0"),
+        ({"feature_suppression_weight": -1.0}, "feature_suppression_weight must be >= 0"),
     ],
 )
 def test_bad_config(overrides, match, tmp_output):
@@ -562,6 +563,28 @@ def test_simulated_head_strategies_start_from_a_fresh_head_and_adapt_what_they_c
     assert set(attacker.offsets) == (set() if strategy == "linear_probe" else body)
     # The fresh head's gradient never reaches the model's head: it gets no suppression update.
     assert torch.equal(model.fc.weight, torch.zeros_like(model.fc.weight))
+
+
+def test_simulated_lora_attacker_trains_adapters_and_the_released_head(tmp_output):
+    # The real LoRA attack (attacks.run_attack) trains the kept head with the adapters: the simulated one must too.
+    model = SmallCNN()
+    trainer = _trainer(
+        model,
+        tmp_output,
+        simulation_strategies=["lora"],
+        inner_steps=2,
+        simulation_horizon=4,
+        inner_optimizers=["adam"],
+    )
+    trainer.create_optimizer()
+    assert trainer._fine_tuning_simulation_step()
+    attacker = trainer._attacker
+    head = set(trainer.task.head_param_names)
+    # The head moved away from the model's (an offset from it, like a full attacker's body); the adapters are its own.
+    _, base_map, adapters = trainer._lora
+    assert {base_map[n] for n in attacker.offsets} == head
+    assert all(attacker.offsets[n].abs().sum() > 0 for n in attacker.offsets)
+    assert set(attacker.own) == set(adapters)
 
 
 def test_suppression_step_is_adam_on_the_clipped_meta_gradient(tmp_output, monkeypatch):
