@@ -556,6 +556,8 @@ def _report_context(
     if worst is None and any(v is not None for v in advantages.values()):
         worst = max((v, name) for name, v in advantages.items() if v is not None)[1]
     simulated_column = bool(sophon_config.get("simulation_strategies") and sophon_config.get("inner_optimizers"))
+    # A tuned scratch baseline names the rate it chose for each attack's budget next to its value.
+    tuned_scratch = all(_is_number(attack.get("scratch_learning_rate")) for attack in attacks)
 
     columns = ["attack", "strategy", "optimizer", "learning rate", "steps", "protected", "unprotected", "scratch"]
     columns += ["head start over scratch", "verdict"] + (["seen in simulation"] if simulated_column else [])
@@ -575,7 +577,9 @@ def _report_context(
         row = [name, spec.get("strategy", "n/a"), spec.get("optimizer", "n/a")]
         row += [_format_value(spec.get("learning_rate")), _format_value(spec.get("steps"))]
         row += [
-            _format_value(final[start]) + (" (diverged; best before)" if diverged.get(start) else "")
+            _format_value(final[start])
+            + (" (diverged; best before)" if diverged.get(start) else "")
+            + (f" (lr {attack['scratch_learning_rate']:g})" if start == "scratch" and tuned_scratch else "")
             for start in STARTS
         ]
         row += ["n/a" if advantage is None else f"{advantage:+.4f}", verdict]

@@ -167,9 +167,16 @@ def test_card_describes_a_tuned_scratch_baseline():
         "learning_rates": [3e-4, 1e-2],
         "initialisations": 3,
     }
+    for attack, rate in zip(report.attacks, (3e-4, 1e-2, 1e-2)):
+        attack["scratch_learning_rate"] = rate
     text = generate_model_card(report=report.to_dict(), sophon_config=SOPHON_CONFIG).text
     assert "the best of learning rates 0.0003, 0.01 at each budget (chosen on the test set)" in text
     assert "learning rate tuned" not in text
+    # Each attack's scratch cell names the rate chosen for it.
+    scratch_cells = [
+        line.split("|")[8].strip() for line in text.splitlines() if line.startswith("| ") and "lr " in line
+    ]
+    assert [cell.split("(lr ")[1] for cell in scratch_cells] == ["0.0003)", "0.01)", "0.01)"]
 
 
 def test_card_lists_what_was_not_tested():
