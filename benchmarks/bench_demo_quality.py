@@ -9,6 +9,7 @@ unprotected and scratch) and this script checks:
 
     python benchmarks/bench_demo_quality.py --seeds 0 1 2 --output benchmarks/out/demo_quality
     python benchmarks/bench_demo_quality.py --seeds 0 --quick       # the --quick demo, one seed
+    python benchmarks/bench_demo_quality.py --seeds 0 --protection released_model_suppression_weight=1.0  # a variant
 """
 
 from __future__ import annotations
@@ -35,8 +36,16 @@ def summarise(report: dict) -> dict:
                 "scratch": final["scratch"],
                 "protected_minus_scratch": attack["protected_minus_scratch"],
                 "max_excess_over_scratch": attack["largest_head_start"]["value"],
+                "max_excess_step": attack["largest_head_start"]["step"],
+                "protected_at_step_0": dict(attack["curves"]["protected"]).get(0),
+                "scratch_at_step_0": dict(attack["curves"]["scratch"]).get(0),
             }
         )
+    # Where the curves go more than 2 points above scratch: at step 0 that is the released model's own head.
+    misses_by_step: dict[int, int] = {}
+    for r in rows:
+        if r["max_excess_over_scratch"] > 0.02:
+            misses_by_step[r["max_excess_step"]] = misses_by_step.get(r["max_excess_step"], 0) + 1
     original = report["original"]
     return {
         "original_unprotected": original["unprotected"],
@@ -44,6 +53,7 @@ def summarise(report: dict) -> dict:
         "original_drop_points": 100 * (original["unprotected"] - original["protected"]),
         "attacks_protected_le_scratch": sum(r["protected_minus_scratch"] <= 0 for r in rows),
         "attacks_within_2_points_everywhere": sum(r["max_excess_over_scratch"] <= 0.02 for r in rows),
+        "misses_of_2_points_by_step": dict(sorted(misses_by_step.items())),
         "attacks_unprotected_gt_scratch": sum(r["unprotected"] > r["scratch"] for r in rows),
         "num_attacks": len(rows),
         "worst_attack": max(rows, key=lambda r: r["protected_minus_scratch"]),
@@ -52,17 +62,30 @@ def summarise(report: dict) -> dict:
 
 
 def main() -> None:
-    from sophon_hf.demo import run_demo
+    from sophon_hf.demo import DemoSettings, run_demo
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--output", default="benchmarks/out/demo_quality")
+    parser.add_argument(
+        "--protection",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="change the demo's protection recipe (SophonConfig fields; VALUE is JSON, e.g. 1.0 or '[\"full\"]')",
+    )
     args = parser.parse_args()
+    changes = {}
+    for item in args.protection:
+        key, _, value = item.partition("=")
+        changes[key] = json.loads(value)
     results = {}
     for seed in args.seeds:
         started = time.time()
-        report = run_demo(os.path.join(args.output, f"seed{seed}"), quick=args.quick, seed=seed)
+        settings = DemoSettings.for_mode(args.quick, seed)
+        settings.protection = {**settings.protection, **changes}
+        report = run_demo(os.path.join(args.output, f"seed{seed}"), settings=settings)
         with open(os.path.join(args.output, f"seed{seed}", "timings.json")) as f:
             timings = json.load(f)
         results[seed] = {
@@ -84,6 +107,9 @@ def main() -> None:
             f"{worst['attack']} ({worst['protected_minus_scratch']:+.3f})  {r['minutes']:.1f}  "
             f"{r['protection_over_pretraining']:.1f}x"
         )
+    for seed, r in results.items():
+        print(f"seed {seed}: attacks more than 2 points above scratch, by the step of their largest excess: "
+              f"{r['misses_of_2_points_by_step']}")  # fmt: skip
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump(results, f, indent=2)
