@@ -533,7 +533,10 @@ def _describe_scratch_recipe(recipe: dict[str, Any] | str) -> str:
         parts.append(f"learning rate {recipe['learning_rate']:g}")
     elif recipe.get("learning_rates"):
         rates = ", ".join(f"{rate:g}" for rate in recipe["learning_rates"])
-        parts.append(f"the best of learning rates {rates} at each budget (chosen on the test set)")
+        parts.append(
+            f"the best of learning rates {rates} at each budget (chosen on the test set; the table shows the rate "
+            "chosen next to each scratch value)"
+        )
     if recipe.get("schedule"):
         parts.append(f"{recipe['schedule']} schedule")
     if _is_number(recipe.get("weight_decay")):

@@ -170,7 +170,7 @@ def test_card_describes_a_tuned_scratch_baseline():
     for attack, rate in zip(report.attacks, (3e-4, 1e-2, 1e-2)):
         attack["scratch_learning_rate"] = rate
     text = generate_model_card(report=report.to_dict(), sophon_config=SOPHON_CONFIG).text
-    assert "the best of learning rates 0.0003, 0.01 at each budget (chosen on the test set)" in text
+    assert "the best of learning rates 0.0003, 0.01 at each budget (chosen on the test set; the table shows" in text
     assert "learning rate tuned" not in text
     # Each attack's scratch cell names the rate chosen for it.
     scratch_cells = [
