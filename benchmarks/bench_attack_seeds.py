@@ -1,0 +1,77 @@
+"""How much one attack's verdict moves with the attack's own seed (data order, fresh head or adapters).
+
+The demo and the 3-seed benchmark run every attack once per protection seed, so a single attack's "protected minus
+scratch" mixes what the protection did with the luck of one fine-tuning run. This re-runs the attacks named on a
+finished demo's models at several attack seeds (scratch tuned as in the harness, for each seed) and prints each
+seed's final values and the mean and spread of protected minus scratch.
+
+Run `sophon-hf demo --output DIR` (or `bench_demo_quality.py`) first, then:
+
+    python benchmarks/bench_attack_seeds.py --demo-output DIR --seed 0 \
+        --attacks full_reinit_head-adam-lr0.01 lora-adam-lr0.01 --attack-seeds 0 1 2 [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from bench_long_budget import load_demo  # noqa: E402
+from transformers import AutoModelForImageClassification  # noqa: E402
+
+from sophon_hf import evaluate_finetuning_resistance  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--demo-output", required=True, help="folder written by `sophon-hf demo` (its seed: --seed)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--attacks", nargs="+", required=True, help="attack names from the demo's report.json")
+    parser.add_argument("--attack-seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    data, attacker = load_demo(args.demo_output, args.seed)
+    with open(os.path.join(args.demo_output, "report.json")) as f:
+        recorded = {attack["name"]: attack for attack in json.load(f)["attacks"]}
+    unknown = [name for name in args.attacks if name not in recorded]
+    if unknown:
+        raise SystemExit(f"{unknown} are not in {args.demo_output}/report.json; choose from {sorted(recorded)}")
+    protected = AutoModelForImageClassification.from_pretrained(os.path.join(args.demo_output, "protected"))
+    unprotected = AutoModelForImageClassification.from_pretrained(os.path.join(args.demo_output, "unprotected"))
+    attacks = [
+        {**recorded[name]["spec"], "seed": attack_seed} for name in args.attacks for attack_seed in args.attack_seeds
+    ]
+    report = evaluate_finetuning_resistance(
+        protected, attacker, data["restricted_test"], attacks=attacks, reference_model=unprotected
+    ).to_dict()
+    results = {}
+    for name in args.attacks:
+        setting = {k: v for k, v in recorded[name]["spec"].items() if k != "seed"}
+        runs = [a for a in report["attacks"] if {k: v for k, v in a["spec"].items() if k != "seed"} == setting]
+        for run in runs:
+            final = run["final"]
+            print(
+                f"{name:36s} attack seed {run['spec']['seed']}: protected {final['protected']:.3f}  unprotected "
+                f"{final['unprotected']:.3f}  scratch {final['scratch']:.3f} (lr {run['scratch_learning_rate']:g})  "
+                f"protected - scratch {run['protected_minus_scratch']:+.3f}",
+                flush=True,
+            )
+        gaps = [run["protected_minus_scratch"] for run in runs]
+        results[name] = {"protected_minus_scratch": gaps, "runs": runs}
+        print(
+            f"{name:36s} protected - scratch: mean {statistics.mean(gaps):+.3f}, min {min(gaps):+.3f}, "
+            f"max {max(gaps):+.3f} over {len(gaps)} attack seeds",
+            flush=True,
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
