@@ -57,6 +57,7 @@ BENCHMARKS = [
     ),
     (
         "bench_tuned_scratch.py",
+        "bench_attack_seeds.py",
         ["--demo-output", "benchmarks/out/demo_quality/seed0"],
         "The seed-0 demo's attacks against scratch at Adam 1e-3 alone and at its best learning rate",
     ),
@@ -64,6 +65,12 @@ BENCHMARKS = [
         "bench_long_budget.py",
         ["--demo-output", "benchmarks/out/demo_quality/seed0", "--steps", "1000", "--with-adam-1e-2"],
         "The seed-0 demo's models at 1000 steps, 10x the simulated horizon",
+    ),
+    (
+        "bench_attack_seeds.py",
+        "--demo-output benchmarks/out/demo_quality/seed0 --seed 0 --attacks full_reinit_head-adam-lr0.01 "
+        "full_reinit_head-sgd_momentum-lr0.01 full-adam-lr0.01 lora-adam-lr0.01 --attack-seeds 0 1 2".split(),
+        "The seed-0 demo's strongest attacks at three attack seeds",
     ),
     ("bench_normalization.py", ["--seeds", "0"], "The demo's ResNet with batch, layer or no normalisation"),
     (
