@@ -207,7 +207,7 @@ class OutlierExposureTrainer(SophonTrainer):
     """The demo's trainer plus an outlier-exposure term in every normal-training step (single process only).
 
     SOPHON suppresses only after simulated fine-tuning steps 1..K; before any fine-tuning the released head scores
-    0.23-0.27 on the relabelled restricted digits against 0.21 for random heads (RESULTS.md section 4a), so every
+    0.23-0.26 on the relabelled restricted digits against 0.21 for random heads (RESULTS.md section 4a), so every
     head-kept attack starts above scratch. This adds `weight * objective(logits)` of the model's own prediction on a
     restricted batch, in eval mode as an attack's step 0 sees it and through copies of the buffers, to the
     normal-training loss: KL from uniform (outlier exposure, Hendrycks et al. 2019, with the restricted domain as the
