@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -200,6 +201,42 @@ class ResistanceReport:
             "verdict": verdict,
         }
 
+    def across_seeds(self) -> list[dict[str, Any]]:
+        """Attacks run with the same settings at several seeds (e.g. `sophon-hf attack --attack-seeds 3`), grouped.
+
+        One fine-tuning run is one draw: batch order, a fresh head or adapters, dropout. For each setting run at two
+        or more seeds this gives the head start over scratch of every run, their mean and their range (the worst case
+        of the report stays the single worst run).
+
+        Returns:
+            `list[dict]`: per setting `attack` (the name without its seed), `seeds`, `head_starts` (in seed order),
+            `mean`, `min`, `max`; settings without a scratch result are left out.
+        """
+        groups: dict[str, list[tuple[int, float]]] = {}
+        for record in self.attacks:
+            head_start = self.attack_summary(record)["head_start"]
+            if head_start is None:
+                continue
+            setting = re.sub(r"-seed\d+(?=-|$)", "", record["name"])
+            groups.setdefault(setting, []).append((record["spec"].get("seed", 0), head_start))
+        out = []
+        for setting, runs in groups.items():
+            if len(runs) < 2:
+                continue
+            runs.sort()
+            values = [value for _, value in runs]
+            out.append(
+                {
+                    "attack": setting,
+                    "seeds": [seed for seed, _ in runs],
+                    "head_starts": values,
+                    "mean": sum(values) / len(values),
+                    "min": min(values),
+                    "max": max(values),
+                }
+            )
+        return sorted(out, key=lambda group: -group["mean"])
+
     # ------------------------------------------------------------------------------------------------ (de)serialise
     def to_dict(self) -> dict[str, Any]:
         """The report.json content (see DESIGN.md), with per-attack summaries and the overall summary."""
@@ -224,6 +261,8 @@ class ResistanceReport:
             for a in self.attacks
         ]
         out["summary"] = self.summary
+        if self.across_seeds():
+            out["summary"]["across_seeds"] = self.across_seeds()
         return out
 
     @classmethod
@@ -325,6 +364,25 @@ class ResistanceReport:
             lines.append("| " + " | ".join(row + [s["verdict"]]) + " |")
         if len(self.attacks) > MAX_PLOTTED_ATTACKS:
             lines += ["", f"`attack_curves.png` shows the {MAX_PLOTTED_ATTACKS} worst attacks (rows above, first)."]
+        groups = self.across_seeds()
+        if groups:
+            lines += [
+                "",
+                "## Across attack seeds",
+                "",
+                "The same attack at several seeds (batch order, fresh head or adapters, dropout): the head start over "
+                "scratch of each run (positive: the protected start is ahead), highest mean first.",
+                "",
+                "| attack | seeds | head start per seed | mean | min | max |",
+                "|---|---|---|---|---|---|",
+            ]
+            for group in groups:
+                per_seed = ", ".join(fmt(value) for value in group["head_starts"])
+                seeds = ", ".join(str(seed) for seed in group["seeds"])
+                lines.append(
+                    f"| `{group['attack']}` | {seeds} | {per_seed} | {fmt(group['mean'])} | {fmt(group['min'])} | "
+                    f"{fmt(group['max'])} |"
+                )
         return "\n".join(lines) + "\n"
 
     def to_text(self, max_rows: int | None = 20) -> str:

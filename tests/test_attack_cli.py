@@ -72,6 +72,22 @@ def test_attack_cli_writes_the_report_and_resumes(saved, capsys):
     assert {name: os.stat(output / "runs" / name).st_mtime_ns for name in os.listdir(output / "runs")} == runs
 
 
+def test_attack_cli_runs_every_attack_at_several_seeds(saved):
+    output = saved / "report"
+    assert main([*_args(saved, output), "--attack-seeds", "2", "--seed", "3", "--no-scratch"]) == 0
+    with open(output / "report.json") as f:
+        data = json.load(f)
+    assert [(a["spec"]["strategy"], a["spec"]["seed"]) for a in data["attacks"]] == [
+        ("full", 3),
+        ("full", 4),
+        ("linear_probe", 3),
+        ("linear_probe", 4),
+    ]
+    assert data["attacks"][1]["name"] == "full-sgd_momentum-lr0.01-steps4-bs8-seed4"
+    with pytest.raises(SystemExit, match="--attack-seeds must be at least 1"):
+        main([*_args(saved, saved / "x"), "--attack-seeds", "0"])
+
+
 def test_attack_cli_refuses_an_output_folder_of_another_model(saved):
     output = saved / "report"
     assert main(_args(saved, output)) == 0

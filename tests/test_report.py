@@ -203,3 +203,35 @@ def test_tolerance_turns_a_small_head_start_into_none():
     assert data["attacks"][1]["verdict"] == "no head start over scratch at the end"
     assert data["summary"]["attacks_with_head_start"] == []
     assert _report(tolerance=0.01).to_dict()["summary"]["attacks_with_head_start"] == ["b"]
+
+
+def test_the_same_attack_at_several_seeds_is_grouped_with_its_spread():
+    def run(name, seed, protected_final):
+        record = _record(name, [[0, 0.2], [10, protected_final]], [[0, 0.2], [10, 0.9]], [[0, 0.2], [10, 0.7]])
+        record["spec"] = {"strategy": "full", "seed": seed}
+        return record
+
+    attacks = [
+        run("full-adam-lr0.01", 0, 0.8),
+        run("full-adam-lr0.01-seed1", 1, 0.6),
+        run("full-adam-lr0.01-seed2", 2, 0.75),
+        run("lora-adam-lr0.01-seed1-r4", 1, 0.5),  # a seed before LoRA's own suffixes
+        run("lora-adam-lr0.01-r4", 0, 0.6),
+        run("linear_probe-adam-lr0.01", 0, 0.9),  # one seed only: not a group
+    ]
+    report = ResistanceReport("image-classification", "accuracy", True, attacks)
+    groups = report.across_seeds()
+    assert [g["attack"] for g in groups] == ["full-adam-lr0.01", "lora-adam-lr0.01-r4"]  # highest mean first
+    full = groups[0]
+    assert full["seeds"] == [0, 1, 2]
+    assert full["head_starts"] == pytest.approx([0.1, -0.1, 0.05])
+    assert (full["mean"], full["min"], full["max"]) == pytest.approx((0.05 / 3, -0.1, 0.1))
+    assert groups[1]["seeds"] == [0, 1] and groups[1]["head_starts"] == pytest.approx([-0.1, -0.2])
+    # The worst case stays the single worst run; the spread is added to the summary and to report.md.
+    data = report.to_dict()
+    assert data["summary"]["worst_attack"] == "linear_probe-adam-lr0.01"
+    assert [g["attack"] for g in data["summary"]["across_seeds"]] == ["full-adam-lr0.01", "lora-adam-lr0.01-r4"]
+    markdown = report.to_markdown()
+    assert "## Across attack seeds" in markdown
+    assert "| `full-adam-lr0.01` | 0, 1, 2 | 0.1, -0.1, 0.05 | 0.01667 | -0.1 | 0.1 |" in markdown
+    assert "Across attack seeds" not in _report().to_markdown()  # every attack ran once

@@ -71,6 +71,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "(default: 1e-4 1e-3 1e-2, the rates the suites give Adam attackers; one value fixes the rate)",
     )
     parser.add_argument("--seed", type=int, default=0, help="added to every attack's seed (default: 0)")
+    parser.add_argument(
+        "--attack-seeds",
+        type=int,
+        default=1,
+        help="run every attack at this many consecutive seeds (batch order, fresh head, adapters); report.md then "
+        "gives each attack's head start per seed, mean and range (default: 1)",
+    )
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every attack's step budget")
     parser.add_argument(
         "--head-name", default=None, help="module name of the output layer, if not found automatically"
@@ -300,6 +307,8 @@ def run(args: argparse.Namespace) -> int:
     from ..attacks import evaluate_finetuning_resistance, resolve_attacks
     from ..tasks import is_diffusers_model
 
+    if args.attack_seeds < 1:
+        raise SystemExit(f"--attack-seeds must be at least 1, got {args.attack_seeds}.")
     attacks = load_attacks(args.attacks_file) if args.attacks_file else args.suite
     try:
         specs = resolve_attacks(attacks)  # refuse a bad suite or file before loading anything
@@ -318,8 +327,9 @@ def run(args: argparse.Namespace) -> int:
     train, test = (model_inputs(d, model, folder, args.input_column) for d in (train, test))
     if noise_scheduler is not None:
         specs = resolve_attacks(attacks, has_head=False)  # a suite keeps the attacks a UNet can take
-    if args.seed:
-        specs = [dataclasses.replace(spec, seed=spec.seed + args.seed) for spec in specs]
+    if args.seed or args.attack_seeds > 1:
+        offsets = range(args.seed, args.seed + args.attack_seeds)
+        specs = [dataclasses.replace(spec, seed=spec.seed + offset) for spec in specs for offset in offsets]
     try:
         report = evaluate_finetuning_resistance(
             model,
