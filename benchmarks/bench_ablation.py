@@ -216,6 +216,8 @@ class OutlierExposureTrainer(SophonTrainer):
 
     def __init__(self, *args, objective, weight: float, **kwargs):
         super().__init__(*args, **kwargs)
+        # The term runs outside DDP's forward and is not reduced over ranks: one process only.
+        assert self.args.world_size == 1, "OutlierExposureTrainer runs in one process"
         self._objective, self._weight = objective, weight
         self._outlier_generator = torch.Generator().manual_seed(self.args.seed)
 

@@ -76,6 +76,11 @@ def main() -> None:
         help="change the demo's protection recipe (SophonConfig fields; VALUE is JSON, e.g. 1.0 or '[\"full\"]')",
     )
     args = parser.parse_args()
+    if args.protection and args.output == parser.get_default("output"):
+        parser.error(
+            "--protection needs its own --output (the default folder holds the demo's recipe, which other benchmarks "
+            "read)"
+        )
     changes = {}
     for item in args.protection:
         key, _, value = item.partition("=")
@@ -92,6 +97,7 @@ def main() -> None:
             **summarise(report),
             "minutes": (time.time() - started) / 60,
             "protection_over_pretraining": timings["protection_seconds"] / timings["pretraining_seconds"],
+            "protection_changes": changes,
         }
     print(
         "\nseed  orig(unprot -> prot)  drop  prot<=scratch  within2pts  unprot>scratch  worst attack (prot-scratch)  min"
@@ -108,8 +114,10 @@ def main() -> None:
             f"{r['protection_over_pretraining']:.1f}x"
         )
     for seed, r in results.items():
-        print(f"seed {seed}: attacks more than 2 points above scratch, by the step of their largest excess: "
-              f"{r['misses_of_2_points_by_step']}")  # fmt: skip
+        print(
+            f"seed {seed}: attacks more than 2 points above scratch, by the step of their largest excess: "
+            f"{r['misses_of_2_points_by_step']}"
+        )
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "summary.json"), "w") as f:
         json.dump(results, f, indent=2)

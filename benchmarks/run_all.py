@@ -57,7 +57,6 @@ BENCHMARKS = [
     ),
     (
         "bench_tuned_scratch.py",
-        "bench_attack_seeds.py",
         ["--demo-output", "benchmarks/out/demo_quality/seed0"],
         "The seed-0 demo's attacks against scratch at Adam 1e-3 alone and at its best learning rate",
     ),
@@ -86,6 +85,7 @@ QUALITY = {
     "bench_scale_trap.py",
     "bench_tuned_scratch.py",
     "bench_long_budget.py",
+    "bench_attack_seeds.py",
     "bench_normalization.py",
 }
 

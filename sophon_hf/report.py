@@ -212,23 +212,27 @@ class ResistanceReport:
             `list[dict]`: per setting `attack` (the name without its seed), `seeds`, `head_starts` (in seed order),
             `mean`, `min`, `max`; settings without a scratch result are left out.
         """
-        groups: dict[str, list[tuple[int, float]]] = {}
+        groups: dict[str, list[tuple[int, str, float]]] = {}
         for record in self.attacks:
             head_start = self.attack_summary(record)["head_start"]
             if head_start is None:
                 continue
-            setting = re.sub(r"-seed\d+(?=-|$)", "", record["name"])
-            groups.setdefault(setting, []).append((record["spec"].get("seed", 0), head_start))
+            setting = json.dumps({k: v for k, v in record["spec"].items() if k != "seed"}, sort_keys=True)
+            groups.setdefault(setting, []).append((record["spec"].get("seed", 0), record["name"], head_start))
         out = []
-        for setting, runs in groups.items():
-            if len(runs) < 2:
-                continue
+        for runs in groups.values():
+            seeds = sorted(seed for seed, _, _ in runs)
+            if len(seeds) < 2 or len(set(seeds)) < len(seeds):
+                continue  # one run, or hand-made records that share a setting and a seed: not a spread over seeds
             runs.sort()
-            values = [value for _, value in runs]
+            seed, name, _ = runs[0]
+            # The name without its seed: `AttackSpec.name` writes `-seed<n>` (n != 0) before any LoRA suffix.
+            label = name if seed == 0 else re.sub(rf"-seed{seed}(?=-|$)", "", name, count=1)
+            values = [value for _, _, value in runs]
             out.append(
                 {
-                    "attack": setting,
-                    "seeds": [seed for seed, _ in runs],
+                    "attack": label,
+                    "seeds": seeds,
                     "head_starts": values,
                     "mean": sum(values) / len(values),
                     "min": min(values),
@@ -261,8 +265,9 @@ class ResistanceReport:
             for a in self.attacks
         ]
         out["summary"] = self.summary
-        if self.across_seeds():
-            out["summary"]["across_seeds"] = self.across_seeds()
+        groups = self.across_seeds()
+        if groups:
+            out["summary"]["across_seeds"] = groups
         return out
 
     @classmethod
@@ -371,7 +376,8 @@ class ResistanceReport:
                 "## Across attack seeds",
                 "",
                 "The same attack at several seeds (batch order, fresh head or adapters, dropout): the head start over "
-                "scratch of each run (positive: the protected start is ahead), highest mean first.",
+                "scratch of each run (positive: the protected start is ahead), highest mean first; runs without a "
+                "scratch result are left out.",
                 "",
                 "| attack | seeds | head start per seed | mean | min | max |",
                 "|---|---|---|---|---|---|",

@@ -767,8 +767,10 @@ class SophonTrainer(Trainer):
         if attacker.steps:
             # A persistent attacker resumes where it stopped: its offset from the (since updated) model weights, its
             # own fresh head or adapters, and its optimizer state.
+            # (A LoRA attacker checkpointed before simulated LoRA attackers trained the head has no offset for it: its
+            # head resumes from the model's.)
             view.adapted = {
-                n: t.detach() + attacker.offsets[n] if n in view.to_model else attacker.own[n]
+                n: t.detach() + attacker.offsets.get(n, 0) if n in view.to_model else attacker.own[n]
                 for n, t in view.adapted.items()
             }
         supports, queries = self._restricted_batches(generator, attacker.support_pool)

@@ -86,6 +86,14 @@ def test_attack_cli_runs_every_attack_at_several_seeds(saved):
     assert data["attacks"][1]["name"] == "full-sgd_momentum-lr0.01-steps4-bs8-seed4"
     with pytest.raises(SystemExit, match="--attack-seeds must be at least 1"):
         main([*_args(saved, saved / "x"), "--attack-seeds", "0"])
+    # The same attack listed at seeds 0 and 1, then repeated at two seeds: refused before anything loads.
+    (saved / "seeded.yaml").write_text(
+        "- {strategy: full, optimizer: adam, steps: 20, seed: 0}\n- {strategy: full, optimizer: adam, steps: 20, seed: 1}\n"
+    )
+    args = _args(saved, saved / "x")
+    args[args.index("--attacks-file") + 1] = str(saved / "seeded.yaml")
+    with pytest.raises(SystemExit, match=r"Duplicate attacks.*--attack-seeds"):
+        main([*args, "--attack-seeds", "2"])
 
 
 def test_attack_cli_refuses_an_output_folder_of_another_model(saved):

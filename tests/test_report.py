@@ -208,7 +208,9 @@ def test_tolerance_turns_a_small_head_start_into_none():
 def test_the_same_attack_at_several_seeds_is_grouped_with_its_spread():
     def run(name, seed, protected_final):
         record = _record(name, [[0, 0.2], [10, protected_final]], [[0, 0.2], [10, 0.9]], [[0, 0.2], [10, 0.7]])
-        record["spec"] = {"strategy": "full", "seed": seed}
+        record["spec"] = {"strategy": name.split("-")[0], "optimizer": "adam", "learning_rate": 0.01, "seed": seed}
+        if name.startswith("lora"):
+            record["spec"]["lora_rank"] = 4
         return record
 
     attacks = [
@@ -235,3 +237,16 @@ def test_the_same_attack_at_several_seeds_is_grouped_with_its_spread():
     assert "## Across attack seeds" in markdown
     assert "| `full-adam-lr0.01` | 0, 1, 2 | 0.1, -0.1, 0.05 | 0.01667 | -0.1 | 0.1 |" in markdown
     assert "Across attack seeds" not in _report().to_markdown()  # every attack ran once
+
+    # Grouped by settings, not by name: negative seeds, and LoRA targets whose names contain "seed".
+    def lora(seed, targets, protected_final):
+        record = run(f"lora-adam-lr0.01{f'-seed{seed}' if seed else ''}-targets-{targets}", seed, protected_final)
+        record["spec"]["lora_target_modules"] = [targets]
+        return record
+
+    attacks = [lora(-1, "seed1", 0.8), lora(0, "seed1", 0.6), lora(1, "seed2", 0.7), lora(2, "seed2", 0.7)]
+    groups = ResistanceReport("image-classification", "accuracy", True, attacks).across_seeds()
+    assert [(g["attack"], g["seeds"]) for g in groups] == [
+        ("lora-adam-lr0.01-targets-seed1", [-1, 0]),
+        ("lora-adam-lr0.01-targets-seed2", [1, 2]),
+    ]

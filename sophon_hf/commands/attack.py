@@ -310,10 +310,17 @@ def run(args: argparse.Namespace) -> int:
     if args.attack_seeds < 1:
         raise SystemExit(f"--attack-seeds must be at least 1, got {args.attack_seeds}.")
     attacks = load_attacks(args.attacks_file) if args.attacks_file else args.suite
+
+    def with_seeds(specs):
+        offsets = range(args.seed, args.seed + args.attack_seeds)
+        return [dataclasses.replace(spec, seed=spec.seed + offset) for spec in specs for offset in offsets]
+
     try:
         specs = resolve_attacks(attacks)  # refuse a bad suite or file before loading anything
+        resolve_attacks(with_seeds(specs))
     except ValueError as error:
-        raise SystemExit(str(error)) from None
+        hint = " (--seed and --attack-seeds shift every attack's seed)" if "Duplicate" in str(error) else ""
+        raise SystemExit(f"{error}{hint}") from None
 
     train = load_restricted(args.restricted_train, args.train_split, args.label_column, args.input_column)
     test_source = args.restricted_test or args.restricted_train
@@ -327,9 +334,7 @@ def run(args: argparse.Namespace) -> int:
     train, test = (model_inputs(d, model, folder, args.input_column) for d in (train, test))
     if noise_scheduler is not None:
         specs = resolve_attacks(attacks, has_head=False)  # a suite keeps the attacks a UNet can take
-    if args.seed or args.attack_seeds > 1:
-        offsets = range(args.seed, args.seed + args.attack_seeds)
-        specs = [dataclasses.replace(spec, seed=spec.seed + offset) for spec in specs for offset in offsets]
+    specs = with_seeds(specs)
     try:
         report = evaluate_finetuning_resistance(
             model,
