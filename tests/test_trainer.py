@@ -585,6 +585,10 @@ def test_simulated_lora_attacker_trains_adapters_and_the_released_head(tmp_outpu
     assert {base_map[n] for n in attacker.offsets} == head
     assert all(attacker.offsets[n].abs().sum() > 0 for n in attacker.offsets)
     assert set(attacker.own) == set(adapters)
+    # An attacker checkpointed before the head was trained has no offset for it: it resumes from the model's head.
+    attacker.offsets = {}
+    trainer.state.global_step = 1
+    assert trainer._fine_tuning_simulation_step() and trainer._attacker is attacker and attacker.steps == 4
 
 
 def test_suppression_step_is_adam_on_the_clipped_meta_gradient(tmp_output, monkeypatch):
