@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import functools
 import json
 import os
@@ -29,6 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from sophon_hf import AttackSpec, SophonConfig, SophonTrainer, evaluate_finetuning_resistance  # noqa: E402
+from sophon_hf.attacks import resolve_attacks  # noqa: E402
 from sophon_hf.data import mnist_domains  # noqa: E402
 from sophon_hf.demo import DemoSettings, demo_model  # noqa: E402
 from sophon_hf.losses import kl_uniform  # noqa: E402
@@ -267,6 +269,13 @@ KEY_ATTACKS = [
 ]
 
 
+# The standard suite's strongest attacks against the demo's model (seventh and eighth sessions).
+ADAM_1E_2_ATTACKS = [
+    AttackSpec(strategy=strategy, optimizer="adam", learning_rate=1e-2, steps=300)
+    for strategy in ("full_reinit_head", "full", "lora")
+]
+
+
 def pretrain(model, dataset, steps: int = 1000, seed: int = 0):
     task = ClassificationTask(model)
     rows = task.prepare_dataset(dataset, "original_train")[:]
@@ -348,7 +357,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--attacks", default="key", help="'key' (six attacks) or a suite name")
+    parser.add_argument(
+        "--attacks",
+        default="key",
+        help="'key' (six attacks), 'adam_1e-2' (the three Adam 1e-2 attacks) or a suite name",
+    )
+    parser.add_argument(
+        "--attack-seeds", type=int, default=1, help="run every attack at this many seeds (0, 1, ...; default 1)"
+    )
     parser.add_argument("--attacker-images", type=int, default=50, help="labelled restricted images the attacker has")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every attack's budget (demo: 0.5)")
     parser.add_argument("--json")
@@ -357,7 +373,13 @@ def main() -> None:
     if args.list:
         print(json.dumps(VARIANTS, indent=2))
         return
-    attacks = KEY_ATTACKS if args.attacks == "key" else args.attacks
+    attacks = {"key": KEY_ATTACKS, "adam_1e-2": ADAM_1E_2_ATTACKS}.get(args.attacks, args.attacks)
+    if args.attack_seeds > 1:
+        attacks = [
+            dataclasses.replace(spec, seed=seed)
+            for spec in resolve_attacks(attacks)
+            for seed in range(args.attack_seeds)
+        ]
     results = []
     for variant in args.variants:
         for seed in args.seeds:
