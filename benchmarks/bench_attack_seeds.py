@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -33,7 +32,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--attacks", nargs="+", required=True, help="attack names from the demo's report.json")
     parser.add_argument("--attack-seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--json")
+    parser.add_argument("--json", help="write the report's dict (with summary.across_seeds) to this file")
     args = parser.parse_args()
     data, attacker = load_demo(args.demo_output, args.seed)
     with open(os.path.join(args.demo_output, "report.json")) as f:
@@ -48,29 +47,24 @@ def main() -> None:
     ]
     report = evaluate_finetuning_resistance(
         protected, attacker, data["restricted_test"], attacks=attacks, reference_model=unprotected
-    ).to_dict()
-    results = {}
-    for name in args.attacks:
-        setting = {k: v for k, v in recorded[name]["spec"].items() if k != "seed"}
-        runs = [a for a in report["attacks"] if {k: v for k, v in a["spec"].items() if k != "seed"} == setting]
-        for run in runs:
-            final = run["final"]
-            print(
-                f"{name:36s} attack seed {run['spec']['seed']}: protected {final['protected']:.3f}  unprotected "
-                f"{final['unprotected']:.3f}  scratch {final['scratch']:.3f} (lr {run['scratch_learning_rate']:g})  "
-                f"protected - scratch {run['protected_minus_scratch']:+.3f}",
-                flush=True,
-            )
-        gaps = [run["protected_minus_scratch"] for run in runs]
-        results[name] = {"protected_minus_scratch": gaps, "runs": runs}
+    )
+    for run in report.to_dict()["attacks"]:
+        final = run["final"]
         print(
-            f"{name:36s} protected - scratch: mean {statistics.mean(gaps):+.3f}, min {min(gaps):+.3f}, "
-            f"max {max(gaps):+.3f} over {len(gaps)} attack seeds",
+            f"{run['name']:48s} protected {final['protected']:.3f}  unprotected {final['unprotected']:.3f}  "
+            f"scratch {final['scratch']:.3f} (lr {run['scratch_learning_rate']:g})  "
+            f"protected - scratch {run['protected_minus_scratch']:+.3f}",
+            flush=True,
+        )
+    for group in report.across_seeds():  # the harness's own grouping of runs that differ only in their seed
+        print(
+            f"{group['attack']:36s} protected - scratch: mean {group['mean']:+.3f}, min {group['min']:+.3f}, "
+            f"max {group['max']:+.3f} over attack seeds {group['seeds']}",
             flush=True,
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump(report.to_dict(), f, indent=1)
 
 
 if __name__ == "__main__":
