@@ -5,11 +5,16 @@ attacks (its protected and unprotected UNets, its data and attacks) with the har
 prints, per attack, the final denoising error of protected / unprotected / scratch and every rate's scratch error.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_diffusion_scratch.py --run P10 --json benchmarks/results/diffusion_tuned_scratch_P10.json
+    OMP_NUM_THREADS=1 python benchmarks/bench_diffusion_scratch.py --run P10 --attacks adam:1e-3 --attack-seeds 3
+
+`--attacks` replaces the run's attacks ("optimizer:lr,..."); `--attack-seeds N` runs each at N seeds (the run's seed
+and the next ones) and prints the spread of the head start over scratch per attack.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 
@@ -25,17 +30,24 @@ from sophon_hf.attacks import evaluate_finetuning_resistance  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", required=True, help="an --output folder of bench_diffusion.py")
+    parser.add_argument("--attacks", help="replace the run's attacks, e.g. adam:1e-3")
+    parser.add_argument("--attack-seeds", type=int, default=1, help="run every attack at this many seeds")
     parser.add_argument("--json")
     args = parser.parse_args()
     options, data = load_run(args.run)
-    report = evaluate_finetuning_resistance(
+    specs = attack_specs(
+        args.attacks or options["attacks"], options["attack_steps"], options["batch_size"], options["seed"]
+    )
+    specs = [dataclasses.replace(spec, seed=spec.seed + k) for spec in specs for k in range(args.attack_seeds)]
+    result = evaluate_finetuning_resistance(
         UNet2DModel.from_pretrained(os.path.join(args.run, "protected")),
         data["restricted_train"],
         data["restricted_test"],
-        attacks=attack_specs(options["attacks"], options["attack_steps"], options["batch_size"], options["seed"]),
+        attacks=specs,
         reference_model=UNet2DModel.from_pretrained(os.path.join(args.run, "unprotected")),
         noise_scheduler=DDPMScheduler(num_train_timesteps=1000),  # as bench_diffusion.py
-    ).to_dict()
+    )
+    report = result.to_dict()
     out = {}
     for attack in report["attacks"]:
         final = attack["effective_final"]
@@ -44,6 +56,11 @@ def main() -> None:
         print(
             f"{attack['name']:34s} protected {final['protected']:.4f}  unprotected {final['unprotected']:.4f}  "
             f"scratch {final['scratch']:.4f} (Adam {attack['scratch_learning_rate']:g}; {grid})"
+        )
+    for group in result.across_seeds():  # head start: scratch's error minus the protected UNet's (> 0: ahead)
+        print(
+            f"{group['attack']:34s} head start over scratch: mean {group['mean']:+.4f}, min {group['min']:+.4f}, "
+            f"max {group['max']:+.4f} over seeds {group['seeds']}"
         )
     if args.json:
         with open(args.json, "w") as f:
