@@ -274,10 +274,10 @@ def _effective_value(run: dict[str, Any], higher_is_better: bool) -> float | Non
 
 
 def _best_scratch_run(candidates: list[tuple[float, dict[str, Any]]], higher_is_better: bool):
-    """The `(learning_rate, run)` whose value (`_effective_value`) is best for the attacker."""
-    scored = [c for c in candidates if _effective_value(c[1], higher_is_better) is not None] or candidates[:1]
+    """The `(learning_rate, run)` whose value (`_effective_value`) is best for the attacker; the first if none has one."""
     sign = 1 if higher_is_better else -1
-    return max(scored, key=lambda c: sign * (_effective_value(c[1], higher_is_better) or 0.0))
+    scored = [(sign * value, c) for c in candidates if (value := _effective_value(c[1], higher_is_better)) is not None]
+    return max(scored, key=lambda pair: pair[0])[1] if scored else candidates[0]
 
 
 def scratch_spec(attack: AttackSpec, recipe: dict[str, Any] | None = None) -> AttackSpec:
