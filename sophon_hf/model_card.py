@@ -638,7 +638,18 @@ def _report_context(
         overall += f" A head start of at most {tolerance:g} {metric} counts as none (the report's tolerance)."
     recipe = report.get("scratch_recipe") or {}
     fingerprints = report.get("fingerprints") or {}
+    # The same attack at several seeds (`sophon-hf attack --attack-seeds N`): the spread of its head start.
+    seed_rows = [
+        [
+            f"`{group['attack']}`",
+            ", ".join(str(seed) for seed in group["seeds"]),
+            ", ".join(f"{value:+.4f}" for value in group["head_starts"]),
+            *(f"{group[key]:+.4f}" for key in ("mean", "min", "max")),
+        ]
+        for group in (report.get("summary") or {}).get("across_seeds") or []
+    ]
     return {
+        "seed_rows": seed_rows,
         "headline": headline,
         "attack_columns": columns,
         "attack_rows": rows,

@@ -1,5 +1,6 @@
 """Model cards: metadata round trip, honest text, folder reading, and the template shipped in the wheel."""
 
+import copy
 import json
 import os
 import shutil
@@ -189,6 +190,22 @@ def test_card_lists_what_was_not_tested():
     assert "budgets longer than 20 steps" in untested
     assert "more than one seed" in untested
     assert "prefix or prompt tuning" in untested  # a family the harness never runs
+
+
+def test_card_shows_the_spread_of_attacks_run_at_several_seeds():
+    report = classification_report()
+    assert "Across attack seeds" not in generate_model_card(report=report.to_dict()).text  # one run per attack
+    for seed, final in ((1, 0.65), (2, 0.75)):  # the fresh-head attack (0.8 at seed 0) at two more seeds
+        again = copy.deepcopy(report.attacks[1])
+        again["name"] += f"-seed{seed}"
+        again["spec"]["seed"] = seed
+        again["curves"]["protected"][-1][1] = final
+        report.attacks.append(again)
+    text = generate_model_card(report=report.to_dict()).text
+    assert "**Across attack seeds.**" in text
+    row = "| `full_reinit_head-adam-lr0.001` | 0, 1, 2 | +0.1000, -0.0500, +0.0500 | +0.0333 | -0.0500 | +0.1000 |"
+    assert row in text
+    assert "more than one seed" not in text.split("## What was not tested")[1]
 
 
 def test_unmeasured_card_says_so_and_claims_nothing(tmp_path):
