@@ -276,6 +276,26 @@ ADAM_1E_2_ATTACKS = [
 ]
 
 
+def _resized_demo_model(seed: int, **config_changes):
+    """`demo_model(seed)`'s ResNet with some of its config changed (widths, depths), freshly initialised."""
+    config = demo_model(seed).config
+    for key, value in config_changes.items():
+        setattr(config, key, value)
+    torch.manual_seed(seed)
+    return type(demo_model(seed))(config)
+
+
+# Architectures for the capacity question (ninth session): is the fresh-head head start left after protection a limit
+# of the demo's 9.3k-parameter ResNet, whose few first-layer filters serve both domains?
+MODELS = {
+    "demo": demo_model,
+    # Twice the channels in every layer (34k parameters).
+    "wide": functools.partial(_resized_demo_model, embedding_size=32, hidden_sizes=[32, 64, 128]),
+    # Two bottleneck blocks per stage (15k parameters).
+    "deep": functools.partial(_resized_demo_model, depths=[2, 2, 2]),
+}
+
+
 def pretrain(model, dataset, steps: int = 1000, seed: int = 0):
     task = ClassificationTask(model)
     rows = task.prepare_dataset(dataset, "original_train")[:]
@@ -367,6 +387,7 @@ def main() -> None:
     )
     parser.add_argument("--attacker-images", type=int, default=50, help="labelled restricted images the attacker has")
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every attack's budget (demo: 0.5)")
+    parser.add_argument("--model", choices=list(MODELS), default="demo", help="the architecture (default: the demo's)")
     parser.add_argument("--json")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
@@ -383,7 +404,15 @@ def main() -> None:
     results = []
     for variant in args.variants:
         for seed in args.seeds:
-            r = run(variant, seed, attacks, args.attacker_images, steps_scale=args.steps_scale)
+            r = run(
+                variant,
+                seed,
+                attacks,
+                args.attacker_images,
+                make_model=MODELS[args.model],
+                steps_scale=args.steps_scale,
+            )
+            r["model"] = args.model
             results.append(r)
             print(
                 f"\n{variant} seed {seed}: original {r['original']['unprotected']:.3f} -> "
