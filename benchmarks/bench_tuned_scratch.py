@@ -93,7 +93,6 @@ def main() -> None:
         reference_model=unprotected,
         scratch_learning_rates=RATES,
         steps_scale=1.0 if args.attacks == "key" else steps_scale,
-        progress=True,
     ).to_dict()
     rows = []
     for attack in report["attacks"]:

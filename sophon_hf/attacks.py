@@ -765,7 +765,7 @@ def evaluate_finetuning_resistance(
     noise_scheduler=None,
     output_dir: str | None = None,
     device: torch.device | str | None = None,
-    progress: bool = False,
+    progress: bool = True,
 ) -> ResistanceReport:
     """Fine-tune the protected model (and the unprotected reference, and scratch) with each attack; report the curves.
 
@@ -810,7 +810,9 @@ def evaluate_finetuning_resistance(
             holding results of a different model or different data is refused.
         device (`str` or `torch.device`, *optional*): defaults to the process's accelerator device, else CUDA if
             available, else CPU.
-        progress (`bool`, *optional*, defaults to `False`): show tqdm bars over runs and steps.
+        progress (`bool`, *optional*, defaults to `True`): show tqdm bars over runs and steps, unless Hugging Face
+            progress bars are disabled (`HF_HUB_DISABLE_PROGRESS_BARS=1` or
+            `huggingface_hub.utils.disable_progress_bars()`).
 
     Returns:
         [`~sophon_hf.report.ResistanceReport`]
@@ -908,10 +910,12 @@ def evaluate_finetuning_resistance(
     units.sort(key=lambda unit: -unit[2].steps)
     mine = units[rank::world]
 
+    from huggingface_hub.utils import are_progress_bars_disabled
     from tqdm.auto import tqdm
 
     results: dict[str, dict[str, Any]] = {}
-    show = progress and rank == 0  # bars of several processes would overwrite each other
+    # Bars of several processes would overwrite each other: the main process shows them.
+    show = progress and rank == 0 and not are_progress_bars_disabled()
     runs_bar = tqdm(total=len(mine), desc=f"attacks (rank {rank})" if world > 1 else "attacks", disable=not show)
     for unit_id, start, spec, init in mine:
         start_fingerprint = fingerprints["reference" if start == "unprotected" else "protected"]

@@ -221,7 +221,6 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Demo
         include_scratch=True,
         steps_scale=settings.steps_scale,
         output_dir=os.path.join(output_dir, "attack_runs"),
-        progress=True,
     )
     timings["attacks_seconds"] = time.time() - timings["attacks_seconds"]
     with open(os.path.join(output_dir, "timings.json"), "w") as f:

@@ -262,6 +262,20 @@ def test_scratch_is_trained_once_per_budget_seed_and_initialisation(tmp_output):
     assert len(scratch_runs) == 2 * 2 * 3  # two budgets x two initialisations x the three default learning rates
 
 
+def test_progress_bars_by_default_and_off_with_the_hub_switch(capsys):
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    spec = AttackSpec(steps=2, batch_size=8)
+    evaluate_finetuning_resistance(MLP(), image_dataset(16), image_dataset(8, seed=1), [spec], scratch_inits=1)
+    assert "attacks: 100%" in capsys.readouterr().err
+    disable_progress_bars()  # the Hugging Face libraries' own switch (HF_HUB_DISABLE_PROGRESS_BARS=1)
+    try:
+        evaluate_finetuning_resistance(MLP(), image_dataset(16), image_dataset(8, seed=1), [spec], scratch_inits=1)
+    finally:
+        enable_progress_bars()
+    assert "attacks:" not in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------------------ determinism
 def test_same_model_as_protected_and_reference_gives_identical_curves():
     model = tiny_bert()  # dropout 0.1: the run's seeded RNG must make it repeat

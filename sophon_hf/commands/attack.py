@@ -350,7 +350,6 @@ def run(args: argparse.Namespace) -> int:
             noise_scheduler=noise_scheduler,
             output_dir=args.output,
             device=args.device,
-            progress=True,
         )
     except ValueError as error:
         raise SystemExit(f"sophon-hf attack: {error}") from None

@@ -210,7 +210,6 @@ def run(args: argparse.Namespace) -> int:
             noise_scheduler=noise_scheduler,
             output_dir=args.output,
             device=args.device,
-            progress=True,
         )
     except ValueError as error:
         raise SystemExit(f"sophon-hf verify: {error}") from None
