@@ -111,15 +111,17 @@ def load_run(run: str) -> tuple[dict, DatasetDict]:
 
 
 def attack_specs(text: str, steps: int, batch_size: int, seed: int) -> list:
-    """Full fine-tuning attacks from "optimizer:lr,optimizer:lr" (the `--attacks` option)."""
+    """Attacks from "optimizer:lr,strategy/optimizer:lr" (the `--attacks` option; the strategy defaults to `full`,
+    e.g. `lora/adam:1e-3` for the harness's LoRA attack, on the UNet's attention query and value projections)."""
     from sophon_hf.attacks import AttackSpec
 
     specs = []
     for item in text.split(","):
+        strategy, _, item = item.rpartition("/")
         optimizer, _, lr = item.partition(":")
         specs.append(
             AttackSpec(
-                strategy="full",
+                strategy=strategy or "full",
                 optimizer=optimizer,
                 learning_rate=float(lr),
                 steps=steps,

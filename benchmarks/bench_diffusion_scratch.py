@@ -7,7 +7,7 @@ prints, per attack, the final denoising error of protected / unprotected / scrat
     OMP_NUM_THREADS=1 python benchmarks/bench_diffusion_scratch.py --run P10 --json benchmarks/results/diffusion_tuned_scratch_P10.json
     OMP_NUM_THREADS=1 python benchmarks/bench_diffusion_scratch.py --run P10 --attacks adam:1e-3 --attack-seeds 3
 
-`--attacks` replaces the run's attacks ("optimizer:lr,..."); `--attack-seeds N` runs each at N seeds (the run's seed
+`--attacks` replaces the run's attacks ("optimizer:lr,strategy/optimizer:lr,...", strategy `full` by default); `--attack-seeds N` runs each at N seeds (the run's seed
 and the next ones) and prints the spread of the head start over scratch per attack.
 """
 
@@ -30,7 +30,7 @@ from sophon_hf.attacks import evaluate_finetuning_resistance  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", required=True, help="an --output folder of bench_diffusion.py")
-    parser.add_argument("--attacks", help="replace the run's attacks, e.g. adam:1e-3")
+    parser.add_argument("--attacks", help="replace the run's attacks, e.g. adam:1e-3,lora/adam:1e-3")
     parser.add_argument("--attack-seeds", type=int, default=1, help="run every attack at this many seeds")
     parser.add_argument("--json")
     args = parser.parse_args()
