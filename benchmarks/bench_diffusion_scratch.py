@@ -7,8 +7,12 @@ prints, per attack, the final denoising error of protected / unprotected / scrat
     OMP_NUM_THREADS=1 python benchmarks/bench_diffusion_scratch.py --run P10 --json benchmarks/results/diffusion_tuned_scratch_P10.json
     OMP_NUM_THREADS=1 python benchmarks/bench_diffusion_scratch.py --run P10 --attacks adam:1e-3 --attack-seeds 3
 
-`--attacks` replaces the run's attacks ("optimizer:lr,strategy/optimizer:lr,...", strategy `full` by default); `--attack-seeds N` runs each at N seeds (the run's seed
-and the next ones) and prints the spread of the head start over scratch per attack.
+`--attacks` replaces the run's attacks ("optimizer:lr,strategy/optimizer:lr,...", strategy `full` by default);
+`--attack-seeds N` runs each at N seeds (the run's seed and the next ones) and prints the spread of the head start over
+scratch per attack; `--lora-targets` sets the modules LoRA attacks adapt:
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_diffusion_scratch.py --run P10 --attacks lora/adam:1e-3,lora/adam:1e-2 \
+        --lora-targets conv1 conv2 to_q to_k to_v
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ def main() -> None:
     parser.add_argument("--run", required=True, help="an --output folder of bench_diffusion.py")
     parser.add_argument("--attacks", help="replace the run's attacks, e.g. adam:1e-3,lora/adam:1e-3")
     parser.add_argument("--attack-seeds", type=int, default=1, help="run every attack at this many seeds")
+    parser.add_argument(
+        "--lora-targets", nargs="+", help="module names LoRA attacks adapt (default: the harness's, to_q and to_v)"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     options, data = load_run(args.run)
@@ -39,6 +46,11 @@ def main() -> None:
         args.attacks or options["attacks"], options["attack_steps"], options["batch_size"], options["seed"]
     )
     specs = [dataclasses.replace(spec, seed=spec.seed + k) for spec in specs for k in range(args.attack_seeds)]
+    if args.lora_targets:
+        specs = [
+            dataclasses.replace(spec, lora_target_modules=args.lora_targets) if spec.strategy == "lora" else spec
+            for spec in specs
+        ]
     result = evaluate_finetuning_resistance(
         UNet2DModel.from_pretrained(os.path.join(args.run, "protected")),
         data["restricted_train"],
