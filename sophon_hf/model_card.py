@@ -314,6 +314,21 @@ def _untested(report: dict[str, Any], task: str) -> list[str]:
     batch_sizes = {spec["batch_size"] for spec in specs if _is_number(spec.get("batch_size"))}
     if len(batch_sizes) == 1:
         lines.append(f"batch sizes other than {batch_sizes.pop()}")
+    lora = [spec for spec in specs if spec.get("strategy") == "lora"]
+    if lora:
+        # Which modules get adapters decides what LoRA can change: on a small UNet, adapters on the attention
+        # projections alone hardly fine-tune at all (RESULTS_diffusion.md, ninth session).
+        targets = sorted({t for spec in lora for t in spec.get("lora_target_modules") or []})
+        used = [f"`{t}`" for t in targets]
+        if any(not spec.get("lora_target_modules") for spec in lora):
+            used.append(
+                "the harness's default targets (the attention query and value projections where the model has them, "
+                "else every linear and convolution layer but the head)"
+            )
+        lines.append("LoRA adapters on other modules than " + ", ".join(used))
+        ranks = {spec.get("lora_rank") for spec in lora}
+        if len(ranks) == 1 and _is_number(next(iter(ranks))):
+            lines.append(f"LoRA ranks other than {ranks.pop()}")
     seeds = {spec.get("seed") for spec in specs}
     if len(seeds) <= 1:
         lines.append("more than one seed per attack (each protected or unprotected number above is a single run)")

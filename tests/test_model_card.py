@@ -190,6 +190,17 @@ def test_card_lists_what_was_not_tested():
     assert "budgets longer than 20 steps" in untested
     assert "more than one seed" in untested
     assert "prefix or prompt tuning" in untested  # a family the harness never runs
+    assert "LoRA adapters" not in untested  # no LoRA attack ran: the strategy line covers it
+
+    report = classification_report()
+    report.attacks.append(copy.deepcopy(report.attacks[0]))
+    report.attacks[-1]["name"], report.attacks[-1]["spec"] = "lora", {"strategy": "lora", "lora_rank": 8}
+    untested = generate_model_card(report=report.to_dict()).text.split("## What was not tested")[1]
+    assert "LoRA adapters on other modules than the harness's default targets" in untested
+    assert "LoRA ranks other than 8" in untested
+    report.attacks[-1]["spec"]["lora_target_modules"] = ["conv2", "to_q"]
+    untested = generate_model_card(report=report.to_dict()).text.split("## What was not tested")[1]
+    assert "LoRA adapters on other modules than `conv2`, `to_q`\n" in untested
 
 
 def test_card_shows_the_spread_of_attacks_run_at_several_seeds():
