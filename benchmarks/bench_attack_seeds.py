@@ -58,7 +58,10 @@ def main() -> None:
             raise SystemExit(f"{name} is not in {args.demo_output}/report.json; choose from {sorted(recorded)}")
         spec = dict(recorded[name]["spec"])
         if rate:
-            spec["learning_rate"] = float(rate)
+            try:
+                spec["learning_rate"] = float(rate)
+            except ValueError:
+                raise SystemExit(f"{item!r}: the learning rate after '@' must be a number, e.g. {name}@0.03") from None
         specs.append(spec)
     protected = AutoModelForImageClassification.from_pretrained(os.path.join(args.demo_output, "protected"))
     unprotected = AutoModelForImageClassification.from_pretrained(os.path.join(args.demo_output, "unprotected"))

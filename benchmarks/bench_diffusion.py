@@ -338,7 +338,8 @@ def main():
     results["attack_curves"] = {record["name"]: record["curves"] for record in report.to_dict()["attacks"]}
     print(json.dumps(results["attacks"], indent=2))
 
-    # 5. What each model generates after the first attack (fine-tuned copies re-made here, same recipe).
+    # 5. What each model generates after full Adam fine-tuning at the first attack's rate and budget (copies re-made
+    # here).
     first = specs[0]
     samples, after_first = {}, {}
     for name, start in (("unprotected", unprotected), ("protected", protected), ("scratch", None)):
@@ -356,7 +357,9 @@ def main():
             "restricted_test": task.evaluate(model, prepared["restricted_test"]),
             "restricted_test_t1": task_t1.evaluate(model, prepared["restricted_test"]),
         }
-        label = f"{name} + {first.name}" if start is not None else "scratch + full-adam-lr0.001 (scratch recipe)"
+        # Whatever the first attack's strategy and optimizer, this re-makes it as full fine-tuning with Adam: say so.
+        full_adam = f"full Adam fine-tuning, lr {first.learning_rate:g}, {first.steps} steps"
+        label = f"{name} + {full_adam}" if start is not None else "scratch + full-adam-lr0.001 (scratch recipe)"
         samples[label] = generate_samples(
             model, scheduler, 12, torch.Generator().manual_seed(0), num_inference_steps=100
         )

@@ -47,6 +47,8 @@ def main() -> None:
     )
     specs = [dataclasses.replace(spec, seed=spec.seed + k) for spec in specs for k in range(args.attack_seeds)]
     if args.lora_targets:
+        if not any(spec.strategy == "lora" for spec in specs):
+            raise SystemExit("--lora-targets needs a LoRA attack in --attacks, e.g. lora/adam:1e-3")
         specs = [
             dataclasses.replace(spec, lora_target_modules=args.lora_targets) if spec.strategy == "lora" else spec
             for spec in specs

@@ -288,7 +288,7 @@ def framework_versions() -> dict[str, str]:
 
 def _untested(report: dict[str, Any], task: str) -> list[str]:
     # What the harness can run and this report lacks is "not tested"; the harness's own lists keep this in sync.
-    from .attacks import OPTIMIZERS, SCHEDULES, STRATEGIES
+    from .attacks import OPTIMIZERS, SCHEDULES, STRATEGIES, AttackSpec
 
     specs = [attack.get("spec", {}) for attack in report.get("attacks", [])]
     lines = []
@@ -318,20 +318,29 @@ def _untested(report: dict[str, Any], task: str) -> list[str]:
     if lora:
         # Which modules get adapters decides what LoRA can change: on a small UNet, adapters on the attention
         # projections alone hardly fine-tune at all (RESULTS_diffusion.md, ninth session).
-        targets = sorted({t for spec in lora for t in spec.get("lora_target_modules") or []})
-        used = [f"`{t}`" for t in targets]
-        if any(not spec.get("lora_target_modules") for spec in lora):
+        targets = [spec.get("lora_target_modules") or [] for spec in lora]
+        used = [f"`{t}`" for t in sorted({t for ts in targets for t in ([ts] if isinstance(ts, str) else ts)})]
+        if not all(targets):
             used.append(
-                "the harness's default targets (the attention query and value projections where the model has them, "
-                "else every linear and convolution layer but the head)"
+                "the harness's default targets (the attention query and value projections, or a fused query-key-value "
+                "projection, where the model has them; else every linear and convolution layer but the head)"
             )
         lines.append("LoRA adapters on other modules than " + ", ".join(used))
-        ranks = {spec.get("lora_rank") for spec in lora}
-        if len(ranks) == 1 and _is_number(next(iter(ranks))):
-            lines.append(f"LoRA ranks other than {ranks.pop()}")
-    seeds = {spec.get("seed") for spec in specs}
-    if len(seeds) <= 1:
+        ranks = sorted({spec.get("lora_rank", AttackSpec.lora_rank) for spec in lora})
+        lines.append("LoRA ranks other than " + ", ".join(str(rank) for rank in ranks))
+    # An attack counts as repeated when its settings ran at two or more seeds (as `ResistanceReport.across_seeds`).
+    seeds_per_setting: dict[str, set] = {}
+    for spec in specs:
+        setting = json.dumps({k: v for k, v in spec.items() if k != "seed"}, sort_keys=True, default=str)
+        seeds_per_setting.setdefault(setting, set()).add(spec.get("seed", 0))
+    single = sum(len(seeds) < 2 for seeds in seeds_per_setting.values())
+    if single == len(seeds_per_setting):
         lines.append("more than one seed per attack (each protected or unprotected number above is a single run)")
+    elif single:
+        lines.append(
+            f"more than one seed for {single} of the {len(seeds_per_setting)} attack settings (their protected and "
+            "unprotected numbers are single runs)"
+        )
     if not any("unprotected" in attack.get("curves", attack.get("final", {})) for attack in report.get("attacks", [])):
         lines.append("the unprotected original as a starting point (no reference model was given)")
     return lines
@@ -653,7 +662,16 @@ def _report_context(
         overall += f" A head start of at most {tolerance:g} {metric} counts as none (the report's tolerance)."
     recipe = report.get("scratch_recipe") or {}
     fingerprints = report.get("fingerprints") or {}
-    # The same attack at several seeds (`sophon-hf attack --attack-seeds N`): the spread of its head start.
+    # The same attack at several seeds (`sophon-hf attack --attack-seeds N`): the spread of its head start. Reports
+    # written before the summary carried it are grouped here.
+    groups = (report.get("summary") or {}).get("across_seeds")
+    if groups is None:
+        from .report import ResistanceReport
+
+        try:
+            groups = ResistanceReport.from_dict(report).across_seeds()
+        except (KeyError, TypeError):  # a hand-made report without curves: no spread to show
+            groups = []
     seed_rows = [
         [
             f"`{group['attack']}`",
@@ -661,7 +679,7 @@ def _report_context(
             ", ".join(f"{value:+.4f}" for value in group["head_starts"]),
             *(f"{group[key]:+.4f}" for key in ("mean", "min", "max")),
         ]
-        for group in (report.get("summary") or {}).get("across_seeds") or []
+        for group in groups
     ]
     return {
         "seed_rows": seed_rows,

@@ -262,18 +262,16 @@ def test_scratch_is_trained_once_per_budget_seed_and_initialisation(tmp_output):
     assert len(scratch_runs) == 2 * 2 * 3  # two budgets x two initialisations x the three default learning rates
 
 
-def test_progress_bars_by_default_and_off_with_the_hub_switch(capsys):
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+def test_progress_bars_by_default_and_off_with_the_hub_switch(capsys, monkeypatch):
+    import huggingface_hub.utils
 
     spec = AttackSpec(steps=2, batch_size=8)
-    evaluate_finetuning_resistance(MLP(), image_dataset(16), image_dataset(8, seed=1), [spec], scratch_inits=1)
-    assert "attacks: 100%" in capsys.readouterr().err
-    disable_progress_bars()  # the Hugging Face libraries' own switch (HF_HUB_DISABLE_PROGRESS_BARS=1)
-    try:
+    # The Hugging Face libraries' own switch (HF_HUB_DISABLE_PROGRESS_BARS=1, `disable_progress_bars()`), patched so
+    # that the test neither depends on nor changes the environment's setting.
+    for disabled in (False, True):
+        monkeypatch.setattr(huggingface_hub.utils, "are_progress_bars_disabled", lambda *args, d=disabled: d)
         evaluate_finetuning_resistance(MLP(), image_dataset(16), image_dataset(8, seed=1), [spec], scratch_inits=1)
-    finally:
-        enable_progress_bars()
-    assert "attacks:" not in capsys.readouterr().err
+        assert ("attacks: 100%" in capsys.readouterr().err) is not disabled
 
 
 # ------------------------------------------------------------------------------------------------ determinism

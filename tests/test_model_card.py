@@ -201,6 +201,13 @@ def test_card_lists_what_was_not_tested():
     report.attacks[-1]["spec"]["lora_target_modules"] = ["conv2", "to_q"]
     untested = generate_model_card(report=report.to_dict()).text.split("## What was not tested")[1]
     assert "LoRA adapters on other modules than `conv2`, `to_q`\n" in untested
+    # Hand-made specs: one target as a string, the rank left at the harness's default, a second rank.
+    report.attacks[-1]["spec"] = {"strategy": "lora", "lora_target_modules": "to_q"}
+    report.attacks.append(copy.deepcopy(report.attacks[-1]))
+    report.attacks[-1]["name"], report.attacks[-1]["spec"]["lora_rank"] = "lora-r4", 4
+    untested = generate_model_card(report=report.to_dict()).text.split("## What was not tested")[1]
+    assert "LoRA adapters on other modules than `to_q`\n" in untested
+    assert "LoRA ranks other than 4, 8\n" in untested
 
 
 def test_card_shows_the_spread_of_attacks_run_at_several_seeds():
@@ -216,7 +223,14 @@ def test_card_shows_the_spread_of_attacks_run_at_several_seeds():
     assert "**Across attack seeds.**" in text
     row = "| `full_reinit_head-adam-lr0.001` | 0, 1, 2 | +0.1000, -0.0500, +0.0500 | +0.0333 | -0.0500 | +0.1000 |"
     assert row in text
-    assert "more than one seed" not in text.split("## What was not tested")[1]
+    # The other two attacks ran once: the card still says so, for them.
+    untested = text.split("## What was not tested")[1]
+    assert "more than one seed for 2 of the 3 attack settings" in untested
+    assert "more than one seed per attack" not in untested
+    # A report written before its summary carried the spread is grouped by the card itself.
+    data = report.to_dict()
+    del data["summary"]["across_seeds"]
+    assert row in generate_model_card(report=data).text
 
 
 def test_unmeasured_card_says_so_and_claims_nothing(tmp_path):

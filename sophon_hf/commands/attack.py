@@ -75,8 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--attack-seeds",
         type=int,
         default=1,
-        help="run every attack at this many consecutive seeds (batch order, fresh head, adapters); report.md then "
-        "gives each attack's head start per seed, mean and range (default: 1)",
+        help="run every attack at this many consecutive seeds (batch order, fresh head, adapters); report.md, "
+        "report.json and the model card then give each attack's head start per seed, mean and range (default: 1)",
     )
     parser.add_argument("--steps-scale", type=float, default=1.0, help="multiply every attack's step budget")
     parser.add_argument(
