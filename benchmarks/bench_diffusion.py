@@ -112,7 +112,8 @@ def load_run(run: str) -> tuple[dict, DatasetDict]:
 
 def attack_specs(text: str, steps: int, batch_size: int, seed: int) -> list:
     """Attacks from "optimizer:lr,strategy/optimizer:lr" (the `--attacks` option; the strategy defaults to `full`,
-    e.g. `lora/adam:1e-3` for the harness's LoRA attack, on the UNet's attention query and value projections)."""
+    e.g. `lora/adam:1e-3` for the harness's LoRA attack, on the UNet's attention projections and ResNet convolutions
+    by default)."""
     from sophon_hf.attacks import AttackSpec
 
     specs = []

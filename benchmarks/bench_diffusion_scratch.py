@@ -9,10 +9,11 @@ prints, per attack, the final denoising error of protected / unprotected / scrat
 
 `--attacks` replaces the run's attacks ("optimizer:lr,strategy/optimizer:lr,...", strategy `full` by default);
 `--attack-seeds N` runs each at N seeds (the run's seed and the next ones) and prints the spread of the head start over
-scratch per attack; `--lora-targets` sets the modules LoRA attacks adapt:
+scratch per attack; `--lora-targets` sets the modules LoRA attacks adapt (the default, since the tenth session:
+`to_q to_k to_v conv1 conv2`; the ninth session measured attention-only LoRA with this):
 
     OMP_NUM_THREADS=1 python benchmarks/bench_diffusion_scratch.py --run P10 --attacks lora/adam:1e-3,lora/adam:1e-2 \
-        --lora-targets conv1 conv2 to_q to_k to_v
+        --lora-targets to_q to_v
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def main() -> None:
     parser.add_argument("--attacks", help="replace the run's attacks, e.g. adam:1e-3,lora/adam:1e-3")
     parser.add_argument("--attack-seeds", type=int, default=1, help="run every attack at this many seeds")
     parser.add_argument(
-        "--lora-targets", nargs="+", help="module names LoRA attacks adapt (default: the harness's, to_q and to_v)"
+        "--lora-targets",
+        nargs="+",
+        help="module names LoRA attacks adapt (default: the harness's, to_q to_k to_v conv1 conv2)",
     )
     parser.add_argument("--json")
     args = parser.parse_args()

@@ -11,6 +11,7 @@ step allocates: activations, gradients, optimizer states, and for SOPHON the fas
 
     python benchmarks/bench_trainer.py            # prints a table and ratios
     python benchmarks/bench_trainer.py --json out.json
+    python benchmarks/bench_trainer.py --models unet   # only some models' rows
 """
 
 from __future__ import annotations
@@ -183,13 +184,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--json")
     parser.add_argument("--memory-child", nargs=2)
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     args = parser.parse_args()
     if args.memory_child:
         print(memory_child(*args.memory_child))
         return
     results = {"time": [], "memory": []}
     print(f"Outer iteration (K={K}, batch {BATCH}) vs the same plain forward+backward passes (target <= 1.3)")
-    for kind in MODELS:
+    for kind in args.models:
         for strategy in STRATEGIES[kind]:
             r = time_ratio(kind, strategy)
             results["time"].append(r)
@@ -198,7 +200,7 @@ def main() -> None:
                 f"ratio {r['time_ratio']:.2f}"
             )
     print("Peak memory of a first-order outer iteration vs a plain training step (target <= 2)")
-    for kind in MODELS:
+    for kind in args.models:
         r = memory_ratio(kind)
         results["memory"].append(r)
         print(

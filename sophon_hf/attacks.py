@@ -98,8 +98,9 @@ class AttackSpec:
         lora_dropout (`float`, *optional*, defaults to `0.0`):
             Passed to `peft.LoraConfig`.
         lora_target_modules (`list[str]`, *optional*):
-            Module names (suffixes) to adapt. Default: the attention query/value projections of common
-            architectures, else every `nn.Linear`/`nn.Conv2d` except the head.
+            Module names (suffixes) to adapt. Default: a Diffusers UNet's attention projections and ResNet
+            convolutions (`to_q`, `to_k`, `to_v`, `conv1`, `conv2`), else the attention query/value projections of
+            common architectures, else every `nn.Linear`/`nn.Conv2d` except the head.
 
     Example:
         >>> AttackSpec(strategy="full", optimizer="adam", learning_rate=1e-3, steps=300).name
@@ -950,6 +951,8 @@ def evaluate_finetuning_resistance(
     attack_records = []
     for spec in specs:
         record = {"name": spec.name, "spec": spec.to_dict(), "curves": {}, "diverged": {}, "diverged_at": {}}
+        if spec.strategy == "lora" and not spec.lora_target_modules:
+            record["lora_targets"] = _lora_targets(model, spec, task.head_name)
         for start in starts:
             run = results[f"{spec.name}--{start}"]
             record["curves"][start], record["diverged"][start] = run["curve"], run["diverged"]

@@ -77,8 +77,10 @@ class SophonConfig(TrainingArguments):
             costs 2-3x the time and much more memory.
         lora_r (`int`, *optional*, defaults to `8`), lora_alpha (`int`, *optional*, defaults to `16`),
         lora_target_modules (`list[str]`, *optional*):
-            The simulated LoRA attacker's adapters; targets default to the attention projections / linear layers of
-            the body (never the head).
+            The simulated LoRA attacker's adapters; targets default to those of the attack harness
+            (`sophon_hf.simulation.default_lora_targets`: a Diffusers UNet's attention projections and ResNet
+            convolutions, else attention query/value projections, else every linear/conv layer of the body; never
+            the head).
         head_name (`str`, *optional*):
             Dotted name of the classifier's output `nn.Linear`; found automatically when omitted.
         diffusion_timestep (`int`, *optional*):

@@ -314,19 +314,37 @@ def _untested(report: dict[str, Any], task: str) -> list[str]:
     batch_sizes = {spec["batch_size"] for spec in specs if _is_number(spec.get("batch_size"))}
     if len(batch_sizes) == 1:
         lines.append(f"batch sizes other than {batch_sizes.pop()}")
-    lora = [spec for spec in specs if spec.get("strategy") == "lora"]
+    lora = [attack for attack in report.get("attacks", []) if attack.get("spec", {}).get("strategy") == "lora"]
     if lora:
         # Which modules get adapters decides what LoRA can change: on a small UNet, adapters on the attention
         # projections alone hardly fine-tune at all (RESULTS_diffusion.md, ninth session).
-        targets = [spec.get("lora_target_modules") or [] for spec in lora]
-        used = [f"`{t}`" for t in sorted({t for ts in targets for t in ([ts] if isinstance(ts, str) else ts)})]
-        if not all(targets):
+        named, long_defaults, unresolved = set(), set(), False
+        for attack in lora:
+            # Explicit targets are in the spec; defaults are resolved per model into `lora_targets` (older reports
+            # lack it).
+            given, resolved = attack["spec"].get("lora_target_modules"), attack.get("lora_targets")
+            if given:
+                named.update([given] if isinstance(given, str) else given)
+            elif not resolved:
+                unresolved = True
+            elif len(resolved) <= 8:
+                named.update(resolved)
+            else:  # every layer of a convolutional network: a count reads better than dozens of names
+                long_defaults.add(len(resolved))
+        used = [f"`{t}`" for t in sorted(named)]
+        used += [
+            f"the {n} linear and convolution layers below the head (the harness's default)"
+            for n in sorted(long_defaults)
+        ]
+        if unresolved:
             used.append(
-                "the harness's default targets (the attention query and value projections, or a fused query-key-value "
-                "projection, where the model has them; else every linear and convolution layer but the head)"
+                "the harness's default targets (a Diffusers UNet's attention projections and ResNet convolutions; "
+                "else the attention query and value projections, or a fused query-key-value projection, where the "
+                "model has them; else every linear and convolution layer but the head)"
             )
         lines.append("LoRA adapters on other modules than " + ", ".join(used))
-        ranks = sorted({spec.get("lora_rank", AttackSpec.lora_rank) for spec in lora})
+        specs_lora = [attack["spec"] for attack in lora]
+        ranks = sorted({spec.get("lora_rank", AttackSpec.lora_rank) for spec in specs_lora})
         lines.append("LoRA ranks other than " + ", ".join(str(rank) for rank in ranks))
     # An attack counts as repeated when its settings ran at two or more seeds (as `ResistanceReport.across_seeds`).
     seeds_per_setting: dict[str, set] = {}

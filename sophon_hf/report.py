@@ -23,8 +23,9 @@ START_STYLES = {
 }
 MAX_PLOTTED_ATTACKS = 24
 
-# Per-attack record of a tuned scratch baseline (`scratch_learning_rates`): the chosen rate, every rate's value and divergence.
-TUNED_SCRATCH_KEYS = ("scratch_learning_rate", "scratch_grid")
+# Optional per-attack keys: a tuned scratch baseline's chosen rate and every rate's value and divergence
+# (`scratch_learning_rates`), and the modules a LoRA attack adapted where its spec left them to the default.
+OPTIONAL_RECORD_KEYS = ("scratch_learning_rate", "scratch_grid", "lora_targets")
 
 
 def effective_final(curve: list[list[float]], diverged: bool, higher_is_better: bool) -> float | None:
@@ -259,7 +260,7 @@ class ResistanceReport:
                 "curves": a["curves"],
                 "diverged": a.get("diverged", {}),
                 "diverged_at": a.get("diverged_at", {}),
-                **{k: a[k] for k in TUNED_SCRATCH_KEYS if k in a},
+                **{k: a[k] for k in OPTIONAL_RECORD_KEYS if k in a},
                 **self.attack_summary(a),
             }
             for a in self.attacks
@@ -272,7 +273,7 @@ class ResistanceReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ResistanceReport:
-        raw_keys = ("name", "spec", "curves", "diverged", "diverged_at", *TUNED_SCRATCH_KEYS)
+        raw_keys = ("name", "spec", "curves", "diverged", "diverged_at", *OPTIONAL_RECORD_KEYS)
         return cls(
             task=data["task"],
             metric=data["metric"],

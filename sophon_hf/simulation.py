@@ -26,9 +26,13 @@ import torch.nn as nn
 SIMULATION_STRATEGIES = ("full", "full_reinit_head", "linear_probe", "lora")
 INNER_OPTIMIZERS = ("sgd", "sgd_momentum", "adam", "rmsprop", "adagrad")
 # LoRA targets of common architectures, tried in order; the first set whose names all occur in the model wins.
-# transformers 5 names ViT/CLIP/LLaMA-style attention `q_proj`/`v_proj`; BERT-style models keep `query`/`value`;
-# Diffusers attention uses `to_q`/`to_v`.
+# Diffusers UNets come first with their ResNet blocks' convolutions (`conv1`, `conv2`) as well as the attention
+# projections: on a small UNet, adapters on the attention alone hardly fine-tune at all, while with the convolutions
+# LoRA fine-tunes like full fine-tuning (RESULTS_diffusion.md, ninth session), and both the harness and the simulated
+# attacker should default to the stronger attack. transformers 5 names ViT/CLIP/LLaMA-style attention
+# `q_proj`/`v_proj`; BERT-style models keep `query`/`value`; other Diffusers attention uses `to_q`/`to_v`.
 LORA_DEFAULT_TARGETS = (
+    ("to_q", "to_k", "to_v", "conv1", "conv2"),
     ("q_proj", "v_proj"),
     ("query", "value"),
     ("q_lin", "v_lin"),
@@ -107,7 +111,11 @@ def parse_inner_optimizer(spec: str, default_lr: float) -> InnerOptimizer:
 
 # ---------------------------------------------------------------------- LoRA
 def default_lora_targets(model: nn.Module, head_name: str | None) -> list[str]:
-    """Attention query/value projections of common architectures, else every Linear/Conv2d except the head."""
+    """LoRA targets when none are given.
+
+    A Diffusers UNet's attention projections (`to_q`, `to_k`, `to_v`) and ResNet convolutions (`conv1`, `conv2`);
+    else the attention query/value projections of common architectures; else every Linear/Conv2d except the head.
+    """
     leaf_names = {name.rpartition(".")[2] for name, _ in model.named_modules()}
     for targets in LORA_DEFAULT_TARGETS:
         if all(t in leaf_names for t in targets):

@@ -21,6 +21,8 @@ from sophon_hf.diffusion import (
     load_digits_and_photo_patches,
     save_sample_grid,
 )
+from sophon_hf.model_card import generate_model_card
+from sophon_hf.report import ResistanceReport
 from sophon_hf.simulation import (
     SimulationView,
     build_lora_copy,
@@ -172,13 +174,17 @@ def test_simulation_equals_hand_written_finetuning():
         torch.testing.assert_close(result.meta_grads[name], grad, rtol=1e-4, atol=1e-6)
 
 
-def test_simulated_lora_adapts_attention_and_leaves_the_base_untouched():
+def test_simulated_lora_adapts_attention_and_convolutions_and_leaves_the_base_untouched():
     unet, task = tiny_unet(), None
-    targets = default_lora_targets(unet, None)
-    assert targets and set(targets) <= {"to_q", "to_k", "to_v", "to_out.0"}  # the UNet's attention projections
+    # A UNet's attention projections and its ResNet blocks' convolutions: attention alone hardly fine-tunes a UNet.
+    assert default_lora_targets(unet, None) == ["to_q", "to_k", "to_v", "conv1", "conv2"]
     task = DiffusionTask(unet, scheduler())
     lora_model, base_map, adapters = build_lora_copy(unet, None, r=4, alpha=8)
-    assert adapters and all(".to_" in name for name in adapters)
+    adapted = {name.split(".lora_")[0].removeprefix("base_model.model.") for name in adapters}
+    assert {name.rpartition(".")[2] for name in adapted} == {"to_q", "to_k", "to_v", "conv1", "conv2"}
+    assert sum(name.endswith(".conv1") for name in adapted) == sum(
+        name.endswith(".conv1") for name, _ in unet.named_modules()
+    )  # every ResNet block, down and up
     own = dict(unet.named_parameters())
     gen = torch.Generator().manual_seed(0)
     view = SimulationView(
@@ -515,8 +521,11 @@ def test_attack_harness_full_and_lora_on_a_unet(tmp_path):
     before = {n: p.detach().clone() for n, p in protected.named_parameters()}
     attacks = [
         AttackSpec(strategy="full", optimizer="adam", learning_rate=1e-3, steps=2, batch_size=4),
-        # Default targets: the harness picks the UNet's attention projections.
+        # Default targets: the harness picks the UNet's attention projections and ResNet convolutions.
         AttackSpec(strategy="lora", optimizer="adam", learning_rate=1e-3, steps=2, batch_size=4),
+        AttackSpec(
+            strategy="lora", optimizer="adam", learning_rate=1e-3, steps=2, batch_size=4, lora_target_modules=["to_q"]
+        ),
     ]
     report = evaluate_finetuning_resistance(
         protected,
@@ -531,6 +540,16 @@ def test_attack_harness_full_and_lora_on_a_unet(tmp_path):
         assert set(record["curves"]) == {"protected", "unprotected", "scratch"}
         assert all(np.isfinite(v) for curve in record["curves"].values() for _, v in curve)
     assert all(torch.equal(p, before[n]) for n, p in protected.named_parameters())
+    # The report records which modules a default LoRA attack adapted, and the card names them.
+    assert report["attacks"][1]["lora_targets"] == ["to_q", "to_k", "to_v", "conv1", "conv2"]
+    assert "lora_targets" not in report["attacks"][0] and "lora_targets" not in report["attacks"][2]
+    assert (
+        ResistanceReport.from_dict(report).to_dict()["attacks"][1]["lora_targets"]
+        == report["attacks"][1]["lora_targets"]
+    )
+    card = generate_model_card(task="unconditional-image-generation", library_name="diffusers", report=report)
+    untested = card.text.split("## What was not tested")[1]
+    assert "LoRA adapters on other modules than `conv1`, `conv2`, `to_k`, `to_q`, `to_v`\n" in untested
 
 
 def test_named_suites_keep_the_attacks_a_unet_can_take():

@@ -196,8 +196,16 @@ def test_card_lists_what_was_not_tested():
     report.attacks.append(copy.deepcopy(report.attacks[0]))
     report.attacks[-1]["name"], report.attacks[-1]["spec"] = "lora", {"strategy": "lora", "lora_rank": 8}
     untested = generate_model_card(report=report.to_dict()).text.split("## What was not tested")[1]
-    assert "LoRA adapters on other modules than the harness's default targets" in untested
+    assert "LoRA adapters on other modules than the harness's default targets" in untested  # an older report
     assert "LoRA ranks other than 8" in untested
+    # Defaults resolved by the harness are named, or counted when they are every layer of a convolutional network.
+    report.attacks[-1]["lora_targets"] = ["q_proj", "v_proj"]
+    untested = generate_model_card(report=report.to_dict()).text.split("## What was not tested")[1]
+    assert "LoRA adapters on other modules than `q_proj`, `v_proj`\n" in untested
+    report.attacks[-1]["lora_targets"] = [f"resnet.stages.{i}.conv" for i in range(12)]
+    untested = generate_model_card(report=report.to_dict()).text.split("## What was not tested")[1]
+    assert "than the 12 linear and convolution layers below the head (the harness's default)\n" in untested
+    del report.attacks[-1]["lora_targets"]
     report.attacks[-1]["spec"]["lora_target_modules"] = ["conv2", "to_q"]
     untested = generate_model_card(report=report.to_dict()).text.split("## What was not tested")[1]
     assert "LoRA adapters on other modules than `conv2`, `to_q`\n" in untested
