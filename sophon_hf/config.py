@@ -168,7 +168,8 @@ class SophonConfig(TrainingArguments):
     # Normal training reinforcement
     ntr_steps: int = field(default=1, metadata={"help": "Original-domain training steps per outer iteration."})
     original_accuracy_floor: float | None = field(
-        default=None, metadata={"help": "Stop and restore the best weights when original accuracy falls below."}
+        default=None,
+        metadata={"help": "Stop and restore the last weights that met it when original accuracy falls below."},
     )
     # Model card
     original_domain: str | None = field(default=None, metadata={"help": "Name of the original domain (model card)."})

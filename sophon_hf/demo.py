@@ -125,7 +125,7 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Demo
 
     Args:
         output_dir (`str`): where the models, the report and the plots go.
-        quick (`bool`, *optional*, defaults to `False`): the quick suite and a shorter protection (~1.5 minutes).
+        quick (`bool`, *optional*, defaults to `False`): the quick suite and a shorter protection (1-1.5 minutes on 2 CPU cores).
         seed (`int`, *optional*, defaults to `0`): seed of the data split, the models and the attacks.
         settings (`DemoSettings`, *optional*): override everything (`quick` and `seed` are then ignored).
 

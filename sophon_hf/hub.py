@@ -256,6 +256,17 @@ def resolve_repo_id(repo_id: str, token: str | None = None) -> str:
         return repo_id
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a malformed Hub repo id with the rule it breaks (`ValueError`)."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"{repo_id!r} is not a valid Hub repo id: {error} Use 'name' or 'namespace/name' (letters, digits, "
+            "'-', '_', '.'; at most 96 characters), e.g. 'my-name/vit-sophon-protected'."
+        ) from error
+
+
 def check_publishable(folder: str | Path, repo_id: str) -> tuple[list[str], list[str]]:
     """The checks `push_folder` makes before anything is sent, the card's aside; they only read the folder.
 
@@ -270,13 +281,7 @@ def check_publishable(folder: str | Path, repo_id: str) -> tuple[list[str], list
         `ValueError`: what is wrong and how to fix it.
     """
     folder = Path(folder)
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise ValueError(
-            f"{repo_id!r} is not a valid Hub repo id: {error} Use 'name' or 'namespace/name' (letters, digits, "
-            "'-', '_', '.'; at most 96 characters), e.g. 'my-name/vit-sophon-protected'."
-        ) from error
+    check_repo_id(repo_id)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder. Pass the folder written by `trainer.save_model(...)`.")
     if not (folder / "config.json").is_file():

@@ -1,7 +1,8 @@
 """Suppression losses of SOPHON (Deng et al., IEEE S&P 2024, arXiv 2404.12699).
 
 Plain gradient ascent on the task loss diverges: its gradient grows as it succeeds. The losses below are
-minimised by ordinary descent and their gradients vanish once the restricted task is suppressed.
+minimised by ordinary descent; the paper's inverse cross-entropy and KL from uniform have gradients that vanish once
+the restricted task is suppressed, while the released code's negated-logits variant keeps pushing.
 
 Each computes in float32 whatever the input dtype: the difference of two log-sum-exps cancels badly in
 bfloat16/float16 (CPU autocast keeps them in bfloat16; a 12% gradient error was measured on 100 classes).

@@ -213,7 +213,7 @@ def eval_results_from_report(
 
     Args:
         report (`dict`):
-            Content of `report.json` (schema in DESIGN.md).
+            Content of `report.json` (`ResistanceReport.to_dict()`).
         task (`str`):
             Hub task type, e.g. `"image-classification"`.
         original_domain (`str`, *optional*), restricted_domain (`str`, *optional*):

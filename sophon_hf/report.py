@@ -244,7 +244,8 @@ class ResistanceReport:
 
     # ------------------------------------------------------------------------------------------------ (de)serialise
     def to_dict(self) -> dict[str, Any]:
-        """The report.json content (see DESIGN.md), with per-attack summaries and the overall summary."""
+        """The report.json content (task, metric, original, scratch recipe, fingerprints, attacks with their curves,
+        finals and summaries, and the overall summary), as `report.save` writes it."""
         out: dict[str, Any] = {"task": self.task, "metric": self.metric, "higher_is_better": self.higher_is_better}
         if self.original is not None:
             out["original"] = dict(self.original)

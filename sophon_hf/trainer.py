@@ -152,14 +152,14 @@ class SophonTrainer(Trainer):
     Transferability For Pre-trained Models", IEEE S&P 2024).
 
     Each outer iteration simulates an attacker fine-tuning the model on `restricted_dataset` (a strategy and an
-    optimizer sampled from `args`), takes one suppression step along the first-order meta-gradient of the
-    suppression loss measured after every simulated step, then `args.ntr_steps` ordinary training steps on
-    `train_dataset` so the original task keeps working.
+    optimizer sampled from `args`), takes one suppression step along the meta-gradient (first order by default,
+    `first_order=False` for the exact one) of the suppression loss measured after every simulated step, then
+    `args.ntr_steps` ordinary training steps on `train_dataset` so the original task keeps working.
 
     Args:
         model (`nn.Module`):
-            A Transformers `*ForImageClassification` / `*ForSequenceClassification` model, or a plain module whose
-            forward returns logits.
+            A Transformers `*ForImageClassification` / `*ForSequenceClassification` model, a plain module whose
+            forward returns logits, or a Diffusers `UNet2DModel` denoiser (with `noise_scheduler`).
         args (`SophonConfig`):
             Training arguments; `max_steps` counts outer iterations.
         train_dataset (`datasets.Dataset`):
@@ -237,7 +237,7 @@ class SophonTrainer(Trainer):
         if args.restricted_loss == "denial_of_service" and not is_denoiser:
             raise ValueError(
                 "restricted_loss='denial_of_service' is for diffusion UNets; classifiers use "
-                "'inverse_cross_entropy' or 'kl_uniform'."
+                "'inverse_cross_entropy', 'inverse_cross_entropy_negated_logits' or 'kl_uniform'."
             )
         if is_denoiser and args.original_accuracy_floor is not None:
             raise ValueError("original_accuracy_floor applies to classifiers; diffusion UNets have no accuracy.")
@@ -516,14 +516,24 @@ class SophonTrainer(Trainer):
         """Save the model and its card, then upload the folder in one commit through `sophon_hf.hub.push_folder`.
 
         Uploads safetensors weights, configs, the card, and `report.json` with its plots when present; never pickle
-        files. A failed upload leaves every local file in place; rerun to continue. `kwargs` go to
-        [`~SophonTrainer.create_model_card`] (e.g. `license="apache-2.0"`, `dataset_name=[...]`), as with Trainer.
+        files. The repo id and the token are checked before anything is saved; a failed upload leaves every local
+        file in place; rerun to continue. `kwargs` go to [`~SophonTrainer.create_model_card`] (e.g.
+        `license="apache-2.0"`, `dataset_name=[...]`), as with Trainer.
         """
-        from .hub import push_folder, resolve_repo_id
+        from huggingface_hub import get_token
 
+        from .hub import LOGIN_FIX, HubPublishError, check_repo_id, push_folder, resolve_repo_id
+
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        if self.is_world_process_zero():
+            # A push that cannot happen should not first overwrite the output folder's weights and card.
+            check_repo_id(repo_id)
+            if not (token or self.args.hub_token or get_token()):
+                raise HubPublishError(
+                    f"No Hugging Face token found: {LOGIN_FIX}. Nothing was saved to {self.args.output_dir}."
+                )
         # `_internal_call`: with `args.push_to_hub`, a plain `save_model()` calls `push_to_hub` again.
         self.save_model(_internal_call=True)
-        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
         # The card names the repo it is published in, namespace included (and takes the caller's card options).
         repo_id = resolve_repo_id(repo_id, token or self.args.hub_token) if self.is_world_process_zero() else repo_id
         self.create_model_card(repo_id=repo_id, **kwargs)

@@ -49,6 +49,11 @@ def parse_recipe_args(dataclass_types: tuple, argv: list[str] | None, recipes_di
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(dataclass_types)
+    # `--config` is taken out of argv before parsing, so it is not an argument of the parser: say so in `--help`.
+    parser.description = (
+        f"--config RECIPE: a YAML file, or the name of a recipe shipped in {recipes_dir}; its keys become the "
+        "defaults of the arguments below, which override them on the command line."
+    )
     for index, arg in enumerate(argv):
         if arg == "--config" or arg.startswith("--config="):
             value, width = (argv[index + 1], 2) if arg == "--config" else (arg.split("=", 1)[1], 1)

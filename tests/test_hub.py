@@ -585,6 +585,26 @@ def test_trainer_push_to_hub_passes_card_options_like_trainer(tmp_path, hub):
         trainer.push_to_hub(bogus=1)
 
 
+def test_trainer_push_that_cannot_happen_saves_nothing(tmp_path, hub, monkeypatch):
+    # An earlier model saved in the output folder, with its card: a refused push must not overwrite them.
+    trainer = _vit_trainer(tmp_path / "vit-protected")
+    trainer.save_model()
+    before = snapshot(tmp_path / "vit-protected")
+    trainer.model = tiny_vit(seed=1)  # what the trainer would save now differs from the folder
+
+    trainer.args.hub_model_id = "bad//id"
+    with pytest.raises(ValueError, match="not a valid Hub repo id"):
+        trainer.push_to_hub()
+    trainer.args.hub_model_id = "me/vit-protected"
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    with pytest.raises(HubPublishError, match=r"No Hugging Face token.*Nothing was saved"):
+        trainer.push_to_hub()
+    assert snapshot(tmp_path / "vit-protected") == before
+    assert hub.calls == []
+
+
 def test_trainer_card_keeps_the_publishers_name_and_tags_and_names_the_namespaced_repo(tmp_path, hub):
     trainer = _vit_trainer(tmp_path / "vit-protected")
     trainer.create_model_card(model_name="My protected ViT", tags=["mnist"])

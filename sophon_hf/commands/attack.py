@@ -5,8 +5,10 @@ Usage:
         --restricted-train restricted_train_dir --restricted-test restricted_test_dir --suite quick --output report_dir
     sophon-hf attack --list-suites
 
-    # The runs split across processes (2 CPU processes here; use the GPU count on a GPU machine):
-    accelerate launch --multi_gpu --num_processes 2 -m sophon_hf.cli attack --model protected_dir ... --output report_dir
+    # The runs split across processes (2 CPU processes here; on GPUs use accelerate_configs/multi_gpu.yaml and
+    # --num_processes with the GPU count; `accelerate launch --cpu --num_processes 2` would start only one process):
+    accelerate launch --config_file trainers/accelerate_configs/cpu_2proc.yaml -m sophon_hf.cli attack \
+        --model protected_dir ... --output report_dir
 
 Re-running with the same `--output` resumes: finished runs (kept in `<output>/runs/`) are not repeated. An output
 folder holding results of a different model or different data is refused.

@@ -12,7 +12,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "fine-tuning attacks. Everything is offline; about 6 minutes on 2 CPU cores (--quick: about 1).",
     )
     parser.add_argument("--output", default="demo_output", help="output folder (default: demo_output)")
-    parser.add_argument("--quick", action="store_true", help="quick suite and shorter protection (about 1 minute)")
+    parser.add_argument(
+        "--quick", action="store_true", help="quick suite and shorter protection (1-1.5 minutes on 2 CPU cores)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of data split, models and attacks (default: 0)")
     parser.set_defaults(func=run)
 

@@ -13,7 +13,7 @@ import yaml
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "protect",
-        help="protect a model from a YAML recipe (see sophon_hf/trainers/configs)",
+        help="protect a model from a YAML recipe (see trainers/configs; sophon_hf/trainers/configs once installed)",
         description="Protect a classifier or a diffusion UNet from a YAML recipe: a file, or the name of a shipped "
         "recipe such as mnist_vit_cpu.yaml. Extra arguments override recipe fields (e.g. --max_steps 50); "
         "`python -m sophon_hf.trainers.protect_classifier --help` (or `protect_diffusion`) lists them.",
