@@ -187,6 +187,13 @@ def test_config_names_a_shipped_recipe_and_rejects_unknown_fields(tmp_path):
         script.parse_args(["--config", "no_such_recipe"])
 
 
+def test_help_names_the_config_option(capsys):
+    # `--config` is consumed before the dataclass parser runs, so the help text must mention it itself.
+    with pytest.raises(SystemExit):
+        script.parse_args(["--help"])
+    assert "--config RECIPE" in capsys.readouterr().out
+
+
 def test_config_with_equals_keeps_the_next_argument_and_a_local_file_wins(tmp_path, monkeypatch):
     path = os.path.join(TRAINERS, "configs", "mnist_vit_cpu.yaml")
     _, training_args, model_args = script.parse_args([f"--config={path}", "--max_steps", "7", "--pretrain_steps", "3"])
