@@ -343,8 +343,7 @@ def _untested(report: dict[str, Any], task: str) -> list[str]:
                 "model has them; else every linear and convolution layer but the head)"
             )
         lines.append("LoRA adapters on other modules than " + ", ".join(used))
-        specs_lora = [attack["spec"] for attack in lora]
-        ranks = sorted({spec.get("lora_rank", AttackSpec.lora_rank) for spec in specs_lora})
+        ranks = sorted({attack["spec"].get("lora_rank", AttackSpec.lora_rank) for attack in lora})
         lines.append("LoRA ranks other than " + ", ".join(str(rank) for rank in ranks))
     # An attack counts as repeated when its settings ran at two or more seeds (as `ResistanceReport.across_seeds`).
     seeds_per_setting: dict[str, set] = {}
