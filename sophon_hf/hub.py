@@ -256,6 +256,14 @@ def resolve_repo_id(repo_id: str, token: str | None = None) -> str:
         return repo_id
 
 
+def require_token(token: str | None, untouched: str) -> str:
+    """The given token, else the logged-in one; `HubPublishError` naming the fix and what was left untouched."""
+    token = token or get_token()
+    if not token:
+        raise HubPublishError(f"No Hugging Face token found: {LOGIN_FIX}. {untouched}")
+    return token
+
+
 def check_repo_id(repo_id: str) -> None:
     """Refuse a malformed Hub repo id with the rule it breaks (`ValueError`)."""
     try:
@@ -390,9 +398,7 @@ def push_folder(
             ", ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""),
         )
 
-    token = token or get_token()
-    if not token:
-        raise HubPublishError(f"No Hugging Face token found: {LOGIN_FIX}. Nothing in {folder} was changed.")
+    token = require_token(token, f"Nothing in {folder} was changed.")
 
     api = HfApi(token=token)
     try:

@@ -346,10 +346,11 @@ def _untested(report: dict[str, Any], task: str) -> list[str]:
         ranks = sorted({attack["spec"].get("lora_rank", AttackSpec.lora_rank) for attack in lora})
         lines.append("LoRA ranks other than " + ", ".join(str(rank) for rank in ranks))
     # An attack counts as repeated when its settings ran at two or more seeds (as `ResistanceReport.across_seeds`).
+    from .report import setting_key
+
     seeds_per_setting: dict[str, set] = {}
     for spec in specs:
-        setting = json.dumps({k: v for k, v in spec.items() if k != "seed"}, sort_keys=True, default=str)
-        seeds_per_setting.setdefault(setting, set()).add(spec.get("seed", 0))
+        seeds_per_setting.setdefault(setting_key(spec), set()).add(spec.get("seed", 0))
     single = sum(len(seeds) < 2 for seeds in seeds_per_setting.values())
     if single == len(seeds_per_setting):
         lines.append("more than one seed per attack (each protected or unprotected number above is a single run)")

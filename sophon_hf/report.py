@@ -28,6 +28,11 @@ MAX_PLOTTED_ATTACKS = 24
 OPTIONAL_RECORD_KEYS = ("scratch_learning_rate", "scratch_grid", "lora_targets")
 
 
+def setting_key(spec: dict[str, Any]) -> str:
+    """An attack's settings without its seed: runs that differ only in their seed share this key."""
+    return json.dumps({k: v for k, v in spec.items() if k != "seed"}, sort_keys=True, default=str)
+
+
 def effective_final(curve: list[list[float]], diverged: bool, higher_is_better: bool) -> float | None:
     """What a run counts as: its last value, or its best value before it diverged (an attacker keeps the last good
     checkpoint); `None` without any evaluation."""
@@ -218,8 +223,9 @@ class ResistanceReport:
             head_start = self.attack_summary(record)["head_start"]
             if head_start is None:
                 continue
-            setting = json.dumps({k: v for k, v in record["spec"].items() if k != "seed"}, sort_keys=True)
-            groups.setdefault(setting, []).append((record["spec"].get("seed", 0), record["name"], head_start))
+            groups.setdefault(setting_key(record["spec"]), []).append(
+                (record["spec"].get("seed", 0), record["name"], head_start)
+            )
         out = []
         for runs in groups.values():
             seeds = sorted(seed for seed, _, _ in runs)

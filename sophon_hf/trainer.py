@@ -520,18 +520,13 @@ class SophonTrainer(Trainer):
         file in place; rerun to continue. `kwargs` go to [`~SophonTrainer.create_model_card`] (e.g.
         `license="apache-2.0"`, `dataset_name=[...]`), as with Trainer.
         """
-        from huggingface_hub import get_token
-
-        from .hub import LOGIN_FIX, HubPublishError, check_repo_id, push_folder, resolve_repo_id
+        from .hub import check_repo_id, push_folder, require_token, resolve_repo_id
 
         repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
         if self.is_world_process_zero():
             # A push that cannot happen should not first overwrite the output folder's weights and card.
             check_repo_id(repo_id)
-            if not (token or self.args.hub_token or get_token()):
-                raise HubPublishError(
-                    f"No Hugging Face token found: {LOGIN_FIX}. Nothing was saved to {self.args.output_dir}."
-                )
+            require_token(token or self.args.hub_token, f"Nothing was saved to {self.args.output_dir}.")
         # `_internal_call`: with `args.push_to_hub`, a plain `save_model()` calls `push_to_hub` again.
         self.save_model(_internal_call=True)
         # The card names the repo it is published in, namespace included (and takes the caller's card options).

@@ -42,23 +42,24 @@ def run(args: argparse.Namespace) -> int:
     import logging
     from pathlib import Path
 
-    from huggingface_hub import ModelCard, get_token
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    from huggingface_hub import ModelCard
 
-    from ..hub import LOGIN_FIX, HubPublishError, check_publishable, push_folder, resolve_repo_id
+    from ..hub import HubPublishError, check_publishable, check_repo_id, push_folder, require_token, resolve_repo_id
     from ..model_card import CARD_HASH_KEY, CARD_METADATA_FILE, card_digest, card_report_mismatches, write_model_card
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # what is skipped or deleted; success is printed
     folder = Path(args.model)
     try:
-        validate_repo_id(args.repo_id)
-    except HFValidationError as error:
-        raise SystemExit(f"error: {args.repo_id!r} is not a valid Hub repo id: {error}") from error
+        check_repo_id(args.repo_id)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from error
     # Checked before the card is (re)written, so that a push that cannot happen leaves the folder as it was.
     if not folder.is_dir():
         raise SystemExit(f"error: {folder} is not a folder; pass the folder written by `save_pretrained`.")
-    if not (args.token or get_token()):
-        raise SystemExit(f"error: No Hugging Face token found: {LOGIN_FIX}. Nothing in {folder} was changed.")
+    try:
+        require_token(args.token, f"Nothing in {folder} was changed.")
+    except HubPublishError as error:
+        raise SystemExit(f"error: {error}") from None
     try:
         # Everything that could refuse the push is checked before the card is (re)written.
         check_publishable(folder, args.repo_id)
