@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 
 from .report import ResistanceReport, effective_final
-from .simulation import default_lora_targets
-from .tasks import check_label_column, get_task
+from .simulation import check_lora_targets, default_lora_targets
+from .tasks import check_finite, check_label_column, get_task
 from .utils import model_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ HEAD_REINIT_STRATEGIES = ("full_reinit_head", "linear_probe")
 # What someone training the architecture from scratch would do (not a fine-tuning learning rate that cripples it).
 SCRATCH_SEED_OFFSET = 1_000_003
 DEFAULT_SCRATCH_RECIPE = {"optimizer": "adam", "learning_rate": 1e-3, "weight_decay": 0.0, "schedule": "constant"}
+SCRATCH_RECIPE_KEYS = (*DEFAULT_SCRATCH_RECIPE, "warmup_ratio", "max_grad_norm")
 # Scratch is tuned over the learning rates the suites give Adam attackers (`sophon_hf.suites.LEARNING_RATES`): one fixed
 # rate can understate training from scratch badly (0.681 at 1e-3 against 0.815 at 1e-2 on the demo's setting).
 DEFAULT_SCRATCH_LEARNING_RATES = (1e-4, 1e-3, 1e-2)
@@ -450,14 +451,7 @@ def audit_weight_scale(model: nn.Module, threshold: float = WEIGHT_SCALE_THRESHO
 
 def _lora_targets(model: nn.Module, spec: AttackSpec, head_name: str | None) -> list[str]:
     targets = spec.lora_target_modules or default_lora_targets(model, head_name)
-    names = [name for name, _ in model.named_modules() if name]
-    matched = [t for t in targets if any(n == t or n.endswith(f".{t}") for n in names)]
-    if not targets or not matched:
-        layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)]
-        raise ValueError(
-            f"LoRA target modules {targets} match no module of {type(model).__name__}. Set `lora_target_modules` to "
-            f"names (or name suffixes) of its layers, e.g. {layers[:6]}."
-        )
+    check_lora_targets(model, targets)
     return targets
 
 
@@ -641,8 +635,6 @@ def _restricted_label_count(task, datasets, num_labels: int | None) -> int | Non
     """
     if task.head_name is None or getattr(task, "label_column", None) is None:
         return None
-    if num_labels is not None:
-        return num_labels
     column = task.label_column
     counts = []
     for dataset, role in zip(datasets, ("restricted_train", "restricted_test")):
@@ -650,12 +642,18 @@ def _restricted_label_count(task, datasets, num_labels: int | None) -> int | Non
             return None  # prepare_dataset reports the missing column (or a DatasetDict) with a hint
         check_label_column(dataset, column, role)
         feature = dataset.features.get(column)
-        if getattr(feature, "num_classes", None):
+        if num_labels is None and getattr(feature, "num_classes", None):
             counts.append(max(feature.num_classes, getattr(task, "num_labels", 0)))
-        else:
-            labels = dataset.with_format("torch", columns=[column])[column]
-            counts.append(max(int(torch.as_tensor(labels).max()) + 1, getattr(task, "num_labels", 0)))
-    return max(counts)
+            continue
+        # The column alone, in one read (a torch-formatted column is read row by row).
+        largest = int(dataset.with_format("numpy", columns=[column])[:][column].max())
+        if num_labels is not None and largest >= num_labels:
+            raise ValueError(
+                f"`{role}` has label ids up to {largest} but num_labels={num_labels}. Pass num_labels={largest + 1} "
+                f"or more (or leave it out to infer it), or remap the labels to 0..{num_labels - 1}."
+            )
+        counts.append(max(largest + 1, getattr(task, "num_labels", 0)))
+    return num_labels if num_labels is not None else max(counts)
 
 
 def _materialise(dataset) -> dict[str, torch.Tensor]:
@@ -783,9 +781,9 @@ def evaluate_finetuning_resistance(
         reference_model (`nn.Module`, *optional*): the unprotected original ("unprotected" curves).
         include_scratch (`bool`, *optional*, defaults to `True`): also train the architecture from scratch.
         scratch_recipe (`dict`, *optional*):
-            Overrides of the from-scratch recipe (`optimizer`, `learning_rate`, `weight_decay`, `schedule`);
-            defaults to Adam, tuned over `scratch_learning_rates`. A `learning_rate` here fixes the rate (no tuning).
-            Budget, batch size and seed follow each attack.
+            Overrides of the from-scratch recipe (`optimizer`, `learning_rate`, `weight_decay`, `schedule`,
+            `warmup_ratio`, `max_grad_norm`); defaults to Adam, tuned over `scratch_learning_rates`. A `learning_rate`
+            here fixes the rate (no tuning). Budget, batch size and seed follow each attack.
         scratch_inits (`int`, *optional*, defaults to `3`):
             Train scratch from this many random initialisations and compare against the mean of their curves. One
             initialisation of a small model can land several points above or below another one (7 points measured
@@ -863,6 +861,8 @@ def evaluate_finetuning_resistance(
     test_dataset = task.prepare_dataset(restricted_test, "restricted_test")
     train_columns = {k: v.cpu() for k, v in _materialise(train_dataset).items()}
     test_columns = _materialise(test_dataset)
+    check_finite(train_columns, "restricted_train")
+    check_finite(test_columns, "restricted_test")
     data_fingerprint = _data_fingerprint(train_columns, test_columns)
     test_dataset = _TensorRows(test_columns)
 
@@ -874,6 +874,12 @@ def evaluate_finetuning_resistance(
         "protected": model_fingerprint(model),
         "reference": model_fingerprint(reference_model) if reference_model is not None else None,
     }
+    unknown = sorted(set(scratch_recipe or {}) - set(SCRATCH_RECIPE_KEYS))
+    if unknown:
+        raise ValueError(
+            f"scratch_recipe has {unknown}; it takes {list(SCRATCH_RECIPE_KEYS)} (AttackSpec's names). The scratch "
+            "run's strategy, budget, batch size and seed follow each attack."
+        )
     recipe = {**DEFAULT_SCRATCH_RECIPE, **(scratch_recipe or {})}
     if include_scratch and scratch_inits < 1:
         raise ValueError(f"scratch_inits must be >= 1, got {scratch_inits}.")

@@ -212,6 +212,12 @@ class SophonConfig(TrainingArguments):
             self.inner_optimizers = [self.inner_optimizers]
         if not self.inner_optimizers:
             raise ValueError("inner_optimizers is empty; give at least one, e.g. ['sgd'].")
+        if not self.inner_learning_rate > 0:
+            raise ValueError(f"inner_learning_rate must be positive, got {self.inner_learning_rate}.")
+        if not self.fts_learning_rate >= 0:
+            raise ValueError(
+                f"fts_learning_rate must be >= 0 (0 turns the suppression step off), got {self.fts_learning_rate}."
+            )
         for spec in self.inner_optimizers:
             parse_inner_optimizer(spec, self.inner_learning_rate)  # raises with the list of valid names
         for name in ("inner_steps", "ntr_steps", "lora_r"):

@@ -421,7 +421,8 @@ def generate_model_card(
         original_domain (`str`, *optional*), restricted_domain (`str`, *optional*):
             What the model is for and what it is protected against, as the publisher names them.
         sophon_config (`dict`, *optional*):
-            The protection hyper-parameters, e.g. `SophonConfig.to_dict()` (only the fields that matter are shown).
+            The protection hyper-parameters, e.g. `SophonConfig.to_dict()` (only the fields that matter are shown),
+            plus `stop_reason` and `completed_outer_iterations` when protection stopped early (the card says so).
         report (`dict`, *optional*):
             Content of `report.json` from the attack harness. Without it the card says plainly that resistance has
             not been measured yet.
@@ -541,6 +542,12 @@ def generate_model_card(
             if sophon_config.get(name) is not None
             and (name != "lora_r" or "lora" in (sophon_config.get("simulation_strategies") or []))
         ],
+        "early_stop": (
+            f"after {sophon_config.get('completed_outer_iterations')} of {sophon_config.get('max_steps')} outer "
+            f"iterations: {sophon_config['stop_reason']}"
+            if sophon_config.get("stop_reason")
+            else None
+        ),
         "report": report,
         "report_warnings": (report or {}).get("warnings", []),
         "curves_image": curves_image,
@@ -805,7 +812,13 @@ def write_model_card(output_dir: str | Path, **kwargs: Any) -> Path:
         if kwargs.get(key) is None and stored.get(key) is not None:
             kwargs[key] = stored[key]
     if kwargs.get("sophon_config") is not None:
-        kept = (*CARD_HYPERPARAMETERS, "original_domain", "restricted_domain")
+        kept = (
+            *CARD_HYPERPARAMETERS,
+            "original_domain",
+            "restricted_domain",
+            "stop_reason",
+            "completed_outer_iterations",
+        )
         kwargs["sophon_config"] = {k: v for k, v in kwargs["sophon_config"].items() if k in kept}
     if any(kwargs.get(key) is None for key in ("task", "library_name", "model_class")):
         for key, value in detect_model_folder(output_dir).items():

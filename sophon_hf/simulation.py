@@ -127,6 +127,22 @@ def default_lora_targets(model: nn.Module, head_name: str | None) -> list[str]:
     ]
 
 
+def check_lora_targets(model: nn.Module, targets: Sequence[str]) -> None:
+    """Refuse LoRA target names of which any matches no module of `model` (PEFT's rule: a name or a name's suffix).
+
+    PEFT only refuses a list of which nothing matches: one misspelt name among others would silently adapt fewer
+    layers than asked for, and a report would name an attack that did not happen.
+    """
+    names = [name for name, _ in model.named_modules() if name]
+    unmatched = [t for t in targets if not any(n == t or n.endswith(f".{t}") for n in names)]
+    if not targets or unmatched:
+        layers = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)][:8]
+        raise ValueError(
+            f"LoRA target modules {unmatched or list(targets)} match no module of {type(model).__name__}. Set "
+            f"`lora_target_modules` to names (or name suffixes) of its linear/conv layers, e.g. {layers}."
+        )
+
+
 def build_lora_copy(
     model: nn.Module, head_name: str | None, r: int, alpha: int, target_modules: Sequence[str] | None = None
 ) -> tuple[nn.Module, dict[str, str], list[str]]:
@@ -139,13 +155,15 @@ def build_lora_copy(
     from peft import LoraConfig, get_peft_model
 
     targets = list(target_modules) if target_modules else default_lora_targets(model, head_name)
+    check_lora_targets(model, targets)
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
     try:
         lora_model = get_peft_model(copy.deepcopy(model), config)
     except ValueError as err:
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)][:8]
+        # The names match (checked above), but PEFT cannot adapt what they name (e.g. a normalisation layer).
         raise ValueError(
-            f"LoRA target modules {targets} match nothing in {type(model).__name__} ({err}). Set lora_target_modules "
+            f"PEFT cannot put LoRA adapters on {targets} in {type(model).__name__} ({err}). Set lora_target_modules "
             f"to names of its linear/conv layers, e.g. {linear}."
         ) from None
     own = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}

@@ -11,6 +11,7 @@ own tensors), which is how the simulated attacker's fast weights are evaluated w
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 
@@ -31,6 +32,20 @@ def _is_transformers_model(model: nn.Module) -> bool:
     except ImportError:  # pragma: no cover - transformers is a dependency
         return False
     return isinstance(model, PreTrainedModel)
+
+
+def check_finite(columns: Mapping[str, torch.Tensor], role: str) -> None:
+    """Refuse NaN or infinite values in the float columns of `columns` (a batch, or a whole dataset's columns).
+
+    Such values make every loss non-finite: without this check they would be reported as a diverging optimizer.
+    """
+    for name, values in columns.items():
+        if isinstance(values, torch.Tensor) and values.is_floating_point() and not torch.isfinite(values).all():
+            rows = (~torch.isfinite(values)).reshape(len(values), -1).any(1).sum().item()
+            raise ValueError(
+                f"`{role}` has NaN or infinite values in '{name}' ({rows} of the rows checked). Clean or drop those "
+                f"rows first, e.g. `{role}.filter(lambda row: np.isfinite(row['{name}']).all())`."
+            )
 
 
 def check_not_empty(dataset, role: str) -> None:
@@ -132,6 +147,21 @@ class ClassificationTask:
         self.input_names: tuple[str, ...] = ()
         self._inputs_role = "the first dataset"  # the dataset whose columns fixed `input_names`, for error messages
         self.name = "classification"
+        self.model_class = type(model).__name__
+        # What the model can take, so that data it cannot gets a clear error here rather than deep inside its forward.
+        self.main_input_name = getattr(model, "main_input_name", None) if self.is_transformers else None
+        embeddings = None
+        if self.main_input_name == "input_ids":
+            with contextlib.suppress(NotImplementedError, AttributeError):  # models without a token embedding
+                embeddings = model.get_input_embeddings()
+        self.vocab_size = embeddings.num_embeddings if isinstance(embeddings, nn.Embedding) else None
+        self.max_length = None  # learned absolute positions only (rotary or relative ones have no fixed limit)
+        for module_name, module in model.named_modules():
+            if isinstance(module, nn.Embedding) and module_name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe"):
+                # RoBERTa-style embeddings count positions from padding_idx + 1.
+                offset = module.padding_idx + 1 if module.padding_idx is not None else 0
+                self.max_length = module.num_embeddings - offset
+                break
         config = getattr(model, "config", None)
         # Decoder classifiers (GPT-2, LLaMA) read the last non-pad token, which never attends to later padding: only
         # bidirectional encoders need an attention mask over padded ids.
@@ -172,6 +202,11 @@ class ClassificationTask:
                 f"`{role}` has neither 'pixel_values' (images) nor 'input_ids' (text) (columns: {sorted(columns)})."
                 + hint
             )
+        if self.main_input_name in ("pixel_values", "input_ids") and names[0] != self.main_input_name:
+            raise ValueError(
+                f"`{role}` holds {name} data ('{names[0]}') but {self.model_class} takes '{self.main_input_name}'. "
+                "Pass data of the model's kind, or a model for this data."
+            )
         if self.input_names and names[0] != self.input_names[0]:
             raise ValueError(f"`{role}` holds {name} data but the other datasets hold {self.name} data.")
         if self.input_names:
@@ -203,16 +238,27 @@ class ClassificationTask:
                     "prepared by their image processor (rescaled, normalised). Apply it first, e.g. "
                     "`dataset.map(lambda b: processor(b['pixel_values']), batched=True)`."
                 )
-        if name == "text-classification" and not isinstance(dataset[:]["input_ids"], torch.Tensor):
+        ids = dataset[:]["input_ids"] if name == "text-classification" else None
+        if name == "text-classification" and not isinstance(ids, torch.Tensor):
             raise ValueError(
                 f"`{role}` has 'input_ids' of different lengths. Pad every example to one length when tokenizing, "
                 "e.g. `tokenizer(texts, padding='max_length', truncation=True, max_length=128)`."
+            )
+        if ids is not None and self.vocab_size is not None and (ids.numel() and int(ids.max()) >= self.vocab_size):
+            raise ValueError(
+                f"`{role}` has token ids up to {int(ids.max())} but {self.model_class} has a vocabulary of "
+                f"{self.vocab_size}: tokenize with the model's own tokenizer."
+            )
+        if ids is not None and self.max_length is not None and ids.shape[-1] > self.max_length:
+            raise ValueError(
+                f"`{role}` has sequences of {ids.shape[-1]} tokens but {self.model_class} takes at most "
+                f"{self.max_length}: tokenize with `truncation=True, max_length={self.max_length}` (or less)."
             )
         if (
             name == "text-classification"
             and "attention_mask" not in names
             and self.pad_token_id is not None
-            and bool((dataset[:]["input_ids"] == self.pad_token_id).any())
+            and bool((ids == self.pad_token_id).any())
         ):
             # Without a mask the model attends to padding, so results depend on how far each example was padded.
             raise ValueError(

@@ -14,6 +14,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer import OPTIMIZER_NAME
 from transformers.trainer_utils import EvalPrediction, HubStrategy
 
 from .config import SophonConfig
@@ -25,8 +26,8 @@ from .simulation import (
     parse_inner_optimizer,
     simulate_finetuning,
 )
-from .tasks import get_task, is_diffusers_model
-from .utils import ATTACKER_STATE_NAME, FLOOR_STATE_NAME, model_fingerprint
+from .tasks import check_finite, get_task, is_diffusers_model
+from .utils import ATTACKER_STATE_NAME, FLOOR_STATE_NAME, model_fingerprint, pickle_weights_hint
 
 logger = logging.getLogger(__name__)
 
@@ -313,6 +314,7 @@ class SophonTrainer(Trainer):
         self._metrics = defaultdict(list)
         self._best_state: dict[str, torch.Tensor] | None = None
         self.stop_reason: str | None = None
+        self.diverged = False  # stopped on a non-finite loss or meta-gradient: the weights are no finished protection
         metric = args.metric_for_best_model
         if metric is not None and compute_metrics is None and eval_datasets:
             # Evaluation metrics are namespaced per dataset: fail now, not after the first `eval_steps` iterations.
@@ -381,7 +383,19 @@ class SophonTrainer(Trainer):
             return
         path = os.path.join(checkpoint, FTS_OPTIMIZER_NAME)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} is missing: this checkpoint was not written by SophonTrainer.")
+            if os.path.isfile(os.path.join(checkpoint, OPTIMIZER_NAME)):
+                raise FileNotFoundError(
+                    f"{path} is missing: this checkpoint holds Trainer's optimizer state but not SophonTrainer's "
+                    "(the suppression optimizer), so it was not written by SophonTrainer."
+                )
+            # As Trainer does with a model-only checkpoint (`save_only_model=True`): resume from the weights alone.
+            logger.warning(
+                "%s holds the model only (written with save_only_model=True?): the suppression optimizer, the "
+                "simulated attackers and the accuracy floor's weights start afresh, so the resumed run continues but "
+                "does not replay the interrupted one exactly.",
+                checkpoint,
+            )
+            return
         # Read onto the CPU and move afterwards: under multi-process CPU training `args.device` is `cpu:0`, a location
         # neither torch.load nor safetensors accepts.
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -497,7 +511,15 @@ class SophonTrainer(Trainer):
             model_class=type(module).__name__,
             original_domain=self.args.original_domain,
             restricted_domain=self.args.restricted_domain,
-            sophon_config=self.args.to_dict(),
+            # An early stop is part of what the weights are: the card says after how many outer iterations, and why.
+            sophon_config={
+                **self.args.to_dict(),
+                **(
+                    {"stop_reason": self.stop_reason, "completed_outer_iterations": self.state.global_step}
+                    if self.stop_reason
+                    else {}
+                ),
+            },
             datasets=datasets,
             repo_id=repo_id or self.args.hub_model_id,
             tags=tags,
@@ -517,12 +539,17 @@ class SophonTrainer(Trainer):
 
         Uploads safetensors weights, configs, the card, and `report.json` with its plots when present; never pickle
         files. The repo id and the token are checked before anything is saved; a failed upload leaves every local
-        file in place; rerun to continue. `kwargs` go to [`~SophonTrainer.create_model_card`] (e.g.
-        `license="apache-2.0"`, `dataset_name=[...]`), as with Trainer.
+        file in place; rerun to continue. A run that diverged (`trainer.diverged`) is refused. `kwargs` go to
+        [`~SophonTrainer.create_model_card`] (e.g. `license="apache-2.0"`, `dataset_name=[...]`), as with Trainer.
         """
         from .hub import check_repo_id, push_folder, require_token, resolve_repo_id
 
         repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        if self.diverged:
+            raise RuntimeError(
+                f"Not pushing: protection diverged ({self.stop_reason}). The weights it stopped at are no finished "
+                "protection; `trainer.save_model()` keeps them locally. Train again with that fix, then push."
+            )
         if self.is_world_process_zero():
             # A push that cannot happen should not first overwrite the output folder's weights and card.
             check_repo_id(repo_id)
@@ -553,7 +580,13 @@ class SophonTrainer(Trainer):
         if isinstance(module, PreTrainedModel):
             # Through from_pretrained: transformers 5 saves some architectures (e.g. ViT) under their legacy key
             # names and only from_pretrained maps them back; Trainer's raw state-dict load would silently skip them.
-            reloaded = type(module).from_pretrained(resume_from_checkpoint, config=module.config)
+            # use_safetensors: a checkpoint holding only pickle weights fails here instead of being unpickled.
+            try:
+                reloaded = type(module).from_pretrained(
+                    resume_from_checkpoint, config=module.config, use_safetensors=True
+                )
+            except OSError as error:
+                raise OSError(f"{error}{pickle_weights_hint(resume_from_checkpoint)}") from error
             module.load_state_dict(reloaded.state_dict())
             return
         if not is_diffusers_model(module):
@@ -632,7 +665,9 @@ class SophonTrainer(Trainer):
             # blocked in DDP's gradient all-reduce.
             finite = self.accelerator.reduce(finite, reduction="sum") / self.args.world_size
         if finite.item() < 1:
-            self._stop("the normal-training loss became non-finite; lower learning_rate")
+            check_finite(batch, "train_dataset")  # bad data is the user's to fix, not a step size to lower
+            # Normal training's own step or the suppression step just before it can have moved the weights too far.
+            self._stop("the normal-training loss became non-finite; lower learning_rate or fts_learning_rate", True)
             return None
         self._metrics["ntr/loss"].append(loss.item())
         return loss
@@ -831,9 +866,13 @@ class SophonTrainer(Trainer):
         if args.world_size > 1:
             flat = self.accelerator.reduce(flat, reduction="mean")
         if not torch.isfinite(flat).all():
+            for batch in (*supports, *queries):  # bad data is the user's to fix, not a step size to lower
+                check_finite(batch, "restricted_dataset")
             self._stop(
                 f"the suppression meta-gradient became non-finite (strategy {strategy}, inner optimizer {spec}); "
-                "lower fts_learning_rate or inner_learning_rate"
+                f"lower that simulated attacker's step size ({spec} in inner_optimizers, or inner_learning_rate), "
+                "fts_learning_rate or learning_rate",
+                diverged=True,
             )
             return False
         grad_norm = flat.norm()
@@ -862,8 +901,9 @@ class SophonTrainer(Trainer):
         return True
 
     # ------------------------------------------------------------------ stopping, logging, evaluation
-    def _stop(self, reason: str) -> None:
+    def _stop(self, reason: str, diverged: bool = False) -> None:
         self.stop_reason = reason
+        self.diverged = diverged
         self.control.should_training_stop = True
         logger.error("SOPHON training stopped at outer iteration %d: %s.", self.state.global_step, reason)
 

@@ -92,3 +92,24 @@ def save_unprotected_reference(directory: str | None, training_args, *savables) 
     for savable in savables:
         if savable is not None:
             savable.save_pretrained(directory)
+
+
+def stop_if_diverged(trainer) -> None:
+    """End a recipe script with an error after a run that diverged: its weights are saved, never pushed."""
+    if trainer.diverged:
+        raise SystemExit(
+            f"Protection diverged: {trainer.stop_reason}. The weights it stopped at are saved in "
+            f"{trainer.args.output_dir} and were not pushed; they are no finished protection. Fix that and run again."
+        )
+
+
+def pickle_weights_hint(folder: str) -> str:
+    """Why `from_pretrained(folder, use_safetensors=True)` failed when `folder` holds only pickle weights, else ""."""
+    names = ("pytorch_model.bin", "diffusion_pytorch_model.bin")
+    pickles = [name for name in names if os.path.isfile(os.path.join(folder, name))]
+    if not pickles:
+        return ""
+    return (
+        f" It holds only pickle weights ({', '.join(pickles)}), which sophon_hf never loads (unpickling can run "
+        "arbitrary code): re-save the model with `save_pretrained` (safetensors is the default)."
+    )

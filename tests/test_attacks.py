@@ -427,6 +427,29 @@ def test_head_size_mismatch_allowed_only_when_the_head_is_reinitialised(make_mod
     assert all(len(a["curves"]["scratch"]) == 3 for a in report.attacks)
 
 
+def test_data_of_another_modality_is_refused_by_the_harness():
+    with pytest.raises(ValueError, match=r"`restricted_train` holds image-classification data .* takes 'input_ids'"):
+        evaluate_finetuning_resistance(tiny_bert(), image_dataset(16), image_dataset(16), [AttackSpec(steps=2)])
+
+
+@pytest.mark.parametrize("recipe", [{"lr": 1e-2}, {"strategy": "lora"}], ids=["misspelt", "set-per-attack"])
+def test_scratch_recipe_keys_are_checked(recipe):
+    with pytest.raises(ValueError, match=rf"scratch_recipe has \['{next(iter(recipe))}'\]; it takes \['optimizer'"):
+        evaluate_finetuning_resistance(
+            MLP(), image_dataset(16), image_dataset(16), [AttackSpec(steps=2)], scratch_recipe=recipe
+        )
+
+
+def test_num_labels_smaller_than_the_labels_names_num_labels():
+    # The head has 5 outputs; the caller's num_labels=3 is what does not fit the labels, and the message says so.
+    with pytest.raises(
+        ValueError, match=r"`restricted_train` has label ids up to 4 but num_labels=3. Pass num_labels=5"
+    ):
+        evaluate_finetuning_resistance(
+            MLP(), image_dataset(16), image_dataset(16, seed=1), [AttackSpec(steps=2)], num_labels=3
+        )
+
+
 def test_a_sample_that_lacks_the_top_class_keeps_the_head():
     # Few-shot restricted data with labels 0-3 only, for a 5-way head: the labels fit, nothing is resized.
     train = image_dataset(24, num_labels=4)
@@ -507,9 +530,11 @@ def test_duplicate_and_unknown_suites_are_rejected():
         resolve_attacks("everything")
 
 
-def test_lora_targets_that_match_nothing():
-    spec = AttackSpec(strategy="lora", steps=1, lora_target_modules=["query_key_value"])
-    with pytest.raises(ValueError, match="match no module"):
+@pytest.mark.parametrize("targets", [["query_key_value"], ["q_proj", "valeu"]], ids=["none-match", "one-misspelt"])
+def test_lora_targets_that_match_nothing(targets):
+    # A report must not name an attack on "valeu" that adapted q_proj alone.
+    spec = AttackSpec(strategy="lora", steps=1, lora_target_modules=targets)
+    with pytest.raises(ValueError, match=rf"\['{targets[-1]}'\] match no module"):
         evaluate_finetuning_resistance(tiny_vit(), image_dataset(8), image_dataset(8), [spec])
 
 
@@ -545,6 +570,17 @@ def test_nan_during_an_attack_is_recorded_as_diverged_and_the_rest_continues(tmp
     assert report.summary["diverged_attacks"] == [exploding.name]
     with open(os.path.join(tmp_output, "report.json")) as f:
         json.load(f)  # strict JSON: no NaN leaked into the file
+
+
+@pytest.mark.parametrize("role", ["restricted_train", "restricted_test"])
+def test_nan_in_the_data_is_refused_before_any_attack(role):
+    # Otherwise every run, scratch included, "diverges" and the verdict rests on untrained step-0 scores.
+    poisoned = image_dataset(24).to_dict()
+    poisoned["pixel_values"][5][0][1][2] = float("inf")
+    data = {"restricted_train": image_dataset(24), "restricted_test": image_dataset(16, seed=1)}
+    data[role] = Dataset.from_dict(poisoned)
+    with pytest.raises(ValueError, match=rf"`{role}` has NaN or infinite values in 'pixel_values' \(1 of the rows"):
+        evaluate_finetuning_resistance(MLP(), data["restricted_train"], data["restricted_test"], [AttackSpec(steps=2)])
 
 
 # ------------------------------------------------------------------------------------------------ processes

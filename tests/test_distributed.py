@@ -94,13 +94,19 @@ def _non_finite_on_one_rank(output_dir):
 
     class NaNOnRankOne(SophonTrainer):
         def _ntr_loss(self, model, batch, generator):
-            if self.args.process_index == 1 and self.state.global_step == 2:
-                batch = {**batch, "pixel_values": batch["pixel_values"] * float("nan")}
-            return super()._ntr_loss(model, batch, generator)
+            if self.args.process_index != 1 or self.state.global_step != 2:
+                return super()._ntr_loss(model, batch, generator)
+            # A loss that diverges on finite data (NaN data is refused as bad data instead).
+            task_loss = self.task.loss
+            self.task.loss = lambda *args, **kwargs: (task_loss(*args, **kwargs)[0] * float("nan"), None)
+            try:
+                return super()._ntr_loss(model, batch, generator)
+            finally:
+                del self.task.loss
 
     trainer = _two_rank_trainer(output_dir, NaNOnRankOne)
     trainer.train()
-    assert trainer.state.global_step == 3 and "non-finite" in trainer.stop_reason
+    assert trainer.state.global_step == 3 and "non-finite" in trainer.stop_reason and trainer.diverged
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):

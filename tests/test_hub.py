@@ -605,6 +605,22 @@ def test_trainer_push_that_cannot_happen_saves_nothing(tmp_path, hub, monkeypatc
     assert hub.calls == []
 
 
+def test_a_diverged_run_is_never_pushed_and_an_early_stop_is_on_the_card(tmp_path, hub):
+    trainer = _vit_trainer(tmp_path / "vit-protected")
+    trainer.args.max_steps, trainer.args.inner_optimizers = 5, ["sgd:1e30"]  # the meta-gradient blows up at once
+    trainer.train()
+    assert trainer.diverged
+    with pytest.raises(RuntimeError, match=r"Not pushing: protection diverged \(the suppression meta-gradient"):
+        trainer.push_to_hub()
+    assert hub.calls == [] and not (tmp_path / "vit-protected" / "model.safetensors").exists()
+    trainer.save_model()  # the work is kept locally, and its card does not claim 5 outer iterations
+    card = (tmp_path / "vit-protected" / "README.md").read_text()
+    assert "**Protection stopped early**, after 1 of 5 outer iterations: the suppression meta-gradient" in card
+    # `sophon-hf push` re-renders the card from what the trainer stored next to it: the early stop stays on it.
+    write_model_card(tmp_path / "vit-protected", license="mit")
+    assert "after 1 of 5 outer iterations" in (tmp_path / "vit-protected" / "README.md").read_text()
+
+
 def test_trainer_card_keeps_the_publishers_name_and_tags_and_names_the_namespaced_repo(tmp_path, hub):
     trainer = _vit_trainer(tmp_path / "vit-protected")
     trainer.create_model_card(model_name="My protected ViT", tags=["mnist"])

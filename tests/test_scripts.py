@@ -15,6 +15,7 @@ import torch
 import yaml
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_from_disk
 from PIL import Image as PILImage
+from safetensors.torch import load_file
 
 from sophon_hf.trainers import protect_classifier as script
 
@@ -491,6 +492,31 @@ def test_builtin_mnist_recipe_end_to_end(tmp_path, one_thread, first_order):
     assert (model.config.num_labels, model.config.num_channels, model.config.hidden_size) == (5, 1, 16)
     with torch.no_grad():
         assert model(pixel_values=torch.rand(2, 1, 28, 28)).logits.shape == (2, 5)
+
+
+def test_a_diverged_protection_is_saved_and_ends_the_script_with_an_error(tmp_path, one_thread):
+    command = ["--config", "mnist_vit_cpu.yaml", *FAST, "--output_dir", str(tmp_path / "protected"),
+               "--config_overrides", TINY_VIT_28, "--max_original_samples", "16", "--max_restricted_samples", "16",
+               "--max_eval_samples", "8", "--inner_optimizers", "sgd:1e30"]  # fmt: skip
+    with pytest.raises(SystemExit, match=r"Protection diverged: the suppression meta-gradient became non-finite"):
+        script.main(*script.parse_args(command))
+    assert (tmp_path / "protected" / "model.safetensors").is_file()  # the work is kept
+    assert "**Protection stopped early**" in (tmp_path / "protected" / "README.md").read_text()
+
+
+def test_pickle_only_weights_are_never_loaded(stand_ins, tmp_path, one_thread):
+    from transformers import AutoModelForImageClassification
+
+    folder = tmp_path / "pickled"
+    AutoModelForImageClassification.from_pretrained(stand_ins / "resnet").save_pretrained(folder)
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    command = ["--config", PAPER_RECIPES[0], *FAST, "--output_dir", str(tmp_path / "protected"),
+               "--original_dataset", str(stand_ins / "imagenette"), "--restricted_dataset", str(stand_ins / "cifar10"),
+               "--model_name_or_path", str(folder)]  # fmt: skip
+    with pytest.raises(OSError, match=r"model.safetensors.*only pickle weights \(pytorch_model.bin\)"):
+        script.main(*script.parse_args(command))
 
 
 def test_resuming_the_recipe_keeps_the_unprotected_reference(tmp_path, one_thread):

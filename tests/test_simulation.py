@@ -197,9 +197,10 @@ def test_lora_simulation_adapts_only_adapters_and_leaves_base_unchanged():
         assert torch.equal(p, before[n])
 
 
-def test_lora_targets_that_match_nothing_are_refused():
-    with pytest.raises(ValueError, match="match nothing"):
-        build_lora_copy(tiny_vit(), "classifier", r=2, alpha=4, target_modules=["does_not_exist"])
+@pytest.mark.parametrize("targets", [["does_not_exist"], ["q_proj", "valeu"]], ids=["none-match", "one-misspelt"])
+def test_lora_targets_that_match_nothing_are_refused(targets):
+    with pytest.raises(ValueError, match=rf"\['{targets[-1]}'\] match no module"):
+        build_lora_copy(tiny_vit(), "classifier", r=2, alpha=4, target_modules=targets)
 
 
 def test_inner_optimizer_specs():

@@ -1,8 +1,10 @@
 """SophonTrainer on tiny models: strategies, state handling, resume, guards and bad input."""
 
 import os
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from conftest import SmallCNN, image_dataset, text_dataset, tiny_bert, tiny_config, tiny_resnet, tiny_vit
 from datasets import Dataset
@@ -170,6 +172,39 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, persistent):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _checkpointed_vit_run(output_dir, resume=None, **overrides):
+    trainer = _trainer(
+        tiny_vit(seed=3), str(output_dir), max_steps=3, save_strategy="steps", save_steps=1, **overrides
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_a_model_only_checkpoint_resumes_with_a_warning(tmp_path, caplog):
+    # save_only_model=True drops every optimizer state: resume from the weights, as Trainer does, and say so.
+    _checkpointed_vit_run(tmp_path, save_only_model=True)
+    checkpoint = tmp_path / "checkpoint-2"
+    assert not (checkpoint / "fts_optimizer.pt").exists()
+    with caplog.at_level("WARNING", logger="sophon_hf.trainer"):
+        trainer = _checkpointed_vit_run(tmp_path, resume=str(checkpoint), save_only_model=True)
+    assert trainer.state.global_step == 3
+    assert "holds the model only (written with save_only_model=True?)" in caplog.text
+
+
+def test_resuming_refuses_a_foreign_checkpoint_and_pickle_weights(tmp_path):
+    _checkpointed_vit_run(tmp_path)
+    checkpoint = tmp_path / "checkpoint-2"
+    (checkpoint / "fts_optimizer.pt").unlink()  # Trainer's optimizer state without SophonTrainer's
+    with pytest.raises(FileNotFoundError, match="not written by SophonTrainer"):
+        _checkpointed_vit_run(tmp_path, resume=str(checkpoint))
+    checkpoint = tmp_path / "checkpoint-1"
+    state = safetensors.torch.load_file(checkpoint / "model.safetensors")
+    (checkpoint / "model.safetensors").unlink()
+    torch.save(state, checkpoint / "pytorch_model.bin")
+    with pytest.raises(OSError, match=r"only pickle weights \(pytorch_model.bin\), which sophon_hf never loads"):
+        _checkpointed_vit_run(tmp_path, resume=str(checkpoint))
+
+
 def test_floor_guard_stops_and_restores_last_good_weights(tmp_output):
     accuracies = iter([0.9, 0.2])
     snapshots = []
@@ -191,23 +226,35 @@ def test_floor_guard_stops_and_restores_last_good_weights(tmp_output):
     )
     trainer.train()
     assert trainer.state.global_step == 4
-    assert "original_accuracy_floor" in trainer.stop_reason
+    assert "original_accuracy_floor" in trainer.stop_reason and not trainer.diverged
     for name, p in model.named_parameters():
         assert torch.equal(p, snapshots[0][name])
         assert not torch.equal(p, snapshots[1][name])
+    trainer.save_model()  # the guard's stop is a finished run (it may be pushed), and its card says when it stopped
+    card = (Path(tmp_output) / "README.md").read_text()
+    assert "**Protection stopped early**, after 4 of 10 outer iterations: original-domain accuracy 0.2000" in card
 
 
-def test_non_finite_loss_stops_cleanly_and_keeps_finite_weights(tmp_output):
+def test_non_finite_meta_gradient_stops_cleanly_and_keeps_finite_weights(tmp_output):
     model = SmallCNN()
-    poisoned = image_dataset(32, seed=2).to_dict()
-    poisoned["pixel_values"][0][0][0][0] = float("nan")
-    trainer = _trainer(
-        model, tmp_output, restricted=Dataset.from_dict(poisoned), max_steps=5, restricted_batch_size=32
-    )
+    # A simulated attacker whose step size blows its weights up: the meta-gradient becomes non-finite.
+    trainer = _trainer(model, tmp_output, max_steps=5, inner_optimizers=["sgd:1e30"])
     trainer.train()
     assert trainer.state.global_step == 1
-    assert "non-finite" in trainer.stop_reason
+    assert trainer.stop_reason.startswith("the suppression meta-gradient became non-finite")
+    assert "sgd:1e+30 in inner_optimizers" in trainer.stop_reason
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("role", ["train_dataset", "restricted_dataset"])
+def test_nan_in_the_data_is_reported_as_bad_data_not_as_a_step_size(tmp_output, role):
+    poisoned = image_dataset(32, seed=2).to_dict()
+    poisoned["pixel_values"][3][0][0][0] = float("nan")
+    data = {"train" if role == "train_dataset" else "restricted": Dataset.from_dict(poisoned)}
+    trainer = _trainer(SmallCNN(), tmp_output, max_steps=5, restricted_batch_size=32, **data)
+    with pytest.raises(ValueError, match=rf"`{role}` has NaN or infinite values in 'pixel_values' \(1 of the rows"):
+        trainer.train()
+    assert trainer.stop_reason is None
 
 
 def test_eval_on_original_and_restricted_is_namespaced(tmp_output):
@@ -239,7 +286,9 @@ def test_save_model_writes_safetensors_that_reload(tmp_output):
 
 # ---------------------------------------------------------------------- bad input
 def test_missing_restricted_dataset(tmp_output):
-    with pytest.raises(ValueError, match="restricted_dataset"):
+    with pytest.raises(
+        ValueError, match="needs `restricted_dataset`: the domain the model must become non-fine-tunable"
+    ):
         SophonTrainer(SmallCNN(), args=tiny_config(tmp_output), train_dataset=image_dataset())
 
 
@@ -260,12 +309,46 @@ def test_bad_restricted_datasets(dataset, match, tmp_output):
         _trainer(SmallCNN(), tmp_output, restricted=dataset)
 
 
+def _text_with(ids_fill=None, length=8):
+    dataset = text_dataset(16, length=length, seed=2).to_dict()
+    if ids_fill is not None:
+        dataset["input_ids"][3][2] = ids_fill
+    return Dataset.from_dict(dataset)
+
+
+@pytest.mark.parametrize(
+    "make_model, data, match",
+    [
+        (tiny_vit, lambda: text_dataset(16), r"holds text-classification data \('input_ids'\) but ViTForImage"),
+        (tiny_bert, lambda: image_dataset(16), r"holds image-classification data \('pixel_values'\) but BertFor"),
+        (
+            tiny_bert,
+            lambda: _text_with(ids_fill=60),
+            "has token ids up to 60 but BertForSequenceClassification has a vocabulary of 50",
+        ),
+        (
+            tiny_bert,
+            lambda: _text_with(length=32),
+            r"has sequences of 32 tokens .* at most 16: tokenize with `truncation",
+        ),
+    ],
+    ids=["text-for-vit", "images-for-bert", "token-outside-vocabulary", "too-long-for-positions"],
+)
+def test_data_the_model_cannot_take_is_refused_before_training(make_model, data, match, tmp_output):
+    # Otherwise these fail deep inside the model's forward (an AttributeError, an index error, a shape mismatch).
+    with pytest.raises(ValueError, match=rf"`restricted_dataset` {match}"):
+        train = text_dataset(16) if make_model is tiny_bert else image_dataset(16)  # the model's own kind
+        _trainer(make_model(), tmp_output, train=train, restricted=data())
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
         ({"simulation_strategies": ["prompt_tuning"]}, "Unknown simulation strategy"),
         ({"restricted_loss": "gradient_ascent"}, "Unknown restricted_loss"),
         ({"inner_optimizers": ["lbfgs"]}, "Unknown inner optimizer"),
+        ({"inner_learning_rate": -1.0}, r"inner_learning_rate must be positive, got -1.0"),
+        ({"fts_learning_rate": -1e-3}, r"fts_learning_rate must be >= 0 \(0 turns the suppression step off\), got"),
         ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=1"),
         ({"inner_steps": 0}, "inner_steps"),
         ({"simulation_horizon": 1}, "shorter than inner_steps"),
@@ -451,9 +534,11 @@ def test_simulated_probe_sees_the_body_in_eval_mode_like_the_real_probe(strategy
     assert model.training  # restored for normal training
 
 
-def test_lora_targets_matching_nothing(tmp_output):
-    with pytest.raises(ValueError, match="match nothing"):
-        _trainer(tiny_vit(), tmp_output, simulation_strategies=["lora"], lora_target_modules=["nope"])
+@pytest.mark.parametrize("targets", [["nope"], ["q_proj", "valeu"]], ids=["none-match", "one-misspelt"])
+def test_lora_targets_matching_nothing(tmp_output, targets):
+    # One misspelt name among valid ones would otherwise adapt fewer layers than asked for, silently.
+    with pytest.raises(ValueError, match=rf"\['{targets[-1]}'\] match no module of ViTForImageClassification"):
+        _trainer(tiny_vit(), tmp_output, simulation_strategies=["lora"], lora_target_modules=targets)
 
 
 def test_model_that_is_not_a_classifier(tmp_output):

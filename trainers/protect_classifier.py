@@ -65,7 +65,13 @@ from transformers import set_seed
 from sophon_hf import SophonConfig, SophonTrainer
 from sophon_hf.data import IMAGE_COLUMNS, TEXT_COLUMNS, first_present
 from sophon_hf.data import to_model_inputs as data_inputs
-from sophon_hf.utils import parse_recipe_args, resolve_recipe_path, save_unprotected_reference
+from sophon_hf.utils import (
+    parse_recipe_args,
+    pickle_weights_hint,
+    resolve_recipe_path,
+    save_unprotected_reference,
+    stop_if_diverged,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -312,9 +318,17 @@ def load_model(model_args: ModelArguments, kind: str, num_labels: int, label_nam
         kwargs["attn_implementation"] = model_args.attn_implementation
     if model_args.model_name_or_path is not None:
         # ignore_mismatched_sizes: a pre-trained head of another size (e.g. ImageNet's 1000 classes) is replaced.
-        return auto_class.from_pretrained(
-            model_args.model_name_or_path, revision=model_args.model_revision, ignore_mismatched_sizes=True, **kwargs
-        )
+        # use_safetensors: weights published only as pickles fail here instead of being unpickled.
+        try:
+            return auto_class.from_pretrained(
+                model_args.model_name_or_path,
+                revision=model_args.model_revision,
+                ignore_mismatched_sizes=True,
+                use_safetensors=True,
+                **kwargs,
+            )
+        except OSError as error:
+            raise OSError(f"{error}{pickle_weights_hint(model_args.model_name_or_path)}") from error
     if model_args.model_type is None:
         raise ValueError(
             "No model: set model_name_or_path (a Hub repo or a folder), or model_type (and config_overrides) to build "
@@ -440,6 +454,7 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
     trainer.log_metrics("eval", metrics)
     trainer.save_metrics("eval", metrics)
     trainer.save_model(training_args.output_dir)
+    stop_if_diverged(trainer)
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return metrics

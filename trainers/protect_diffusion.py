@@ -55,7 +55,7 @@ from sophon_hf.diffusion import (
     load_digits_and_photo_patches,
     save_sample_grid,
 )
-from sophon_hf.utils import parse_recipe_args, save_unprotected_reference
+from sophon_hf.utils import parse_recipe_args, pickle_weights_hint, save_unprotected_reference, stop_if_diverged
 
 logger = logging.getLogger(__name__)
 
@@ -156,13 +156,17 @@ def load_model(model_args: ModelArguments):
         )
         return unet, DDPMScheduler(num_train_timesteps=model_args.num_train_timesteps)
     try:
-        unet = UNet2DModel.from_pretrained(model_args.model_name_or_path, subfolder=model_args.unet_subfolder)
+        # use_safetensors: weights published only as pickles fail here instead of being unpickled.
+        unet = UNet2DModel.from_pretrained(
+            model_args.model_name_or_path, subfolder=model_args.unet_subfolder, use_safetensors=True
+        )
         scheduler = DDPMScheduler.from_pretrained(
             model_args.model_name_or_path, subfolder=model_args.scheduler_subfolder
         )
     except OSError as error:
         if os.path.isdir(model_args.model_name_or_path):
-            raise
+            unet_dir = os.path.join(model_args.model_name_or_path, model_args.unet_subfolder or "")
+            raise OSError(f"{error}{pickle_weights_hint(unet_dir)}") from error
         from huggingface_hub import constants
 
         # Offline, Diffusers reports a Hub id as a repo without `config.json`: say what actually happened.
@@ -323,7 +327,10 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
         )
     save_unprotected_reference(model_args.unprotected_output_dir, training_args, unet, scheduler)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if trainer.stop_reason is not None:
+        logger.warning("Protection stopped early: %s.", trainer.stop_reason)
     trainer.save_model(training_args.output_dir)
+    stop_if_diverged(trainer)
 
     if trainer.is_world_process_zero():  # save_model wrote the UNet and its scheduler_config.json
         task, model = trainer.task, trainer.accelerator.unwrap_model(trainer.model)

@@ -108,22 +108,12 @@ def model_folder(name_or_path: str, revision: str | None = None, token: str | No
 def load_model(folder: str):
     """The Transformers or Diffusers model saved in `folder` (see `model_folder`)."""
     from ..hub import load_pretrained_model
+    from ..utils import pickle_weights_hint
 
     try:
         return load_pretrained_model(folder)
     except (OSError, ValueError) as error:
-        pickles = [
-            name
-            for name in ("pytorch_model.bin", "diffusion_pytorch_model.bin")
-            if os.path.isfile(os.path.join(folder, name))
-        ]
-        hint = (
-            f" It holds only pickle weights ({', '.join(pickles)}), which sophon_hf never loads: re-save the model "
-            "with `save_pretrained` (safetensors is the default)."
-            if pickles
-            else ""
-        )
-        raise SystemExit(f"Cannot load the model in {folder}: {error}{hint}") from None
+        raise SystemExit(f"Cannot load the model in {folder}: {error}{pickle_weights_hint(folder)}") from None
 
 
 def load_noise_scheduler(folder: str):
