@@ -257,17 +257,24 @@ def _scratch_unit(name: str, init: int) -> str:
 
 
 def _mean_of_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pointwise mean curve of scratch runs from several initialisations (those that did not diverge)."""
+    """Pointwise mean curve of scratch runs from several initialisations.
+
+    An initialisation that diverged is left out (someone training from scratch restarts it), and the result counts
+    how many were (`inits_left_out`). If every one diverged, the mean runs over the steps all of them reached and is
+    marked diverged at the earliest divergence.
+    """
     healthy = [run for run in runs if not run["diverged"]]
-    if not healthy:
-        return runs[0]
-    if len(healthy) == 1:
-        return healthy[0]
-    curve = [
-        [step, sum(run["curve"][i][1] for run in healthy) / len(healthy)]
-        for i, (step, _) in enumerate(healthy[0]["curve"])
-    ]
-    return {"curve": curve, "diverged": False, "diverged_at": None}
+    used = healthy or runs
+    length = min(len(run["curve"]) for run in used)
+    curve = [[used[0]["curve"][i][0], sum(run["curve"][i][1] for run in used) / len(used)] for i in range(length)]
+    if healthy:
+        return {"curve": curve, "diverged": False, "diverged_at": None, "inits_left_out": len(runs) - len(healthy)}
+    return {
+        "curve": curve,
+        "diverged": True,
+        "diverged_at": min(run["diverged_at"] for run in runs),
+        "inits_left_out": 0,
+    }
 
 
 def _effective_value(run: dict[str, Any], higher_is_better: bool) -> float | None:
@@ -592,6 +599,13 @@ def run_attack(
         # would synchronise a GPU every step.
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         curve.append([0, task.evaluate(model, test_dataset)])
+        if not math.isfinite(curve[0][1]):
+            # Nothing was trained yet: the model's outputs overflow (or the metric is undefined) as given.
+            raise ValueError(
+                f"Attack {spec.name!r}: the starting model scores {curve[0][1]} on the restricted test data before any "
+                "fine-tuning, so nothing about it can be measured. Check the model's weights (e.g. `audit_weight_scale`"
+                ") and the test data."
+            )
         for step in range(1, spec.steps + 1):
             index = sampler.next().to(device)
             batch = {k: v[index] for k, v in columns.items()}
@@ -972,6 +986,8 @@ def evaluate_finetuning_resistance(
             lr, run = _best_scratch_run(candidates, task.higher_is_better)
             record["curves"]["scratch"], record["diverged"]["scratch"] = run["curve"], run["diverged"]
             record["diverged_at"]["scratch"] = run["diverged_at"]
+            if run.get("inits_left_out"):
+                record["scratch_inits_left_out"] = run["inits_left_out"]
             if scratch_learning_rates is not None:
                 record["scratch_learning_rate"] = lr
                 record["scratch_grid"] = [

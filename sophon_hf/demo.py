@@ -287,7 +287,8 @@ def summary_table(report: dict, seconds: float, timings: dict[str, float] | None
         "",
         f"Protected final accuracy <= scratch in {wins}/{len(attacks)} attacks; the unprotected model beats "
         f"scratch in {head_starts}/{len(attacks)}.",
-        f"Protected within 2 points of scratch at every evaluation point in {close}/{len(attacks)} attacks.",
+        f"Protected never more than 2 points ahead of scratch at any evaluation point in {close}/{len(attacks)} "
+        "attacks.",
         f"Worst attack: {summary['worst_attack']} (protected minus scratch: "
         f"{summary['worst_protected_minus_scratch']:+.3f}). Took {seconds / 60:.1f} min.",
     ]

@@ -20,6 +20,8 @@ import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .report import signed
+
 logger = logging.getLogger(__name__)
 
 TEMPLATE_NAME = "sophon_model_card.md.jinja"
@@ -634,7 +636,7 @@ def _report_context(
             + (f" (lr {attack['scratch_learning_rate']:g})" if start == "scratch" and tuned_scratch else "")
             for start in STARTS
         ]
-        row += ["n/a" if advantage is None else f"{advantage:+.4f}", verdict]
+        row += ["n/a" if advantage is None else signed(advantage), verdict]
         if simulated_column:
             row.append(_simulated(spec, sophon_config))
         rows.append(row)
@@ -651,7 +653,7 @@ def _report_context(
                 if worst_final["unprotected"] is not None
                 else ""
             )
-            + f"; head start over scratch {advantages[worst]:+.4f}"
+            + f"; head start over scratch {signed(advantages[worst])}"
             + (" (the protection fails here)." if advantages[worst] > tolerance else " (no head start).")
         )
     else:
@@ -679,9 +681,8 @@ def _report_context(
     if ahead:
         overall += (
             f" {len(ahead)} of the attacks that end level with scratch or below were ahead of it at some evaluation "
-            "point (an attacker who keeps the best checkpoint gets that point): "
-            + ", ".join(f"`{name}`" for name in ahead)
-            + "."
+            "point (compared at equal step budgets; at step 0 that is the released model itself against an untrained "
+            "one): " + ", ".join(f"`{name}`" for name in ahead) + "."
         )
     if tolerance:
         overall += f" A head start of at most {tolerance:g} {metric} counts as none (the report's tolerance)."
@@ -701,8 +702,8 @@ def _report_context(
         [
             f"`{group['attack']}`",
             ", ".join(str(seed) for seed in group["seeds"]),
-            ", ".join(f"{value:+.4f}" for value in group["head_starts"]),
-            *(f"{group[key]:+.4f}" for key in ("mean", "min", "max")),
+            ", ".join(signed(value) for value in group["head_starts"]),
+            *(signed(group[key]) for key in ("mean", "min", "max")),
         ]
         for group in groups
     ]
@@ -713,10 +714,24 @@ def _report_context(
         "attack_rows": rows,
         "worst_sentence": worst_sentence,
         "overall_sentence": overall,
+        # What the attacks started from: a report without a reference model or without scratch has fewer starts.
+        "starts": [start for start in STARTS if any(final_metrics(attack)[start] is not None for attack in attacks)],
+        "verify_tolerance": f"{default_tolerance(report):.2g}",
         "untested": _untested(report, task) or ["nothing within the harness's families"],
         "fingerprint": fingerprints.get("protected"),
         "scratch_recipe": _describe_scratch_recipe(recipe),
     }
+
+
+def default_tolerance(report: dict[str, Any]) -> float:
+    """`sophon-hf verify`'s tolerance when none is given: 0.05 for accuracy; for other metrics 5% of the median of
+    the published final values (0.05 on a denoising error of about 0.1 would accept almost any re-run)."""
+    if report.get("metric", "accuracy") == "accuracy":
+        return 0.05
+    values = sorted(
+        abs(value) for attack in report.get("attacks", []) for value in final_metrics(attack).values() if value
+    )
+    return 0.05 * values[len(values) // 2] if values else 0.05
 
 
 def detect_model_folder(folder: str | Path) -> dict[str, str]:

@@ -25,12 +25,17 @@ MAX_PLOTTED_ATTACKS = 24
 
 # Optional per-attack keys: a tuned scratch baseline's chosen rate and every rate's value and divergence
 # (`scratch_learning_rates`), and the modules a LoRA attack adapted where its spec left them to the default.
-OPTIONAL_RECORD_KEYS = ("scratch_learning_rate", "scratch_grid", "lora_targets")
+OPTIONAL_RECORD_KEYS = ("scratch_learning_rate", "scratch_grid", "lora_targets", "scratch_inits_left_out")
 
 
 def setting_key(spec: dict[str, Any]) -> str:
     """An attack's settings without its seed: runs that differ only in their seed share this key."""
     return json.dumps({k: v for k, v in spec.items() if k != "seed"}, sort_keys=True, default=str)
+
+
+def signed(value: float) -> str:
+    """A head start for a table: 4 decimals, or 3 significant digits below 0.001 (4e-05 must not print as +0.0000)."""
+    return f"{value:+.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:+.2e}"
 
 
 def effective_final(curve: list[list[float]], diverged: bool, higher_is_better: bool) -> float | None:
@@ -114,7 +119,8 @@ class ResistanceReport:
     def _largest_head_start(self, protected: list[list[float]], scratch: list[list[float]]) -> dict[str, Any] | None:
         """Where the protected curve is furthest ahead of scratch's, over the evaluation steps both share.
 
-        An attacker who keeps the best checkpoint gets that point, not the last one.
+        A comparison at equal budgets, point by point: at step 0 it compares the released model itself (before any
+        fine-tuning) with an untrained one.
         """
         scratch_at = {step: value for step, value in scratch}
         ahead = [(round(self._sign * (v - scratch_at[step]), 12), step) for step, v in protected if step in scratch_at]
@@ -149,6 +155,10 @@ class ResistanceReport:
             for s in curves
             if diverged.get(s)
         ]
+        if record.get("scratch_inits_left_out"):
+            notes.append(
+                f"{record['scratch_inits_left_out']} scratch initialisation(s) diverged and are left out of its mean"
+            )
         if effective.get("scratch") is None or effective.get("protected") is None:
             verdict = "no scratch baseline"
         else:
@@ -163,7 +173,8 @@ class ResistanceReport:
                 verdict = "no head start over scratch at the end"
                 ahead = out["largest_head_start"]
                 if ahead is not None and ahead["value"] > self.tolerance:
-                    verdict += f" (but ahead by {ahead['value']:.3g} at step {ahead['step']})"
+                    when = "at step 0, before fine-tuning" if ahead["step"] == 0 else f"at step {ahead['step']}"
+                    verdict += f" (but ahead by {ahead['value']:.3g} {when})"
         out["verdict"] = verdict + (f" ({'; '.join(notes)})" if notes else "")
         return out
 
@@ -190,7 +201,7 @@ class ResistanceReport:
         elif head_starts:
             verdict = (
                 f"head start over scratch in {len(head_starts)} of {len(with_scratch)} attacks; worst: {worst} "
-                f"(+{with_scratch[worst]['head_start']:.3g} {self.metric})"
+                f"(a head start of {with_scratch[worst]['head_start']:.3g} in {self.metric})"
             )
         else:
             verdict = f"no head start over scratch at the end of any of {len(with_scratch)} attacks"
@@ -319,13 +330,14 @@ class ResistanceReport:
         return [s for s in START_STYLES if s in present]
 
     def _worst_first(self) -> list[dict[str, Any]]:
+        # The order of `summary`: attacks with a scratch result by head start, then the rest by protected value (a
+        # head start and a raw metric value are different quantities and are never compared).
         def key(record):
             summary = self.attack_summary(record)
-            value = summary["head_start"]
-            if value is None:
-                protected = summary["effective_final"].get("protected")
-                value = self._sign * protected if protected is not None else -math.inf
-            return -value
+            if summary["head_start"] is not None:
+                return (0, -summary["head_start"])
+            protected = summary["effective_final"].get("protected")
+            return (1, -self._sign * protected if protected is not None else math.inf)
 
         return sorted(self.attacks, key=key)
 
@@ -357,7 +369,7 @@ class ResistanceReport:
                 lines.append(f"- {name} model fingerprint: `{value[:16]}`")
         lines += [
             f"- Steps to threshold: first evaluated step reaching {self.threshold_fraction:g} of the way from the "
-            "baseline's (scratch, else unprotected) start value to its final value.",
+            "baseline's (scratch, else unprotected, else protected) start value to its final value.",
             "- Diverged runs (non-finite loss or metric) are compared by their best value before divergence.",
             "",
         ]
@@ -409,7 +421,7 @@ class ResistanceReport:
             max_rows (`int`, *optional*, defaults to `20`): rows shown (the worst ones); `None` shows every attack.
         """
         starts = self._starts()
-        fmt = lambda v, width: f"{'-' if v is None else f'{v:+.4f}':>{width}s}"  # noqa: E731
+        fmt = lambda v, width: f"{'-' if v is None else signed(v):>{width}s}"  # noqa: E731
         lines = [f"{'attack':44s}" + "".join(f"{s:>12s}" for s in starts) + f"{'head start':>14s}  largest lead"]
         records = self._worst_first()
         for record in records if max_rows is None else records[:max_rows]:
@@ -420,7 +432,7 @@ class ResistanceReport:
                 mark = "*" if record.get("diverged", {}).get(start) else ""
                 cells.append(f"{'-' if value is None else f'{value:.4f}{mark}':>12s}")
             lead = s["largest_head_start"]
-            lead = "-" if lead is None else f"{lead['value']:+.4f} at step {lead['step']}"
+            lead = "-" if lead is None else f"{signed(lead['value'])} at step {lead['step']}"
             lines.append(f"{record['name']:44s}" + "".join(cells) + fmt(s["head_start"], 14) + f"  {lead}")
         if max_rows is not None and len(records) > max_rows:
             lines.append(f"... {len(records) - max_rows} more attacks in report.md")

@@ -665,6 +665,23 @@ def test_diverged_scratch_initialisations_are_left_out_of_the_mean():
     broken = {"curve": [[0, 0.9], [4, 0.9]], "diverged": True, "diverged_at": 4}
     mean = _mean_of_runs([healthy[0], broken, healthy[1]])
     assert mean["curve"] == [[0, pytest.approx(0.3)], [4, pytest.approx(0.7)]] and not mean["diverged"]
+    assert mean["inits_left_out"] == 1  # and the report says so
+    record = {
+        "name": "a",
+        "spec": {},
+        "curves": {"protected": [[0, 0.2], [4, 0.5]], "scratch": mean["curve"]},
+        "scratch_inits_left_out": 1,
+    }
+    verdict = ResistanceReport("image-classification", "accuracy", True, [record]).to_dict()["attacks"][0]["verdict"]
+    assert verdict.endswith("(1 scratch initialisation(s) diverged and are left out of its mean)")
+    # Every initialisation diverged: all of them count, over the steps all reached, not the first one alone.
+    runs = [
+        {"curve": [[0, 0.1], [5, 0.3]], "diverged": True, "diverged_at": 10},
+        {"curve": [[0, 0.1], [5, 0.5], [10, 0.9]], "diverged": True, "diverged_at": 15},
+    ]
+    mean = _mean_of_runs(runs)
+    assert mean["curve"] == [[0, pytest.approx(0.1)], [5, pytest.approx(0.4)]]
+    assert mean["diverged"] and mean["diverged_at"] == 10
 
 
 @torch.no_grad()

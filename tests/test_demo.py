@@ -75,7 +75,7 @@ def test_demo_pipeline_writes_models_report_plots_and_card(tmp_path, capsys, mon
     assert [a["name"] for a in saved["attacks"]] == [AttackSpec.from_dict(spec).name for spec in settings.suite]
     assert all(set(a["final"]) == {"protected", "unprotected", "scratch"} for a in saved["attacks"])
     close = sum(a["largest_head_start"]["value"] <= 0.02 for a in saved["attacks"])
-    assert f"within 2 points of scratch at every evaluation point in {close}/2 attacks" in printed
+    assert f"never more than 2 points ahead of scratch at any evaluation point in {close}/2 attacks" in printed
     protected = AutoModelForImageClassification.from_pretrained(out / "protected")
     assert saved["fingerprints"]["protected"] == model_fingerprint(protected)
     # "original" scores each model: the saved protected model re-scores to the reported value.

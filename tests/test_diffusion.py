@@ -514,6 +514,23 @@ def test_image_columns_of_hub_datasets_map_to_pixel_values():
 
 
 # ---------------------------------------------------------------------- the attack harness on a UNet
+def test_a_model_that_overflows_before_any_fine_tuning_is_refused(tmp_path):
+    from sophon_hf.attacks import AttackSpec, evaluate_finetuning_resistance
+
+    unet = tiny_unet(0)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(1e38)  # outputs overflow to inf: the denoising error is inf at step 0
+    with pytest.raises(ValueError, match=r"scores inf on the restricted test data before any fine-tuning"):
+        evaluate_finetuning_resistance(
+            unet,
+            pixels_dataset(8, seed=1),
+            pixels_dataset(4, seed=2),
+            attacks=[AttackSpec(steps=2, batch_size=4)],
+            noise_scheduler=scheduler(),
+            output_dir=str(tmp_path),  # the report would otherwise be written with an inf in it
+        )
+
+
 def test_attack_harness_full_and_lora_on_a_unet(tmp_path):
     from sophon_hf.attacks import AttackSpec, evaluate_finetuning_resistance
 

@@ -481,6 +481,18 @@ def test_card_table_and_worst_case_put_each_start_in_its_own_place():
     assert "accuracy on original-domain test data: protected 0.9700; unprotected 0.9800." in text
 
 
+def test_card_names_only_the_starts_the_report_has_and_a_tolerance_for_its_metric():
+    report = {
+        "metric": "denoising_mse",
+        "higher_is_better": False,
+        "attacks": [{"name": "a", "spec": {}, "final": {"protected": 0.12}, "curves": {"protected": [[0, 1.0]]}}],
+    }
+    text = generate_model_card(report=report, task="unconditional-image-generation", library_name="diffusers").text
+    assert "started from 1 point: this **protected** model." in " ".join(text.split())
+    assert "**unprotected** original" not in text and "(this measurement has no scratch baseline" in text
+    assert "--tolerance 0.006" in text  # 5% of 0.12, not the 0.05 that suits accuracy
+
+
 def test_card_applies_the_report_tolerance_to_its_headline():
     report = classification_report()
     report.tolerance = 0.2  # the only head start (0.1) is within it

@@ -122,6 +122,31 @@ def test_text_table_lists_worst_first_with_diverged_runs_marked():
     assert row == ["0.1000", "0.0500", "0.3000", "+0.2000", "+0.2000", "at", "step", "10"]
 
 
+def test_small_head_starts_keep_their_digits_and_lower_is_better_reads_as_a_head_start():
+    # A denoising error 0.08840 against scratch's 0.08844: a head start of 4e-05, which must not print as +0.0000.
+    record = _record("tiny", [[0, 1.0], [10, 0.08840]], [[0, 1.0], [10, 0.08]], [[0, 1.0], [10, 0.08844]])
+    report = ResistanceReport("unconditional-image-generation", "denoising_mse", False, [record])
+    assert report.to_text().splitlines()[1].split()[4] == "+4.00e-05"
+    assert report.summary["verdict"].endswith("worst: tiny (a head start of 4e-05 in denoising_mse)")
+
+
+def test_step_0_leads_say_they_are_before_fine_tuning():
+    record = _record("released", [[0, 0.5], [10, 0.3]], [[0, 0.2], [10, 0.9]], [[0, 0.1], [10, 0.9]])
+    verdict = ResistanceReport("image-classification", "accuracy", True, [record]).to_dict()["attacks"][0]["verdict"]
+    assert verdict == "no head start over scratch at the end (but ahead by 0.4 at step 0, before fine-tuning)"
+
+
+def test_rows_without_scratch_come_after_those_with_one_as_in_the_summary():
+    attacks = [
+        {"name": "no_scratch", "spec": {}, "curves": {"protected": [[0, 0.1], [5, 0.9]]}},
+        _record("with_scratch", [[0, 0.2], [10, 0.5]], [[0, 0.2], [10, 0.9]], [[0, 0.2], [10, 0.7]]),
+    ]
+    report = ResistanceReport("image-classification", "accuracy", True, attacks)
+    assert report.summary["worst_attack"] == "with_scratch"
+    assert [r["name"] for r in report._worst_first()] == ["with_scratch", "no_scratch"]
+    assert report.to_text().splitlines()[1].startswith("with_scratch")
+
+
 def test_without_scratch_the_worst_attack_is_the_best_protected_result():
     attacks = [
         {"name": "a", "spec": {}, "curves": {"protected": [[0, 0.1], [5, 0.4]]}},

@@ -213,6 +213,15 @@ def test_verify_a_diffusion_unet_with_its_scheduler(tmp_path, capsys):
     assert "denoising_mse: published -> re-run" in out and f"HOLDS         {attacks[0].name}" in out
 
 
+def test_the_default_tolerance_follows_the_metric():
+    from sophon_hf.model_card import default_tolerance
+
+    assert default_tolerance({"metric": "accuracy", "attacks": [_attack("a", 0.3, 0.8)]}) == 0.05
+    # A denoising error near 0.1: 0.05 would accept almost any re-run; 5% of the median published value does not.
+    errors = {"metric": "denoising_mse", "attacks": [_attack("a", 0.12, 0.11, 0.10), _attack("b", 0.13, 0.11)]}
+    assert default_tolerance(errors) == pytest.approx(0.05 * 0.11)
+
+
 def test_compare_reports_at_zero_tolerance_and_without_a_protected_result():
     report = {"higher_is_better": True, "attacks": [_attack("a", 0.30, 0.80, 0.90)]}
     (row,) = compare_reports(report, report, tolerance=0.0)  # an exact reproduction holds at tolerance 0

@@ -2,7 +2,7 @@
 
 Usage:
     sophon-hf verify --model my-name/vit-sophon-protected --restricted-test restricted_dir [--restricted-train DIR] \\
-        [--reference-model original_dir] [--tolerance 0.05] [--output verify_dir]
+        [--reference-model original_dir] [--tolerance T] [--output verify_dir]
 
 The model (a Hub id or a local folder) must publish a `report.json` (written by `sophon-hf attack` and uploaded by
 `sophon-hf push`). Verification checks, in order:
@@ -49,7 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--reference-model", default=None, help="the unprotected original, to re-check its numbers too"
     )
     parser.add_argument(
-        "--tolerance", type=float, default=0.05, help="largest accepted difference in the metric (default: 0.05)"
+        "--tolerance",
+        type=float,
+        default=None,
+        help="largest accepted difference in the metric (default: 0.05 for accuracy; for other metrics, such as a "
+        "denoising error, 5%% of the published values' median)",
     )
     parser.add_argument("--attack", action="append", default=None, help="verify only this attack (repeatable)")
     parser.add_argument("--output", default=None, help="keep the re-run's report (and resumable runs) here")
@@ -124,12 +128,18 @@ def run(args: argparse.Namespace) -> int:
 
     from huggingface_hub import ModelCard
 
-    from ..attacks import AUDIT_SKIPPED, DEFAULT_SCRATCH_RECIPE, AttackSpec, evaluate_finetuning_resistance
+    from ..attacks import (
+        AUDIT_SKIPPED,
+        DEFAULT_SCRATCH_RECIPE,
+        SCRATCH_RECIPE_KEYS,
+        AttackSpec,
+        evaluate_finetuning_resistance,
+    )
     from ..model_card import card_report_mismatches, detect_model_folder
     from ..utils import model_fingerprint
     from .attack import check_device, load_model, load_noise_scheduler, load_restricted, model_folder, model_inputs
 
-    if args.tolerance < 0:
+    if args.tolerance is not None and args.tolerance < 0:
         raise SystemExit(f"--tolerance must be non-negative, got {args.tolerance}.")
     folder = Path(model_folder(args.model, args.revision, args.token))
     report_path = folder / "report.json"
@@ -184,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     train, test = (model_inputs(d, model, str(folder), args.input_column) for d in (train, test))
     include_scratch = any("scratch" in a.get("curves", a.get("final", {})) for a in attacks)
     published_recipe = published.get("scratch_recipe") or {}
-    recipe = {k: v for k, v in published_recipe.items() if k in DEFAULT_SCRATCH_RECIPE and k != "learning_rate"}
+    recipe = {k: v for k, v in published_recipe.items() if k in SCRATCH_RECIPE_KEYS and k != "learning_rate"}
     if isinstance(published_recipe.get("learning_rate"), int | float):
         recipe["learning_rate"] = published_recipe["learning_rate"]
     elif not published_recipe.get("learning_rates"):  # written before scratch was tuned: its one fixed rate
@@ -213,6 +223,10 @@ def run(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise SystemExit(f"sophon-hf verify: {error}") from None
+    if args.tolerance is None:
+        from ..model_card import default_tolerance
+
+        args.tolerance = default_tolerance(published)
     rows = compare_reports({**published, "attacks": attacks}, rerun.to_dict(), args.tolerance)
     # A warning of the harness (e.g. weights scaled far beyond initialisation) qualifies every number: the published
     # report must carry the ones the re-run raises.
