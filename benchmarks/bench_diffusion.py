@@ -102,6 +102,32 @@ def load_data(
     return data
 
 
+class LowNoiseNTRTrainer(SophonTrainer):
+    """Benchmark-only: normal training draws half of each batch's timesteps from `ntr_timestep_mix` (inclusive), the
+    other half uniformly over the schedule as usual, to weight the original domain where the suppression acts."""
+
+    def __init__(self, *args, ntr_timestep_mix: tuple[int, int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.ntr_timestep_mix = ntr_timestep_mix
+
+    def _ntr_loss(self, model, batch, generator):
+        task, low, high = self.task, *self.ntr_timestep_mix
+        draw = task._noise
+
+        def mixed(batch, generator, timestep=None):
+            clean, noise, timesteps, _ = draw(batch, generator, timestep)
+            timesteps = timesteps.clone()
+            half = clean.shape[0] // 2
+            timesteps[:half] = torch.randint(low, high + 1, (half,), generator=generator).to(timesteps.device)
+            return clean, noise, timesteps, task.noise_scheduler.add_noise(clean, noise, timesteps)
+
+        task._noise = mixed
+        try:
+            return super()._ntr_loss(model, batch, generator)
+        finally:
+            del task._noise
+
+
 def load_run(run: str) -> tuple[dict, DatasetDict]:
     """The options a finished run (an `--output` folder) recorded, and its data splits."""
     with open(os.path.join(run, "results.json")) as f:
@@ -182,6 +208,14 @@ def main():
     )
     parser.add_argument(
         "--simulation-horizon", type=int, default=None, help="Persistent simulated attackers (SophonConfig)."
+    )
+    parser.add_argument(
+        "--ntr-timestep-mix",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="Normal training draws half of each batch's timesteps from [LOW, HIGH] (benchmark-only trainer).",
     )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--attack-steps", type=int, default=200)
@@ -270,12 +304,14 @@ def main():
         disable_tqdm=True,
         seed=args.seed,
     )
-    trainer = SophonTrainer(
+    mix = {"ntr_timestep_mix": tuple(args.ntr_timestep_mix)} if args.ntr_timestep_mix else {}
+    trainer = (LowNoiseNTRTrainer if mix else SophonTrainer)(
         protected,
         args=config,
         train_dataset=data["original_train"],
         restricted_dataset=data["defender_train"],
         noise_scheduler=scheduler,
+        **mix,
     )
     began = time.perf_counter()
     trainer.train()

@@ -8,6 +8,7 @@ prints, per attack, the final denoising error of protected / unprotected / scrat
     OMP_NUM_THREADS=1 python benchmarks/bench_diffusion_scratch.py --run P10 --attacks adam:1e-3 --attack-seeds 3
 
 `--attacks` replaces the run's attacks ("optimizer:lr,strategy/optimizer:lr,...", strategy `full` by default);
+`--scratch-learning-rates` the scratch grid (the runs since the eighth session use `1e-3 1e-2`);
 `--attack-seeds N` runs each at N seeds (the run's seed and the next ones) and prints the spread of the head start over
 scratch per attack; `--lora-targets` sets the modules LoRA attacks adapt (the default, since the tenth session:
 `to_q to_k to_v conv1 conv2`; the ninth session measured attention-only LoRA with this):
@@ -42,6 +43,12 @@ def main() -> None:
         nargs="+",
         help="module names LoRA attacks adapt (default: the harness's, to_q to_k to_v conv1 conv2)",
     )
+    parser.add_argument(
+        "--scratch-learning-rates",
+        nargs="+",
+        type=float,
+        help="Adam rates for the tuned scratch baseline (default: the harness's, 1e-4 1e-3 1e-2)",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     options, data = load_run(args.run)
@@ -63,6 +70,7 @@ def main() -> None:
         attacks=specs,
         reference_model=UNet2DModel.from_pretrained(os.path.join(args.run, "unprotected")),
         noise_scheduler=DDPMScheduler(num_train_timesteps=1000),  # as bench_diffusion.py
+        scratch_learning_rates=args.scratch_learning_rates,
     )
     report = result.to_dict()
     out = {}
