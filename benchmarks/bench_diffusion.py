@@ -249,6 +249,8 @@ def main():
         "RESULTS_diffusion.md; the harness's default tunes over 1e-4 1e-3 1e-2)",
     )
     args = parser.parse_args()
+    if args.ntr_timestep_mix and not 0 <= args.ntr_timestep_mix[0] <= args.ntr_timestep_mix[1] < 1000:
+        parser.error(f"--ntr-timestep-mix {args.ntr_timestep_mix} must satisfy 0 <= LOW <= HIGH < 1000")
     if args.threads:
         torch.set_num_threads(args.threads)
     os.makedirs(args.output, exist_ok=True)

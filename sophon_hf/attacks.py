@@ -572,7 +572,8 @@ def run_attack(
 
     Returns:
         `dict` with `curve` (`[[step, metric], ...]`, from step 0), `diverged` (`bool`), `diverged_at` (the step at
-        which a non-finite loss or metric was detected, or `None`) and `seconds`.
+        which a non-finite loss or metric was detected, or `None`) and `seconds`; plus `unmeasurable` (the value)
+        when the metric is already non-finite at step 0, before any training, and the curve is then empty.
     """
     device = torch.device(device)
     began = time.perf_counter()
@@ -600,12 +601,9 @@ def run_attack(
         nonfinite = torch.zeros((), dtype=torch.bool, device=device)
         curve.append([0, task.evaluate(model, test_dataset)])
         if not math.isfinite(curve[0][1]):
-            # Nothing was trained yet: the model's outputs overflow (or the metric is undefined) as given.
-            raise ValueError(
-                f"Attack {spec.name!r}: the starting model scores {curve[0][1]} on the restricted test data before any "
-                "fine-tuning, so nothing about it can be measured. Check the model's weights (e.g. `audit_weight_scale`"
-                ") and the test data."
-            )
+            # Nothing was trained yet: the model's outputs overflow (or the metric is undefined) as given. Returned,
+            # not raised, so that under several processes every rank learns of it after the gather.
+            return {"curve": [], "diverged": True, "diverged_at": 0, "unmeasurable": curve[0][1], "seconds": 0.0}
         for step in range(1, spec.steps + 1):
             index = sampler.next().to(device)
             batch = {k: v[index] for k, v in columns.items()}
@@ -954,7 +952,7 @@ def evaluate_finetuning_resistance(
             with tqdm(total=spec.steps, desc=unit_id, leave=False, disable=not show, position=1) as bar:
                 run = run_attack(start_model, task, train_columns, test_dataset, spec, restricted_labels, device, bar)
             run = {**expected, "unit": unit_id, "start": start, "rank": rank, **run}
-            if path is not None:
+            if path is not None and "unmeasurable" not in run:
                 _save_run(path, run)
         results[unit_id] = run
         runs_bar.update(1)
@@ -967,6 +965,16 @@ def evaluate_finetuning_resistance(
         for part in gather_object([results]):
             gathered.update(part)
         results = gathered
+    unmeasurable = sorted(
+        (run["unit"], run["start"], run["unmeasurable"]) for run in results.values() if "unmeasurable" in run
+    )
+    if unmeasurable:
+        unit, start, value = unmeasurable[0]
+        raise ValueError(
+            f"The {start} model scores {value} on the restricted test data before any fine-tuning (run {unit!r}), so "
+            "nothing about it can be measured: its outputs overflow as given. Check its weights (e.g. "
+            "`sophon_hf.attacks.audit_weight_scale`) and the test data."
+        )
 
     attack_records = []
     for spec in specs:

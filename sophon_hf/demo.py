@@ -23,6 +23,7 @@ from .config import SophonConfig
 from .data import mnist_domains
 from .tasks import ClassificationTask
 from .trainer import SophonTrainer
+from .utils import stop_if_diverged
 
 
 @dataclass
@@ -209,6 +210,7 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Demo
         "protected": task.evaluate(protected, original_test),
     }
     trainer.save_model()
+    stop_if_diverged(trainer)  # attacking (and publishing) unfinished weights would measure nothing
 
     print(f"\n[3/3] Attacking protected, unprotected and from-scratch models ({settings.suite} suite)", flush=True)
     timings["attacks_seconds"] = time.time()

@@ -279,7 +279,7 @@ def check_publishable(folder: str | Path, repo_id: str) -> tuple[list[str], list
     """The checks `push_folder` makes before anything is sent, the card's aside; they only read the folder.
 
     The repo id is valid; the folder holds a `config.json` and safetensors weights; a `report.json`, if present, was
-    measured on exactly these weights. `sophon-hf push` runs them before it (re)writes the card, so that a push that
+    measured on exactly these weights; the protection that wrote them did not diverge. `sophon-hf push` runs them before it (re)writes the card, so that a push that
     cannot happen leaves the folder as it was.
 
     Returns:
@@ -309,6 +309,15 @@ def check_publishable(folder: str | Path, repo_id: str) -> tuple[list[str], list
         )
         raise ValueError(f"{folder} holds no safetensors weights ({' or '.join(WEIGHT_FILES)}).{hint}")
     check_report_matches(folder)
+    card_inputs = folder / "sophon_card.json"  # model_card.CARD_METADATA_FILE, written with the card
+    stopped = (
+        json.loads(card_inputs.read_text(encoding="utf-8")).get("sophon_config") or {} if card_inputs.is_file() else {}
+    )
+    if stopped.get("diverged"):
+        raise ValueError(
+            f"{folder} holds the weights of a protection that diverged ({stopped.get('stop_reason')}): they are no "
+            "finished protection, and sophon_hf does not publish them. Train again with that fix, then push."
+        )
     return upload, skipped
 
 

@@ -424,7 +424,8 @@ def generate_model_card(
             What the model is for and what it is protected against, as the publisher names them.
         sophon_config (`dict`, *optional*):
             The protection hyper-parameters, e.g. `SophonConfig.to_dict()` (only the fields that matter are shown),
-            plus `stop_reason` and `completed_outer_iterations` when protection stopped early (the card says so).
+            plus `stop_reason`, `diverged`, `completed_outer_iterations` and `planned_outer_iterations` when
+            protection stopped before its last outer iteration or on a guard (the card says so).
         report (`dict`, *optional*):
             Content of `report.json` from the attack harness. Without it the card says plainly that resistance has
             not been measured yet.
@@ -545,8 +546,8 @@ def generate_model_card(
             and (name != "lora_r" or "lora" in (sophon_config.get("simulation_strategies") or []))
         ],
         "early_stop": (
-            f"after {sophon_config.get('completed_outer_iterations')} of {sophon_config.get('max_steps')} outer "
-            f"iterations: {sophon_config['stop_reason']}"
+            f"after {sophon_config.get('completed_outer_iterations')} of "
+            f"{sophon_config.get('planned_outer_iterations')} outer iterations: {sophon_config['stop_reason']}"
             if sophon_config.get("stop_reason")
             else None
         ),
@@ -715,12 +716,27 @@ def _report_context(
         "worst_sentence": worst_sentence,
         "overall_sentence": overall,
         # What the attacks started from: a report without a reference model or without scratch has fewer starts.
-        "starts": [start for start in STARTS if any(final_metrics(attack)[start] is not None for attack in attacks)],
+        "starts_sentence": _starts_sentence(
+            [start for start in STARTS if any(final_metrics(attack)[start] is not None for attack in attacks)],
+            _describe_scratch_recipe(recipe),
+        ),
+        "has_scratch": any(final_metrics(attack)["scratch"] is not None for attack in attacks),
         "verify_tolerance": f"{default_tolerance(report):.2g}",
         "untested": _untested(report, task) or ["nothing within the harness's families"],
         "fingerprint": fingerprints.get("protected"),
-        "scratch_recipe": _describe_scratch_recipe(recipe),
     }
+
+
+def _starts_sentence(starts: list[str], scratch_recipe: str) -> str:
+    described = {
+        "protected": "this **protected** model",
+        "unprotected": "the **unprotected** original it was made from",
+        "scratch": "**scratch** (the same architecture freshly initialised"
+        + (f", trained with: {scratch_recipe})" if scratch_recipe else ")"),
+    }
+    parts = [described[start] for start in starts]
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{len(parts)} point{'s' if len(parts) != 1 else ''}: {listed}" if parts else "no recorded start"
 
 
 def default_tolerance(report: dict[str, Any]) -> float:
@@ -832,7 +848,9 @@ def write_model_card(output_dir: str | Path, **kwargs: Any) -> Path:
             "original_domain",
             "restricted_domain",
             "stop_reason",
+            "diverged",
             "completed_outer_iterations",
+            "planned_outer_iterations",
         )
         kwargs["sophon_config"] = {k: v for k, v in kwargs["sophon_config"].items() if k in kept}
     if any(kwargs.get(key) is None for key in ("task", "library_name", "model_class")):

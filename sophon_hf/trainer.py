@@ -117,6 +117,10 @@ def _without_activation_checkpointing(*modules: nn.Module):
             m.gradient_checkpointing = True
 
 
+def _float_tensors(batch: dict) -> list[torch.Tensor]:
+    return [v for v in batch.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+
+
 def _collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([torch.as_tensor(e[key]) for e in examples]) for key in examples[0]}
 
@@ -315,6 +319,7 @@ class SophonTrainer(Trainer):
         self._best_state: dict[str, torch.Tensor] | None = None
         self.stop_reason: str | None = None
         self.diverged = False  # stopped on a non-finite loss or meta-gradient: the weights are no finished protection
+        self.stopped_at: int | None = None  # outer iterations completed when training stopped
         metric = args.metric_for_best_model
         if metric is not None and compute_metrics is None and eval_datasets:
             # Evaluation metrics are namespaced per dataset: fail now, not after the first `eval_steps` iterations.
@@ -515,7 +520,12 @@ class SophonTrainer(Trainer):
             sophon_config={
                 **self.args.to_dict(),
                 **(
-                    {"stop_reason": self.stop_reason, "completed_outer_iterations": self.state.global_step}
+                    {
+                        "stop_reason": self.stop_reason,
+                        "diverged": self.diverged,
+                        "completed_outer_iterations": self.stopped_at,
+                        "planned_outer_iterations": self.state.max_steps,
+                    }
                     if self.stop_reason
                     else {}
                 ),
@@ -570,6 +580,16 @@ class SophonTrainer(Trainer):
             commit_message=commit_message,
         )
 
+    def train(self, *args, **kwargs):
+        # The only addition to Trainer's: a new run (e.g. retried with a lower step size) starts without the stop of an
+        # earlier one on the same trainer, which would refuse its push and mark its card.
+        self.stop_reason, self.diverged, self.stopped_at = None, False, None
+        return super().train(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # A diverged run is saved (nothing is lost) but never pushed: skip Trainer's push on save (`push_to_hub=True`).
+        super().save_model(output_dir, _internal_call=_internal_call or self.diverged)
+
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         # Intermediate uploads would bypass the single push_folder path (and publish unmeasured weights);
         # `trainer.push_to_hub()` publishes the final model.
@@ -590,6 +610,14 @@ class SophonTrainer(Trainer):
             module.load_state_dict(reloaded.state_dict())
             return
         if not is_diffusers_model(module):
+            from transformers.utils import SAFE_WEIGHTS_NAME
+
+            # Trainer would fall back to a pickled `pytorch_model.bin`: sophon_hf loads weights from safetensors only.
+            if not os.path.isfile(os.path.join(resume_from_checkpoint, SAFE_WEIGHTS_NAME)):
+                raise FileNotFoundError(
+                    f"{resume_from_checkpoint} has no {SAFE_WEIGHTS_NAME}."
+                    + (pickle_weights_hint(resume_from_checkpoint) or " Not a checkpoint written by SophonTrainer.")
+                )
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
@@ -665,7 +693,7 @@ class SophonTrainer(Trainer):
             # blocked in DDP's gradient all-reduce.
             finite = self.accelerator.reduce(finite, reduction="sum") / self.args.world_size
         if finite.item() < 1:
-            check_finite(batch, "train_dataset")  # bad data is the user's to fix, not a step size to lower
+            self._check_data([batch], "train_dataset")
             # Normal training's own step or the suppression step just before it can have moved the weights too far.
             self._stop("the normal-training loss became non-finite; lower learning_rate or fts_learning_rate", True)
             return None
@@ -866,8 +894,7 @@ class SophonTrainer(Trainer):
         if args.world_size > 1:
             flat = self.accelerator.reduce(flat, reduction="mean")
         if not torch.isfinite(flat).all():
-            for batch in (*supports, *queries):  # bad data is the user's to fix, not a step size to lower
-                check_finite(batch, "restricted_dataset")
+            self._check_data([*supports, *queries], "restricted_dataset")
             self._stop(
                 f"the suppression meta-gradient became non-finite (strategy {strategy}, inner optimizer {spec}); "
                 f"lower that simulated attacker's step size ({spec} in inner_optimizers, or inner_learning_rate), "
@@ -901,9 +928,27 @@ class SophonTrainer(Trainer):
         return True
 
     # ------------------------------------------------------------------ stopping, logging, evaluation
+    def _check_data(self, batches: list[dict[str, torch.Tensor]], role: str) -> None:
+        """After a non-finite loss (every rank calls this together): NaN or infinite values in the data are the
+        user's to fix, not a step size to lower, on whichever rank they are."""
+        bad = [batch for batch in batches if not all(torch.isfinite(v).all() for v in _float_tensors(batch))]
+        flag = torch.tensor(float(bool(bad)), device=self.args.device)
+        if self.args.world_size > 1:
+            flag = self.accelerator.reduce(flag, reduction="sum")
+        if bad:
+            check_finite(bad[0], role)  # raises, naming the column
+        if flag.item() > 0:
+            raise ValueError(
+                f"`{role}` has NaN or infinite values in the rows another process read; clean or drop those rows first."
+            )
+
     def _stop(self, reason: str, diverged: bool = False) -> None:
+        if self.diverged:  # a later stop (e.g. the floor at the final evaluation) must not hide a divergence
+            reason = f"{self.stop_reason}; then {reason}"
+        else:
+            self.stopped_at = self.state.global_step  # outer iterations completed
         self.stop_reason = reason
-        self.diverged = diverged
+        self.diverged = self.diverged or diverged
         self.control.should_training_stop = True
         logger.error("SOPHON training stopped at outer iteration %d: %s.", self.state.global_step, reason)
 

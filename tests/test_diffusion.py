@@ -520,7 +520,9 @@ def test_a_model_that_overflows_before_any_fine_tuning_is_refused(tmp_path):
     unet = tiny_unet(0)
     with torch.no_grad():
         unet.conv_out.weight.mul_(1e38)  # outputs overflow to inf: the denoising error is inf at step 0
-    with pytest.raises(ValueError, match=r"scores inf on the restricted test data before any fine-tuning"):
+    with pytest.raises(
+        ValueError, match=r"The protected model scores inf on the restricted test data before any fine"
+    ):
         evaluate_finetuning_resistance(
             unet,
             pixels_dataset(8, seed=1),
@@ -529,6 +531,8 @@ def test_a_model_that_overflows_before_any_fine_tuning_is_refused(tmp_path):
             noise_scheduler=scheduler(),
             output_dir=str(tmp_path),  # the report would otherwise be written with an inf in it
         )
+    assert not (tmp_path / "report.json").exists()
+    assert not any(path.name.endswith("--protected.json") for path in (tmp_path / "runs").iterdir())
 
 
 def test_attack_harness_full_and_lora_on_a_unet(tmp_path):

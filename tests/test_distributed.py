@@ -2,6 +2,7 @@
 
 import tempfile
 
+import pytest
 import torch
 from conftest import SmallCNN, image_dataset, run_two_processes, tiny_config
 
@@ -107,6 +108,26 @@ def _non_finite_on_one_rank(output_dir):
     trainer = _two_rank_trainer(output_dir, NaNOnRankOne)
     trainer.train()
     assert trainer.state.global_step == 3 and "non-finite" in trainer.stop_reason and trainer.diverged
+
+
+def _nan_data_on_one_rank(output_dir):
+    from datasets import Dataset
+
+    from sophon_hf import SophonTrainer
+
+    poisoned = image_dataset(64, seed=1).to_dict()
+    poisoned["pixel_values"][5][0][0][0] = float("nan")  # in one rank's shard only
+    args = tiny_config(output_dir, max_steps=8, simulation_strategies=["full"])
+    trainer = SophonTrainer(
+        SmallCNN(), args=args, train_dataset=Dataset.from_dict(poisoned), restricted_dataset=image_dataset(64, seed=2)
+    )
+    # Every rank reports bad data (not a step size to lower), and none waits for the other in a collective.
+    with pytest.raises(ValueError, match=r"`train_dataset` has NaN or infinite values in (the rows|'pixel_values')"):
+        trainer.train()
+
+
+def test_nan_data_on_one_rank_is_reported_as_bad_data_on_every_rank(tmp_path):
+    run_two_processes(_nan_data_on_one_rank, str(tmp_path), timeout=120)
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):

@@ -613,12 +613,17 @@ def test_a_diverged_run_is_never_pushed_and_an_early_stop_is_on_the_card(tmp_pat
     with pytest.raises(RuntimeError, match=r"Not pushing: protection diverged \(the suppression meta-gradient"):
         trainer.push_to_hub()
     assert hub.calls == [] and not (tmp_path / "vit-protected" / "model.safetensors").exists()
-    trainer.save_model()  # the work is kept locally, and its card does not claim 5 outer iterations
-    card = (tmp_path / "vit-protected" / "README.md").read_text()
-    assert "**Protection stopped early**, after 1 of 5 outer iterations: the suppression meta-gradient" in card
-    # `sophon-hf push` re-renders the card from what the trainer stored next to it: the early stop stays on it.
+    trainer.args.push_to_hub = True  # Trainer's save_model would push too: the work is kept locally, not pushed
+    trainer.save_model()
+    assert hub.calls == [] and (tmp_path / "vit-protected" / "model.safetensors").is_file()
+    card = (tmp_path / "vit-protected" / "README.md").read_text()  # it does not claim 5 outer iterations
+    assert "**Protection stopped** after 0 of 5 outer iterations: the suppression meta-gradient" in card
+    # `sophon-hf push` re-renders the card from what the trainer stored next to it, and refuses the folder.
     write_model_card(tmp_path / "vit-protected", license="mit")
-    assert "after 1 of 5 outer iterations" in (tmp_path / "vit-protected" / "README.md").read_text()
+    assert "after 0 of 5 outer iterations" in (tmp_path / "vit-protected" / "README.md").read_text()
+    with pytest.raises(SystemExit, match="holds the weights of a protection that diverged"):
+        cli_main(["push", "--model", str(tmp_path / "vit-protected"), "--repo-id", "me/vit-protected"])
+    assert hub.calls == []
 
 
 def test_trainer_card_keeps_the_publishers_name_and_tags_and_names_the_namespaced_repo(tmp_path, hub):

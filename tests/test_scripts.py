@@ -501,7 +501,7 @@ def test_a_diverged_protection_is_saved_and_ends_the_script_with_an_error(tmp_pa
     with pytest.raises(SystemExit, match=r"Protection diverged: the suppression meta-gradient became non-finite"):
         script.main(*script.parse_args(command))
     assert (tmp_path / "protected" / "model.safetensors").is_file()  # the work is kept
-    assert "**Protection stopped early**" in (tmp_path / "protected" / "README.md").read_text()
+    assert "**Protection stopped** after 1 of 2 outer iterations" in (tmp_path / "protected" / "README.md").read_text()
 
 
 def test_pickle_only_weights_are_never_loaded(stand_ins, tmp_path, one_thread):

@@ -205,6 +205,19 @@ def test_resuming_refuses_a_foreign_checkpoint_and_pickle_weights(tmp_path):
         _checkpointed_vit_run(tmp_path, resume=str(checkpoint))
 
 
+def test_a_plain_module_checkpoint_with_pickle_weights_is_refused(tmp_path):
+    # Trainer would fall back to `pytorch_model.bin` for a plain nn.Module: sophon_hf does not.
+    trainer = _trainer(SmallCNN(), str(tmp_path), max_steps=2, save_strategy="steps", save_steps=1)
+    trainer.train()
+    checkpoint = tmp_path / "checkpoint-1"
+    state = safetensors.torch.load_file(checkpoint / "model.safetensors")
+    (checkpoint / "model.safetensors").unlink()
+    torch.save(state, checkpoint / "pytorch_model.bin")
+    resumed = _trainer(SmallCNN(), str(tmp_path), max_steps=2, save_strategy="steps", save_steps=1)
+    with pytest.raises(FileNotFoundError, match=r"has no model.safetensors. It holds only pickle weights"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+
+
 def test_floor_guard_stops_and_restores_last_good_weights(tmp_output):
     accuracies = iter([0.9, 0.2])
     snapshots = []
@@ -232,7 +245,7 @@ def test_floor_guard_stops_and_restores_last_good_weights(tmp_output):
         assert not torch.equal(p, snapshots[1][name])
     trainer.save_model()  # the guard's stop is a finished run (it may be pushed), and its card says when it stopped
     card = (Path(tmp_output) / "README.md").read_text()
-    assert "**Protection stopped early**, after 4 of 10 outer iterations: original-domain accuracy 0.2000" in card
+    assert "**Protection stopped** after 4 of 10 outer iterations: original-domain accuracy 0.2000" in card
 
 
 def test_non_finite_meta_gradient_stops_cleanly_and_keeps_finite_weights(tmp_output):
@@ -244,6 +257,20 @@ def test_non_finite_meta_gradient_stops_cleanly_and_keeps_finite_weights(tmp_out
     assert trainer.stop_reason.startswith("the suppression meta-gradient became non-finite")
     assert "sgd:1e+30 in inner_optimizers" in trainer.stop_reason
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_divergence_is_not_hidden_by_a_later_stop_and_a_new_run_starts_clean(tmp_output):
+    trainer = _trainer(SmallCNN(), tmp_output, max_steps=5, inner_optimizers=["sgd:1e30"])
+    trainer.train()
+    assert trainer.diverged and trainer.stopped_at == 0
+    trainer._stop("original-domain accuracy 0.1000 fell below original_accuracy_floor=0.9")  # e.g. a final evaluate
+    assert trainer.diverged and trainer.stop_reason.startswith("the suppression meta-gradient became non-finite")
+    assert trainer.stop_reason.endswith(
+        "; then original-domain accuracy 0.1000 fell below original_accuracy_floor=0.9"
+    )
+    trainer.args.inner_optimizers = ["sgd:1e-3"]  # retried with a sane step size on the same trainer
+    trainer.train()
+    assert not trainer.diverged and trainer.stop_reason is None and trainer.stopped_at is None
 
 
 @pytest.mark.parametrize("role", ["train_dataset", "restricted_dataset"])
