@@ -11,7 +11,7 @@ from test_model_card import tiny_vit
 from sophon_hf.attacks import AttackSpec, evaluate_finetuning_resistance
 from sophon_hf.cli import main as cli_main
 from sophon_hf.commands.verify import compare_reports
-from sophon_hf.model_card import write_model_card
+from sophon_hf.model_card import default_tolerance, write_model_card
 
 ATTACKS = [
     AttackSpec(strategy="full", optimizer="adam", learning_rate=1e-2, steps=2, batch_size=8, eval_interval=2),
@@ -211,11 +211,13 @@ def test_verify_a_diffusion_unet_with_its_scheduler(tmp_path, capsys):
     assert cli_main(args) == 0
     out = capsys.readouterr().out
     assert "denoising_mse: published -> re-run" in out and f"HOLDS         {attacks[0].name}" in out
+    # Without --tolerance: 5% of the published denoising errors, not accuracy's 0.05.
+    assert cli_main(args[:-2]) == 0
+    expected = default_tolerance(report.to_dict())
+    assert expected < 0.05 and f"(tolerance {expected:g})" in capsys.readouterr().out
 
 
 def test_the_default_tolerance_follows_the_metric():
-    from sophon_hf.model_card import default_tolerance
-
     assert default_tolerance({"metric": "accuracy", "attacks": [_attack("a", 0.3, 0.8)]}) == 0.05
     # A denoising error near 0.1: 0.05 would accept almost any re-run; 5% of the median published value does not.
     errors = {"metric": "denoising_mse", "attacks": [_attack("a", 0.12, 0.11, 0.10), _attack("b", 0.13, 0.11)]}

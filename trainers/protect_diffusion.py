@@ -12,7 +12,7 @@ Usage:
     # Offline, on a laptop CPU (a few minutes): real MNIST digits (original) vs patches of real photos (restricted),
     # a small UNet pre-trained on the digits first (no pre-trained digit DDPM ships in a PyPI package).
     python trainers/protect_diffusion.py --config trainers/configs/diffusion_digits_cpu.yaml
-    # The same images with the roles swapped (photos kept, digits denied; about 10 minutes): the offline pairing where
+    # The same images with the roles swapped (photos kept, digits denied; about 15 minutes): the offline pairing where
     # the protection measurably works (benchmarks/RESULTS_diffusion.md).
     python trainers/protect_diffusion.py --config trainers/configs/diffusion_photos_to_digits_cpu.yaml
 
