@@ -279,8 +279,8 @@ def check_publishable(folder: str | Path, repo_id: str) -> tuple[list[str], list
     """The checks `push_folder` makes before anything is sent, the card's aside; they only read the folder.
 
     The repo id is valid; the folder holds a `config.json` and safetensors weights; a `report.json`, if present, was
-    measured on exactly these weights; the protection that wrote them did not diverge. `sophon-hf push` runs them before it (re)writes the card, so that a push that
-    cannot happen leaves the folder as it was.
+    measured on exactly these weights; the protection that wrote them did not diverge. `sophon-hf push` runs them
+    before it (re)writes the card, so that a push that cannot happen leaves the folder as it was.
 
     Returns:
         `tuple[list[str], list[str]]`: the files to upload and the files skipped (see [`select_files`]).

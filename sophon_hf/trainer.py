@@ -939,7 +939,7 @@ class SophonTrainer(Trainer):
             check_finite(bad[0], role)  # raises, naming the column
         if flag.item() > 0:
             raise ValueError(
-                f"`{role}` has NaN or infinite values in the rows another process read; clean or drop those rows first."
+                f"`{role}` has NaN or infinite values in rows another process read; clean or drop those rows first."
             )
 
     def _stop(self, reason: str, diverged: bool = False) -> None:
