@@ -69,7 +69,8 @@ def to_model_inputs(
     if processor is None:
         raise ValueError(
             "The data holds raw images or text but there is no image processor / tokenizer to turn them into model "
-            "inputs: save one next to the model (`processor.save_pretrained(model_dir)`), or give its name."
+            "inputs: save one next to the model (`processor.save_pretrained(model_dir)`, which the sophon-hf commands "
+            "read), or pass it as `processor` in Python."
         )
     if found_image is not None:
         # Hub images mix modes (ImageNette has grayscale and CMYK JPEGs); the model takes one channel count.

@@ -257,10 +257,18 @@ def resolve_repo_id(repo_id: str, token: str | None = None) -> str:
 
 
 def require_token(token: str | None, untouched: str) -> str:
-    """The given token, else the logged-in one; `HubPublishError` naming the fix and what was left untouched."""
+    """The given token, else the logged-in one; `HubPublishError` naming the fix and what was left untouched, also when
+    `HF_HUB_OFFLINE` is set (every path that publishes calls this before it changes anything)."""
+    from huggingface_hub import constants
+
     token = token or get_token()
     if not token:
         raise HubPublishError(f"No Hugging Face token found: {LOGIN_FIX}. {untouched}")
+    if constants.HF_HUB_OFFLINE:
+        raise HubPublishError(
+            f"HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it (`unset HF_HUB_OFFLINE`) and push again. "
+            f"{untouched}"
+        )
     return token
 
 

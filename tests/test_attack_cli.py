@@ -51,6 +51,22 @@ def _args(tmp_path, output, model="protected"):
     ]
 
 
+def test_a_measurement_in_the_model_folder_goes_onto_its_card(saved, capsys):
+    from sophon_hf.model_card import write_model_card
+
+    write_model_card(saved / "protected", restricted_domain="digits 5-9")
+    assert "not measured yet" in (saved / "protected" / "README.md").read_text()
+    assert main(_args(saved, saved / "protected")) == 0
+    card = (saved / "protected" / "README.md").read_text()
+    assert "not measured yet" not in card and "full-sgd_momentum-lr0.01" in card and "digits 5-9" in card
+    assert "now states this measurement" in capsys.readouterr().out
+    # A card the publisher edited is theirs: left as it is, with a word on how to update it.
+    (saved / "protected" / "README.md").write_text(card + "\nOur notes.\n")
+    assert main([*_args(saved, saved / "protected"), "--attack-seeds", "2"]) == 0
+    assert (saved / "protected" / "README.md").read_text().endswith("Our notes.\n")
+    assert "was edited after sophon_hf wrote it" in capsys.readouterr().out
+
+
 def test_attack_cli_writes_the_report_and_resumes(saved, capsys):
     output = saved / "report"
     assert main(_args(saved, output)) == 0
@@ -126,6 +142,13 @@ def test_attack_cli_lists_suites_and_rejects_bad_input(saved, capsys):
         main(args)
     with pytest.raises(SystemExit, match="no column 'target'"):
         main([*_args(saved, saved / "x"), "--label-column", "target"])
+    (saved / "broken.json").write_text('[{"strategy": "full",}]')
+    (saved / "broken.yaml").write_text("- {strategy: full\n")
+    for name, kind in (("broken.json", "JSON"), ("broken.yaml", "YAML")):
+        args = _args(saved, saved / "x")
+        args[args.index("--attacks-file") + 1] = str(saved / name)
+        with pytest.raises(SystemExit, match=rf"--attacks-file .*{name} is not valid {kind}"):
+            main(args)
 
 
 def test_attack_cli_names_missing_files_and_bad_values(saved, monkeypatch):
@@ -399,6 +422,43 @@ def test_attack_cli_label_and_input_columns_by_name(tmp_path, monkeypatch):
         main([*args, "--label-column", "fine_label", "--input-column", "photo", "--output", str(tmp_path / "o")])
     batch = captured["train"].with_format("torch")[:]
     assert batch["labels"].tolist() == [i % 5 for i in range(10)] and batch["pixel_values"].shape == (10, 1, 8, 8)
+    # Without a `labels`/`label` column the error names the option and the columns as given, before conversion.
+    data.remove_columns("label").save_to_disk(str(tmp_path / "unlabelled"))
+    args = ["attack", "--model", str(tmp_path / "vit"), "--restricted-train", str(tmp_path / "unlabelled")]
+    args += [
+        "--restricted-test",
+        str(tmp_path / "unlabelled"),
+        "--input-column",
+        "photo",
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    with pytest.raises(
+        SystemExit, match=r"has no label column \(columns: \['photo', 'fine_label'\]\): pass --label-col"
+    ):
+        main(args)
+
+
+def test_attack_cli_passes_a_hub_datasets_config_and_revision(saved, monkeypatch):
+    from datasets import load_from_disk
+
+    requested = []
+
+    def load_dataset(source, name=None, *, split, revision=None):
+        requested.append((source, name, split, revision))
+        return load_from_disk(str(saved / "data"))[split]
+
+    monkeypatch.setattr("datasets.load_dataset", load_dataset)
+    captured = _capture_harness(monkeypatch)
+    args = _args(saved, saved / "x")
+    args[args.index("--restricted-train") + 1] = "frgfm/imagenette"
+    with pytest.raises(_Stop):
+        main([*args, "--dataset-config", "160px", "--dataset-revision", "refs/convert/parquet"])
+    assert requested == [
+        ("frgfm/imagenette", "160px", "train", "refs/convert/parquet"),
+        ("frgfm/imagenette", "160px", "test", "refs/convert/parquet"),
+    ]
+    assert captured["train"].num_rows > 0
 
 
 def test_attack_cli_downloads_a_reference_model_given_by_hub_id(saved, monkeypatch):

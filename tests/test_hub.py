@@ -45,6 +45,8 @@ class FakeHub:
 
     def install(self, monkeypatch):
         hub = self
+        # The tests run offline (conftest): the faked Hub is reachable, as a real one would be online.
+        monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
 
         def create_repo(api, repo_id, *, private=False, exist_ok=False, repo_type=None, **kwargs):
             hub.calls.append("create_repo")
@@ -687,6 +689,16 @@ def test_hub_refusals_and_offline_mode_get_advice_that_works(tmp_path, hub):
     hub.fail_next_commit = OfflineModeIsEnabled("offline")
     with pytest.raises(HubPublishError, match="HF_HUB_OFFLINE is set.*unset it"):
         push_folder(folder, "me/vit-sophon")
+
+
+def test_offline_mode_is_refused_before_the_card_is_touched(tmp_path, hub, monkeypatch):
+    folder = protected_folder(tmp_path / "out", with_report=False)
+    (folder / "README.md").unlink()  # `sophon-hf push` would write a missing card before uploading
+    before = snapshot(folder)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit, match=r"HF_HUB_OFFLINE is set, so nothing can be uploaded.*Nothing in .* changed"):
+        cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"])
+    assert snapshot(folder) == before and hub.calls == []
 
 
 def test_files_describing_an_earlier_model_are_removed_from_the_branch(tmp_path, hub):

@@ -119,6 +119,19 @@ def test_verify_refuses_to_train_on_its_test_rows(published, tmp_path):
     restricted_data(16, seed=1).save_to_disk(str(tmp_path / "single"))
     with pytest.raises(SystemExit, match="cannot both come from it: pass --restricted-train"):
         cli_main(["verify", "--model", str(folder), "--restricted-test", str(tmp_path / "single")])
+    with pytest.raises(SystemExit, match="cannot both come from it: pass --restricted-test"):
+        cli_main(["verify", "--model", str(folder), "--restricted-train", str(tmp_path / "single")])
+    with pytest.raises(SystemExit, match="needs the restricted data: --restricted-test and/or --restricted-train"):
+        cli_main(["verify", "--model", str(folder)])
+
+
+def test_verify_takes_the_dataset_options_of_attack(published, capsys):
+    # `sophon-hf attack --restricted-train DS` takes its test split from DS: verify accepts the same command line.
+    folder, data_dir = published
+    assert (
+        cli_main(["verify", "--model", str(folder), "--restricted-train", str(data_dir), "--tolerance", "1e-6"]) == 0
+    )
+    assert "The published claim holds" in capsys.readouterr().out
 
 
 def test_verify_a_hub_id_that_cannot_be_downloaded_is_a_message(published):

@@ -7,7 +7,7 @@ Usage:
 
     # The runs split across processes (2 CPU processes here; on GPUs use accelerate_configs/multi_gpu.yaml and
     # --num_processes with the GPU count; `accelerate launch --cpu --num_processes 2` would start only one process):
-    accelerate launch --config_file trainers/accelerate_configs/cpu_2proc.yaml -m sophon_hf.cli attack \
+    accelerate launch --config_file trainers/accelerate_configs/cpu_2proc.yaml -m sophon_hf.cli attack \\
         --model protected_dir ... --output report_dir
 
 Re-running with the same `--output` resumes: finished runs (kept in `<output>/runs/`) are not repeated. An output
@@ -40,6 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--train-split", default="train", help="split of --restricted-train (default: train)")
     parser.add_argument("--test-split", default="test", help="split of --restricted-test (default: test)")
+    parser.add_argument(
+        "--dataset-config",
+        default=None,
+        help="configuration name of Hub datasets that have several (load_dataset's name)",
+    )
+    parser.add_argument(
+        "--dataset-revision", default=None, help="branch, tag or commit of Hub datasets (e.g. refs/convert/parquet)"
+    )
     parser.add_argument("--label-column", default=None, help="column holding the labels (renamed to 'labels')")
     parser.add_argument(
         "--input-column",
@@ -138,6 +146,8 @@ def load_restricted(
     label_column: str | None,
     input_column: str | None,
     need_split: str | None = None,
+    config: str | None = None,
+    revision: str | None = None,
 ):
     """A `save_to_disk` folder (a Dataset, or a DatasetDict and its `split`) or a Hub dataset's `split`.
 
@@ -169,7 +179,7 @@ def load_restricted(
             dataset = dataset[split]
     else:
         try:
-            dataset = datasets.load_dataset(source, split=split)
+            dataset = datasets.load_dataset(source, config, split=split, revision=revision)
         except Exception as error:  # datasets raises many types here (offline, missing, bad split)
             raise SystemExit(
                 f"Cannot load the dataset {source!r}: it is not a local folder, and loading it from the Hub failed "
@@ -185,6 +195,39 @@ def load_restricted(
     if input_column is not None and input_column != "pixel_values" and not _is_raw(dataset, input_column):
         dataset = dataset.rename_column(input_column, "pixel_values")  # image tensors under another name
     return dataset
+
+
+def _update_card(output: str, model_dir: str) -> None:
+    """A measurement written into the model's own folder goes onto its SOPHON card, unless the publisher edited it."""
+    import json
+
+    from ..model_card import CARD_HASH_KEY, CARD_METADATA_FILE, card_digest, write_model_card
+
+    sidecar, card = os.path.join(output, CARD_METADATA_FILE), os.path.join(output, "README.md")
+    if not (os.path.isdir(model_dir) and os.path.samefile(output, model_dir) and os.path.isfile(sidecar)):
+        return
+    with open(sidecar, encoding="utf-8") as f:
+        stored = json.load(f)
+    if os.path.isfile(card) and stored.get(CARD_HASH_KEY) != card_digest(card):
+        print(
+            f"{card} was edited after sophon_hf wrote it, so it was left as it is and does not state this measurement "
+            "yet: `sophon-hf push` rewrites it (keeping your version aside as README.md.edited)."
+        )
+        return
+    write_model_card(output)
+    print(f"Model card: {card} now states this measurement.")
+
+
+def check_labels(dataset, source: str, model) -> None:
+    """A classifier's data needs labels: say which option names them, with the columns as given (before the inputs
+    are converted and other columns dropped)."""
+    from ..tasks import is_diffusers_model
+
+    if not is_diffusers_model(model) and "labels" not in dataset.column_names:
+        raise SystemExit(
+            f"{source} has no label column (columns: {dataset.column_names}): pass --label-column NAME, e.g. "
+            "--label-column fine_label."
+        )
 
 
 def _is_raw(dataset, column: str) -> bool:
@@ -274,7 +317,11 @@ def load_attacks(path: str) -> list[dict]:
     if not os.path.isfile(path):
         raise SystemExit(f"--attacks-file {path} does not exist.")
     with open(path) as f:
-        data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+        try:
+            data = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+        except (json.JSONDecodeError, yaml.YAMLError) as error:
+            kind = "JSON" if path.endswith(".json") else "YAML"
+            raise SystemExit(f"--attacks-file {path} is not valid {kind}: {error}") from None
     if isinstance(data, dict):
         data = data.get("attacks")
     if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
@@ -314,15 +361,18 @@ def run(args: argparse.Namespace) -> int:
         hint = " (--seed and --attack-seeds shift every attack's seed)" if "Duplicate" in str(error) else ""
         raise SystemExit(f"{error}{hint}") from None
 
-    train = load_restricted(args.restricted_train, args.train_split, args.label_column, args.input_column)
+    hub = {"config": args.dataset_config, "revision": args.dataset_revision}
+    train = load_restricted(args.restricted_train, args.train_split, args.label_column, args.input_column, **hub)
     test_source = args.restricted_test or args.restricted_train
     need_split = "--restricted-test" if args.restricted_test is None else None  # never test on training rows
-    test = load_restricted(test_source, args.test_split, args.label_column, args.input_column, need_split)
+    test = load_restricted(test_source, args.test_split, args.label_column, args.input_column, need_split, **hub)
     check_device(args.device)
     folder = model_folder(args.model)
     model = load_model(folder)
     reference = load_model(model_folder(args.reference_model)) if args.reference_model else None
     noise_scheduler = load_noise_scheduler(folder) if is_diffusers_model(model) else None
+    check_labels(train, args.restricted_train, model)
+    check_labels(test, test_source, model)
     train, test = (model_inputs(d, model, folder, args.input_column) for d in (train, test))
     if noise_scheduler is not None:
         specs = resolve_attacks(attacks, has_head=False)  # a suite keeps the attacks a UNet can take
@@ -351,6 +401,7 @@ def run(args: argparse.Namespace) -> int:
         print(report.to_text())
         print(f"\n{summary['verdict']}.")
         print(f"Report: {os.path.join(args.output, 'report.md')}")
+        _update_card(args.output, folder)
     import torch.distributed as dist
 
     if dist.is_initialized():

@@ -32,15 +32,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model")
     parser.add_argument("--token", default=None, help="Hub token, for private models")
     parser.add_argument(
-        "--restricted-test", required=True, help="held-out restricted data (save_to_disk folder or Hub)"
+        "--restricted-test",
+        default=None,
+        help="held-out restricted data (save_to_disk folder or Hub; default: --test-split of --restricted-train)",
     )
     parser.add_argument(
         "--restricted-train",
         default=None,
-        help="attacker's training data (default: --train-split of --restricted-test)",
+        help="attacker's training data (default: --train-split of --restricted-test); give at least one of the two, "
+        "as with `sophon-hf attack`",
     )
     parser.add_argument("--train-split", default="train", help="split of --restricted-train (default: train)")
     parser.add_argument("--test-split", default="test", help="split of --restricted-test (default: test)")
+    parser.add_argument(
+        "--dataset-config",
+        default=None,
+        help="configuration name of Hub datasets that have several (load_dataset's name)",
+    )
+    parser.add_argument(
+        "--dataset-revision", default=None, help="branch, tag or commit of Hub datasets (e.g. refs/convert/parquet)"
+    )
     parser.add_argument("--label-column", default=None, help="column holding the labels (renamed to 'labels')")
     parser.add_argument(
         "--input-column", default=None, help="column holding the inputs (image tensors, raw images or text)"
@@ -137,8 +148,18 @@ def run(args: argparse.Namespace) -> int:
     )
     from ..model_card import card_report_mismatches, detect_model_folder
     from ..utils import model_fingerprint
-    from .attack import check_device, load_model, load_noise_scheduler, load_restricted, model_folder, model_inputs
+    from .attack import (
+        check_device,
+        check_labels,
+        load_model,
+        load_noise_scheduler,
+        load_restricted,
+        model_folder,
+        model_inputs,
+    )
 
+    if args.restricted_test is None and args.restricted_train is None:
+        raise SystemExit("sophon-hf verify needs the restricted data: --restricted-test and/or --restricted-train.")
     if args.tolerance is not None and args.tolerance < 0:
         raise SystemExit(f"--tolerance must be non-negative, got {args.tolerance}.")
     folder = Path(model_folder(args.model, args.revision, args.token))
@@ -175,13 +196,23 @@ def run(args: argparse.Namespace) -> int:
     if not attacks:
         raise SystemExit(f"{args.model}'s report.json lists no attacks: there is nothing to re-run.")
     check_device(args.device)
-    test = load_restricted(args.restricted_test, args.test_split, args.label_column, args.input_column)
+    test = load_restricted(
+        args.restricted_test or args.restricted_train,
+        args.test_split,
+        args.label_column,
+        args.input_column,
+        need_split="--restricted-test" if args.restricted_test is None else None,
+        config=args.dataset_config,
+        revision=args.dataset_revision,
+    )
     train = load_restricted(
         args.restricted_train or args.restricted_test,
         args.train_split,
         args.label_column,
         args.input_column,
         need_split="--restricted-train" if args.restricted_train is None else None,
+        config=args.dataset_config,
+        revision=args.dataset_revision,
     )
     reference = load_model(model_folder(args.reference_model, token=args.token)) if args.reference_model else None
     recorded_reference = (published.get("fingerprints") or {}).get("reference")
@@ -191,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
             f"(fingerprint {recorded_reference[:12]}... recorded, {model_fingerprint(reference)[:12]}... found): its "
             "'unprotected' numbers are not comparable"
         )
+    check_labels(test, args.restricted_test, model)
+    check_labels(train, args.restricted_train or args.restricted_test, model)
     train, test = (model_inputs(d, model, str(folder), args.input_column) for d in (train, test))
     include_scratch = any("scratch" in a.get("curves", a.get("final", {})) for a in attacks)
     published_recipe = published.get("scratch_recipe") or {}
