@@ -40,14 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--train-split", default="train", help="split of --restricted-train (default: train)")
     parser.add_argument("--test-split", default="test", help="split of --restricted-test (default: test)")
-    parser.add_argument(
-        "--dataset-config",
-        default=None,
-        help="configuration name of Hub datasets that have several (load_dataset's name)",
-    )
-    parser.add_argument(
-        "--dataset-revision", default=None, help="branch, tag or commit of Hub datasets (e.g. refs/convert/parquet)"
-    )
+    add_hub_dataset_options(parser)
     parser.add_argument("--label-column", default=None, help="column holding the labels (renamed to 'labels')")
     parser.add_argument(
         "--input-column",
@@ -138,6 +131,18 @@ def load_noise_scheduler(folder: str):
             return getattr(diffusers, class_name).from_pretrained(os.path.dirname(config))
     print("No scheduler_config.json next to the UNet: using DDPMScheduler() with its defaults (1000 steps, linear).")
     return diffusers.DDPMScheduler()
+
+
+def add_hub_dataset_options(parser: argparse.ArgumentParser) -> None:
+    """`--dataset-config` and `--dataset-revision`: what some Hub datasets need (`load_dataset`'s name and revision)."""
+    parser.add_argument(
+        "--dataset-config",
+        default=None,
+        help="configuration name of Hub datasets that have several (load_dataset's name)",
+    )
+    parser.add_argument(
+        "--dataset-revision", default=None, help="branch, tag or commit of Hub datasets (e.g. refs/convert/parquet)"
+    )
 
 
 def load_restricted(

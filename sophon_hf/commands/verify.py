@@ -22,6 +22,8 @@ from typing import Any
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from .attack import add_hub_dataset_options
+
     parser = subparsers.add_parser(
         "verify",
         help="re-run a published model's attacks and check its resistance claim",
@@ -44,14 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--train-split", default="train", help="split of --restricted-train (default: train)")
     parser.add_argument("--test-split", default="test", help="split of --restricted-test (default: test)")
-    parser.add_argument(
-        "--dataset-config",
-        default=None,
-        help="configuration name of Hub datasets that have several (load_dataset's name)",
-    )
-    parser.add_argument(
-        "--dataset-revision", default=None, help="branch, tag or commit of Hub datasets (e.g. refs/convert/parquet)"
-    )
+    add_hub_dataset_options(parser)
     parser.add_argument("--label-column", default=None, help="column holding the labels (renamed to 'labels')")
     parser.add_argument(
         "--input-column", default=None, help="column holding the inputs (image tensors, raw images or text)"
@@ -196,14 +191,14 @@ def run(args: argparse.Namespace) -> int:
     if not attacks:
         raise SystemExit(f"{args.model}'s report.json lists no attacks: there is nothing to re-run.")
     check_device(args.device)
+    hub = {"config": args.dataset_config, "revision": args.dataset_revision}
     test = load_restricted(
         args.restricted_test or args.restricted_train,
         args.test_split,
         args.label_column,
         args.input_column,
         need_split="--restricted-test" if args.restricted_test is None else None,
-        config=args.dataset_config,
-        revision=args.dataset_revision,
+        **hub,
     )
     train = load_restricted(
         args.restricted_train or args.restricted_test,
@@ -211,8 +206,7 @@ def run(args: argparse.Namespace) -> int:
         args.label_column,
         args.input_column,
         need_split="--restricted-train" if args.restricted_train is None else None,
-        config=args.dataset_config,
-        revision=args.dataset_revision,
+        **hub,
     )
     reference = load_model(model_folder(args.reference_model, token=args.token)) if args.reference_model else None
     recorded_reference = (published.get("fingerprints") or {}).get("reference")
