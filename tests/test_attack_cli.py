@@ -154,8 +154,10 @@ def test_attack_cli_lists_suites_and_rejects_bad_input(saved, capsys):
 def test_attack_cli_names_missing_files_and_bad_values(saved, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     args = _args(saved, saved / "x")
-    with pytest.raises(SystemExit, match="steps_scale must be positive"):
+    with pytest.raises(SystemExit, match="--steps-scale must be positive"):
         main([*args, "--steps-scale", "0"])
+    with pytest.raises(SystemExit, match=r"--scratch-learning-rates must be distinct positive numbers, got \[0.0\]"):
+        main([*args, "--scratch-learning-rates", "0"])
     missing = list(args)
     missing[missing.index("--attacks-file") + 1] = str(saved / "nofile.yaml")
     with pytest.raises(SystemExit, match="nofile.yaml does not exist"):

@@ -353,6 +353,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.attack_seeds < 1:
         raise SystemExit(f"--attack-seeds must be at least 1, got {args.attack_seeds}.")
+    # Refused before anything loads, with the flag's own name.
+    if not args.steps_scale > 0:
+        raise SystemExit(
+            f"--steps-scale must be positive (it multiplies every attack's budget), got {args.steps_scale}."
+        )
+    rates = args.scratch_learning_rates or []
+    if any(not rate > 0 for rate in rates) or len(set(rates)) != len(rates):
+        raise SystemExit(f"--scratch-learning-rates must be distinct positive numbers, got {rates}.")
     attacks = load_attacks(args.attacks_file) if args.attacks_file else args.suite
 
     def with_seeds(specs):
