@@ -317,7 +317,9 @@ def check_publishable(folder: str | Path, repo_id: str) -> tuple[list[str], list
         )
         raise ValueError(f"{folder} holds no safetensors weights ({' or '.join(WEIGHT_FILES)}).{hint}")
     check_report_matches(folder)
-    card_inputs = folder / "sophon_card.json"  # model_card.CARD_METADATA_FILE, written with the card
+    from .model_card import CARD_METADATA_FILE
+
+    card_inputs = folder / CARD_METADATA_FILE  # written with the card: the protection's settings and how it stopped
     stopped = (
         json.loads(card_inputs.read_text(encoding="utf-8")).get("sophon_config") or {} if card_inputs.is_file() else {}
     )

@@ -689,6 +689,8 @@ def _report_context(
         overall += f" A head start of at most {tolerance:g} {metric} counts as none (the report's tolerance)."
     recipe = report.get("scratch_recipe") or {}
     fingerprints = report.get("fingerprints") or {}
+    # What the attacks started from: a report without a reference model or without scratch has fewer starts.
+    starts = [start for start in STARTS if any(final_metrics(attack)[start] is not None for attack in attacks)]
     # The same attack at several seeds (`sophon-hf attack --attack-seeds N`): the spread of its head start. Reports
     # written before the summary carried it are grouped here.
     groups = (report.get("summary") or {}).get("across_seeds")
@@ -715,12 +717,8 @@ def _report_context(
         "attack_rows": rows,
         "worst_sentence": worst_sentence,
         "overall_sentence": overall,
-        # What the attacks started from: a report without a reference model or without scratch has fewer starts.
-        "starts_sentence": _starts_sentence(
-            [start for start in STARTS if any(final_metrics(attack)[start] is not None for attack in attacks)],
-            _describe_scratch_recipe(recipe),
-        ),
-        "has_scratch": any(final_metrics(attack)["scratch"] is not None for attack in attacks),
+        "starts_sentence": _starts_sentence(starts, _describe_scratch_recipe(recipe)),
+        "has_scratch": "scratch" in starts,
         "verify_tolerance": f"{default_tolerance(report):.2g}",
         "untested": _untested(report, task) or ["nothing within the harness's families"],
         "fingerprint": fingerprints.get("protected"),

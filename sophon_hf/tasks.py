@@ -34,18 +34,28 @@ def _is_transformers_model(model: nn.Module) -> bool:
     return isinstance(model, PreTrainedModel)
 
 
+def non_finite_columns(columns: Mapping[str, torch.Tensor]) -> list[str]:
+    """The float columns of `columns` (a batch, or a whole dataset's columns) that hold NaN or infinite values."""
+    return [
+        name
+        for name, values in columns.items()
+        if isinstance(values, torch.Tensor) and values.is_floating_point() and not torch.isfinite(values).all()
+    ]
+
+
 def check_finite(columns: Mapping[str, torch.Tensor], role: str) -> None:
     """Refuse NaN or infinite values in the float columns of `columns` (a batch, or a whole dataset's columns).
 
     Such values make every loss non-finite: without this check they would be reported as a diverging optimizer.
     """
-    for name, values in columns.items():
-        if isinstance(values, torch.Tensor) and values.is_floating_point() and not torch.isfinite(values).all():
-            rows = (~torch.isfinite(values)).reshape(len(values), -1).any(1).sum().item()
-            raise ValueError(
-                f"`{role}` has NaN or infinite values in '{name}' ({rows} of the rows checked). Clean or drop those "
-                f"rows first, e.g. `{role}.filter(lambda row: np.isfinite(row['{name}']).all())`."
-            )
+    bad = non_finite_columns(columns)
+    if bad:
+        name, values = bad[0], columns[bad[0]]
+        rows = (~torch.isfinite(values)).reshape(len(values), -1).any(1).sum().item()
+        raise ValueError(
+            f"`{role}` has NaN or infinite values in '{name}' ({rows} of the rows checked). Clean or drop those rows "
+            f"first, e.g. `{role}.filter(lambda row: np.isfinite(row['{name}']).all())`."
+        )
 
 
 def check_not_empty(dataset, role: str) -> None:

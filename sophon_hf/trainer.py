@@ -26,7 +26,7 @@ from .simulation import (
     parse_inner_optimizer,
     simulate_finetuning,
 )
-from .tasks import check_finite, get_task, is_diffusers_model
+from .tasks import check_finite, get_task, is_diffusers_model, non_finite_columns
 from .utils import ATTACKER_STATE_NAME, FLOOR_STATE_NAME, model_fingerprint, pickle_weights_hint
 
 logger = logging.getLogger(__name__)
@@ -115,10 +115,6 @@ def _without_activation_checkpointing(*modules: nn.Module):
     finally:
         for m in flagged:
             m.gradient_checkpointing = True
-
-
-def _float_tensors(batch: dict) -> list[torch.Tensor]:
-    return [v for v in batch.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
 
 
 def _collate(examples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -931,7 +927,7 @@ class SophonTrainer(Trainer):
     def _check_data(self, batches: list[dict[str, torch.Tensor]], role: str) -> None:
         """After a non-finite loss (every rank calls this together): NaN or infinite values in the data are the
         user's to fix, not a step size to lower, on whichever rank they are."""
-        bad = [batch for batch in batches if not all(torch.isfinite(v).all() for v in _float_tensors(batch))]
+        bad = [batch for batch in batches if non_finite_columns(batch)]
         flag = torch.tensor(float(bool(bad)), device=self.args.device)
         if self.args.world_size > 1:
             flag = self.accelerator.reduce(flag, reduction="sum")
