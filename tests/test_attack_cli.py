@@ -123,8 +123,10 @@ def test_attack_cli_lists_suites_and_rejects_bad_input(saved, capsys):
     assert main(["attack", "--list-suites"]) == 0
     listing = capsys.readouterr().out
     assert "quick: 5 attacks" in listing and "standard: 52 attacks" in listing and "lora-adam-lr0.001" in listing
-    with pytest.raises(SystemExit, match="--model"):
+    with pytest.raises(SystemExit) as error:
         main(["attack", "--output", str(saved / "x")])
+    assert error.value.code == 2
+    assert "the following arguments are required: --model, --restricted-train" in capsys.readouterr().err
     args = _args(saved, saved / "x")
     del args[args.index("--attacks-file") : args.index("--attacks-file") + 2]
     with pytest.raises(SystemExit, match="Unknown attack suite"):

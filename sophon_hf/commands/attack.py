@@ -86,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--head-name", default=None, help="module name of the output layer, if not found automatically"
     )
     parser.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: automatic)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, usage_error=parser.error)
 
 
 def model_folder(name_or_path: str, revision: str | None = None, token: str | None = None) -> str:
@@ -344,7 +344,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     missing = [flag for flag in ("model", "restricted_train", "output") if getattr(args, flag) is None]
     if missing:
-        raise SystemExit("sophon-hf attack needs " + ", ".join("--" + m.replace("_", "-") for m in missing) + ".")
+        # argparse's own wording and exit status (2); the flags are optional for --list-suites only.
+        args.usage_error(
+            "the following arguments are required: " + ", ".join("--" + m.replace("_", "-") for m in missing)
+        )
 
     import dataclasses
 
