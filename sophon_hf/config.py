@@ -223,6 +223,13 @@ class SophonConfig(TrainingArguments):
         for name in ("inner_steps", "ntr_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if not self.lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be positive (0 would freeze the LoRA updates), got {self.lora_alpha}.")
+        if self.fts_follows_lr_schedule and not self.learning_rate > 0:
+            raise ValueError(
+                "fts_follows_lr_schedule scales the suppression step by the schedule's share of learning_rate, which "
+                f"is {self.learning_rate}: set learning_rate > 0 or fts_follows_lr_schedule=False."
+            )
         if self.simulation_horizon is not None:
             if self.simulation_horizon < self.inner_steps:
                 raise ValueError(

@@ -149,8 +149,9 @@ def build_lora_copy(
     """A PEFT-wrapped copy of `model` for the simulated LoRA attacker.
 
     Returns the copy, a map from the copy's base tensor names (parameters and buffers) to the model's names, and
-    the names of the LoRA adapter parameters. The copy's own base tensors are never used: they are replaced
-    functionally by the model's live tensors at every call.
+    the names of the LoRA adapter parameters. Every tensor of the copy, adapters included, lives on the `meta` device
+    and holds no memory: the model's live tensors and fresh adapters (`fresh_lora_weights`) are handed to it
+    functionally at every call.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -158,7 +159,7 @@ def build_lora_copy(
     check_lora_targets(model, targets)
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
     try:
-        lora_model = get_peft_model(copy.deepcopy(model), config)
+        lora_model = get_peft_model(_meta_copy(model), config)
     except ValueError as err:
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)][:8]
         # The names match (checked above), but PEFT cannot adapt what they name (e.g. a normalisation layer).
@@ -179,17 +180,35 @@ def build_lora_copy(
     return lora_model, base_map, adapters
 
 
-def fresh_lora_weights(lora_model: nn.Module, adapters: Sequence[str], generator: torch.Generator | None):
-    """Fresh adapters as PEFT initialises them: A ~ Kaiming-uniform (a=sqrt(5)), B = 0."""
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose parameters and buffers are `meta` tensors (no copy of the weights is made)."""
+    memo = {}
+    for _, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        if id(tensor) not in memo:
+            meta = torch.empty_like(tensor, device="meta")
+            memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def fresh_lora_weights(
+    lora_model: nn.Module,
+    adapters: Sequence[str],
+    generator: torch.Generator | None,
+    device: torch.device | str = "cpu",
+):
+    """Fresh adapters on `device`, as PEFT initialises them: A ~ Kaiming-uniform (a=sqrt(5)), B = 0.
+
+    `generator` draws on the CPU (as the rest of the simulation's randomness does); the adapters are moved after.
+    """
     params = dict(lora_model.named_parameters())
     fresh = {}
     for name in adapters:
-        tensor = torch.empty_like(params[name])
+        tensor = torch.empty(params[name].shape, dtype=params[name].dtype)
         if ".lora_A." in name:
             nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)
         else:
             tensor.zero_()
-        fresh[name] = tensor
+        fresh[name] = tensor.to(device)
     return fresh
 
 

@@ -123,10 +123,17 @@ def find_classification_head(model: nn.Module, head_name: str | None = None) -> 
 
 
 def check_is_classifier(model: nn.Module) -> None:
-    """Raise a clear error for Transformers models that have no classification head (e.g. a bare `BertModel`)."""
-    if _is_transformers_model(model) and "Classification" not in type(model).__name__:
+    """Raise a clear error for Transformers models that do not classify whole inputs (e.g. a bare `BertModel`)."""
+    name = type(model).__name__
+    # Token classification (one label per token: NER, POS tagging) has 3-D logits that the losses here do not take.
+    if _is_transformers_model(model) and "TokenClassification" in name:
         raise ValueError(
-            f"{type(model).__name__} is not a classifier. Load the model with a classification head, e.g. "
+            f"{name} classifies every token; SophonTrainer protects classifiers of whole inputs (one label per "
+            "example). Load the model with `AutoModelForSequenceClassification` or `AutoModelForImageClassification`."
+        )
+    if _is_transformers_model(model) and "Classification" not in name:
+        raise ValueError(
+            f"{name} is not a classifier. Load the model with a classification head, e.g. "
             "`AutoModelForImageClassification` or `AutoModelForSequenceClassification`, or pass a Diffusers "
             "UNet2DModel with a `noise_scheduler` for diffusion."
         )

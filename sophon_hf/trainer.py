@@ -35,9 +35,20 @@ FTS_OPTIMIZER_NAME = "fts_optimizer.pt"
 RESTRICTED_IN_MEMORY_BYTES = 2 * 1024**3
 
 
-def _accuracy(eval_prediction: EvalPrediction) -> dict[str, float]:
-    predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
-    return {"accuracy": float((np.asarray(predictions).argmax(-1) == np.asarray(labels)).mean())}
+class _Accuracy:
+    """The default `compute_metrics` of classifiers; with `batch_eval_metrics=True` it counts over the batches."""
+
+    def __init__(self):
+        self.correct = self.total = 0
+
+    def __call__(self, eval_prediction: EvalPrediction, compute_result: bool = True) -> dict[str, float] | None:
+        predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
+        self.correct += int((predictions.argmax(-1) == labels).sum())
+        self.total += int(labels.shape[0])
+        if not compute_result:
+            return None
+        accuracy, self.correct, self.total = self.correct / max(self.total, 1), 0, 0
+        return {"accuracy": accuracy}
 
 
 @dataclass
@@ -324,7 +335,7 @@ class SophonTrainer(Trainer):
             if metric.removeprefix("eval_") not in allowed:
                 raise ValueError(
                     f"metric_for_best_model={metric!r} is not an evaluation metric of SophonTrainer: evaluations are "
-                    f"logged per dataset, choose one of {allowed} (e.g. metric_for_best_model='original_accuracy')."
+                    f"logged per dataset, choose one of {allowed} (e.g. metric_for_best_model={allowed[-1]!r})."
                 )
         if args.push_to_hub and args.hub_strategy != HubStrategy.END:
             logger.warning(
@@ -343,7 +354,7 @@ class SophonTrainer(Trainer):
                 train_dataset=train_dataset,
                 eval_dataset=eval_datasets or None,
                 processing_class=processing_class,
-                compute_metrics=compute_metrics or (_accuracy if self.task.metric_name == "accuracy" else None),
+                compute_metrics=compute_metrics or (_Accuracy() if self.task.metric_name == "accuracy" else None),
                 callbacks=callbacks,
                 optimizers=optimizers,
             )
@@ -351,8 +362,6 @@ class SophonTrainer(Trainer):
             args.label_smoothing_factor = label_smoothing
         # Every NTR step of an outer iteration gets a full per-device batch.
         self._train_batch_size = self._train_batch_size * args.ntr_steps
-        if self._lora is not None:
-            self._lora[0].to(self.args.device)
         self.fts_optimizer: torch.optim.Optimizer | None = None
 
     # ------------------------------------------------------------------ optimizers and checkpoints
@@ -647,6 +656,9 @@ class SophonTrainer(Trainer):
 
     # ------------------------------------------------------------------ one outer iteration
     def training_step(self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch=None):
+        # Checkpoints record the user's batch size, not the ntr_steps-fold batch an outer iteration reads: Trainer
+        # compares it with `per_device_train_batch_size` on resume and warns of a mismatch otherwise.
+        self.state.train_batch_size = self.args.train_batch_size
         model.train()
         inputs = self._prepare_inputs(inputs)
         # Mixed precision (bf16/fp16 autocast) applies to the simulation and normal training alike.
@@ -663,10 +675,12 @@ class SophonTrainer(Trainer):
         # Diffusion noise and timesteps come from a stream of this rank's own (the global RNG is seeded alike on every
         # rank, which would give every rank the same noise), replayed exactly on resume.
         generator = self._generator(salt=1)
+        losses = []
         for chunk in chunks[:-1]:
             loss = self._ntr_loss(model, chunk, generator)
             if loss is None:
                 return torch.zeros((), device=self.args.device)
+            losses.append(loss.detach())
             self.accelerator.backward(loss)
             if self.args.max_grad_norm:
                 self.accelerator.clip_grad_norm_(model.parameters(), self.args.max_grad_norm)
@@ -676,7 +690,8 @@ class SophonTrainer(Trainer):
         if loss is None:
             return torch.zeros((), device=self.args.device)
         self.accelerator.backward(loss)
-        return loss.detach()
+        # Trainer logs this as `loss`: the mean over the outer iteration's normal-training steps, not the last one's.
+        return torch.stack([*losses, loss.detach()]).mean()
 
     def _ntr_loss(
         self, model: nn.Module, batch: dict[str, torch.Tensor], generator: torch.Generator
@@ -803,7 +818,7 @@ class SophonTrainer(Trainer):
         # a classifier): so does the simulated one, and the head's meta-gradient is taken at each adapted point.
         lora_head = {peft_name for peft_name, name in base_map.items() if name in head and name in params}
         lora_frozen = {peft_name: own[name] for peft_name, name in base_map.items() if peft_name not in lora_head}
-        adapted = {k: v.to(self.args.device) for k, v in fresh_lora_weights(lora_model, adapters, generator).items()}
+        adapted = fresh_lora_weights(lora_model, adapters, generator, self.args.device)
         adapted.update({peft_name: params[base_map[peft_name]] for peft_name in lora_head})
         to_model = {peft_name: name for peft_name, name in base_map.items() if name in params}
         return SimulationView(lora_model, adapted, lora_frozen, to_model)
@@ -858,6 +873,10 @@ class SophonTrainer(Trainer):
         # `attacks.run_attack`): the simulated one must see the same features. The buffers are copies either way.
         if strategy == "linear_probe":
             module.eval()
+        # A real LoRA attack trains in train mode (`attacks.run_attack`); the PEFT copy keeps the mode the model had
+        # when it was built (eval mode after `from_pretrained`).
+        if strategy == "lora":
+            view.module.train()
         try:
             checkpointing_off = _without_activation_checkpointing(module, *([self._lora[0]] if self._lora else []))
             with checkpointing_off:
@@ -909,7 +928,9 @@ class SophonTrainer(Trainer):
         if args.fts_follows_lr_schedule and self.lr_scheduler is not None:
             # The suppression step decays (or warms up) with normal training, so their balance stays the same to
             # the end; otherwise a decaying `learning_rate` leaves the last iterations to suppression alone.
-            factor = self.lr_scheduler.get_last_lr()[0] / args.learning_rate
+            # Relative to the schedule's own base rate: a user-supplied optimizer's rate need not be learning_rate.
+            base = getattr(self.lr_scheduler, "base_lrs", [args.learning_rate])[0]
+            factor = self.lr_scheduler.get_last_lr()[0] / base if base else 1.0
             for group in fts_optimizer.param_groups:
                 group["lr"] = args.fts_learning_rate * factor
         fts_optimizer.step()
@@ -949,8 +970,9 @@ class SophonTrainer(Trainer):
         logger.error("SOPHON training stopped at outer iteration %d: %s.", self.state.global_step, reason)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        if mode == "train":
+        # Only Trainer's periodic training logs (they carry `loss`) take the fts/ntr means: not evaluation logs, and not
+        # the end-of-training summary, whose `train_loss` covers the whole run while these would cover its last steps.
+        if "loss" in logs:
             means = {k: float(np.mean(v)) for k, v in self._metrics.items() if v}
             if self.args.world_size > 1:
                 # Every rank simulates its own attackers: log the mean over ranks, not rank 0's alone. Trainer calls
@@ -971,6 +993,21 @@ class SophonTrainer(Trainer):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         floor = self.args.original_accuracy_floor
         key = f"{metric_key_prefix}_original_{self.task.metric_name}"
+        if (
+            floor is not None
+            and key not in metrics
+            and any(k.startswith(f"{metric_key_prefix}_original_") for k in metrics)
+        ):
+            # The original split was evaluated, but by a `compute_metrics` without accuracy: the guard cannot run.
+            prefix = f"{metric_key_prefix}_original_"
+            trainer_own = {"loss", "runtime", "samples_per_second", "steps_per_second"}
+            returned = sorted(
+                k[len(prefix) :] for k in metrics if k.startswith(prefix) and k[len(prefix) :] not in trainer_own
+            )
+            raise ValueError(
+                f"original_accuracy_floor reads `{key}`, but compute_metrics returned {returned}: make it return "
+                f"'{self.task.metric_name}' too, or leave compute_metrics unset (SophonTrainer then computes it)."
+            )
         if floor is None or key not in metrics:
             return metrics
         module = self.accelerator.unwrap_model(self.model)

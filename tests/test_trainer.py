@@ -65,13 +65,17 @@ def test_batchnorm_statistics_never_absorb_restricted_data(tmp_output):
 
 def test_ntr_steps_take_separate_optimizer_steps(tmp_output):
     model = SmallCNN()
-    trainer = _trainer(model, tmp_output, ntr_steps=3, max_steps=2)
+    trainer = _trainer(model, tmp_output, ntr_steps=3, max_steps=3, logging_steps=2)
     trainer.train()
     # Trainer's own loop steps once per outer iteration; the two extra NTR steps are ours.
-    assert trainer.state.global_step == 2
+    assert trainer.state.global_step == 3
     state = trainer.optimizer.state_dict()["state"]
-    assert int(next(iter(state.values()))["step"]) == 2 * 3
-    assert len([v for v in trainer.state.log_history if "ntr/loss" in v]) == 2
+    assert int(next(iter(state.values()))["step"]) == 3 * 3
+    logs = [v for v in trainer.state.log_history if "ntr/loss" in v]
+    # Trainer's `loss` is the mean of the normal-training losses (three per outer iteration), as `ntr/loss` is.
+    assert len(logs) == 1 and logs[0]["loss"] == pytest.approx(logs[0]["ntr/loss"], abs=1e-4)
+    # The third iteration's means are not passed off as the whole run's in the end-of-training summary.
+    assert "train_runtime" in trainer.state.log_history[-1] and "ntr/loss" not in trainer.state.log_history[-1]
 
 
 def test_persistent_attacker_continues_its_trajectory_and_restarts_after_the_horizon(tmp_output):
@@ -123,6 +127,22 @@ def test_suppression_step_size_follows_the_schedule_only_when_asked(follows, tmp
     assert trainer.fts_optimizer.param_groups[0]["lr"] == pytest.approx(expected)
 
 
+def test_suppression_step_follows_the_schedule_of_a_user_optimizer_at_its_own_rate(tmp_output):
+    model = SmallCNN()
+    config = tiny_config(tmp_output, max_steps=4, fts_learning_rate=1e-3, fts_follows_lr_schedule=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)  # not learning_rate (5e-5): only the schedule counts
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 4)
+    trainer = SophonTrainer(
+        model,
+        args=config,
+        train_dataset=image_dataset(32, seed=1),
+        restricted_dataset=image_dataset(32, seed=2),
+        optimizers=(optimizer, scheduler),
+    )
+    trainer.train()
+    assert trainer.fts_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.25)
+
+
 class _Interrupt(TrainerCallback):
     def __init__(self, at: int):
         self.at = at
@@ -170,6 +190,16 @@ def test_resume_from_checkpoint_continues_exactly(tmp_path, persistent):
     resumed = run(tmp_path / "interrupted", resume=str(checkpoint))
     for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_checkpoints_record_the_users_batch_size_with_several_ntr_steps(tmp_path):
+    import json
+
+    trainer = _trainer(SmallCNN(), str(tmp_path), max_steps=1, ntr_steps=2, save_strategy="steps", save_steps=1)
+    trainer.train()
+    # Trainer compares this with per_device_train_batch_size on resume (and warns of a mismatch if it differs).
+    state = json.loads((tmp_path / "checkpoint-1" / "trainer_state.json").read_text())
+    assert state["train_batch_size"] == trainer.args.per_device_train_batch_size == 8
 
 
 def _checkpointed_vit_run(output_dir, resume=None, **overrides):
@@ -248,6 +278,23 @@ def test_floor_guard_stops_and_restores_last_good_weights(tmp_output):
     assert "**Protection stopped** after 4 of 10 outer iterations: original-domain accuracy 0.2000" in card
 
 
+def test_floor_guard_refuses_metrics_without_accuracy(tmp_output):
+    config = tiny_config(tmp_output, max_steps=4, eval_strategy="steps", eval_steps=1, original_accuracy_floor=0.9)
+    trainer = SophonTrainer(
+        SmallCNN(),
+        args=config,
+        train_dataset=image_dataset(32, seed=1),
+        restricted_dataset=image_dataset(32, seed=2),
+        eval_dataset=image_dataset(16, seed=3),
+        compute_metrics=lambda prediction: {"f1": 0.0},
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"reads `eval_original_accuracy`, but compute_metrics returned \['f1'\]: make it return 'accuracy'",
+    ):
+        trainer.train()
+
+
 def test_non_finite_meta_gradient_stops_cleanly_and_keeps_finite_weights(tmp_output):
     model = SmallCNN()
     # A simulated attacker whose step size blows its weights up: the meta-gradient becomes non-finite.
@@ -295,6 +342,11 @@ def test_eval_on_original_and_restricted_is_namespaced(tmp_output):
     )
     metrics = trainer.evaluate()
     assert 0 <= metrics["eval_original_accuracy"] <= 1 and 0 <= metrics["eval_restricted_accuracy"] <= 1
+    # Counted batch by batch, the default accuracy is the same (batches of 3 leave a smaller last batch).
+    trainer.args.batch_eval_metrics, trainer.args.per_device_eval_batch_size = True, 3
+    batched = trainer.evaluate()
+    for key in ("eval_original_accuracy", "eval_restricted_accuracy"):
+        assert batched[key] == pytest.approx(metrics[key])
 
 
 def test_save_model_writes_safetensors_that_reload(tmp_output):
@@ -403,6 +455,8 @@ def test_bad_config(overrides, match, tmp_output):
         ({"inner_optimizers": []}, "inner_optimizers is empty"),
         ({"ntr_steps": 0}, "ntr_steps must be >= 1"),
         ({"lora_r": 0}, "lora_r must be >= 1"),
+        ({"lora_alpha": 0}, "lora_alpha must be positive"),
+        ({"fts_follows_lr_schedule": True, "learning_rate": 0.0}, "set learning_rate > 0 or fts_follows_lr_schedule"),
     ],
 )
 def test_more_bad_configs(overrides, match, tmp_output):
@@ -561,6 +615,22 @@ def test_simulated_probe_sees_the_body_in_eval_mode_like_the_real_probe(strategy
     assert model.training  # restored for normal training
 
 
+def test_simulated_lora_attacker_trains_in_train_mode_and_holds_no_copy_of_the_weights(tmp_output):
+    # `from_pretrained` returns a model in eval mode; the real LoRA attack trains in train mode whatever it was given.
+    model = SmallCNN().eval()
+    trainer = _trainer(model, tmp_output, max_steps=1, simulation_strategies=["lora"])
+    lora_model, _, _ = trainer._lora
+    assert all(t.is_meta for t in [*lora_model.parameters(), *lora_model.buffers()])  # no second copy in memory
+    modes = []
+    body = lora_model.get_submodule("base_model.model.body")
+    handle = body.register_forward_pre_hook(lambda module, _: modes.append(module.training))
+    trainer.create_optimizer()
+    assert trainer._fine_tuning_simulation_step()
+    handle.remove()
+    assert modes and set(modes) == {True}
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 @pytest.mark.parametrize("targets", [["nope"], ["q_proj", "valeu"]], ids=["none-match", "one-misspelt"])
 def test_lora_targets_matching_nothing(tmp_output, targets):
     # One misspelt name among valid ones would otherwise adapt fewer layers than asked for, silently.
@@ -574,6 +644,14 @@ def test_model_that_is_not_a_classifier(tmp_output):
     model = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2))
     with pytest.raises(ValueError, match="not a classifier"):
         _trainer(model, tmp_output, train=text_dataset(), restricted=text_dataset())
+
+
+def test_a_token_classifier_is_refused_with_the_class_to_use(tmp_output):
+    from transformers import BertConfig, BertForTokenClassification
+
+    config = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_labels=5)
+    with pytest.raises(ValueError, match="classifies every token.*AutoModelForSequenceClassification"):
+        _trainer(BertForTokenClassification(config), tmp_output, train=text_dataset(), restricted=text_dataset())
 
 
 def test_diffusion_loss_on_classifier(tmp_output):
