@@ -727,6 +727,12 @@ def _check_output_dir(output_dir: str, fingerprints: dict[str, str | None]) -> N
         return
     with open(path) as f:
         previous = json.load(f).get("fingerprints", {})
+    if "evaluation" in previous and previous["evaluation"] != fingerprints.get("evaluation"):
+        raise ValueError(
+            f"{output_dir} already holds a report measured under another evaluation protocol (noise scheduler, its "
+            "configuration or the evaluation timesteps differ). Refusing to mix results: choose another output folder, "
+            "or move that report.json (with report.md, attack_curves.png and runs/) out of it."
+        )
     for start in ("protected", "reference"):
         if previous.get(start) != fingerprints.get(start):
             raise ValueError(
@@ -749,6 +755,8 @@ def _load_run(path: str, expected: dict[str, Any]) -> dict[str, Any] | None:
                 f"{path} was produced with a different {what}. Refusing to mix results: choose another output folder, "
                 "or move its runs/ folder (and report files) out of it."
             )
+    if run.get("evaluation") != expected.get("evaluation"):
+        return None  # measured under another noise schedule or other evaluation timesteps: measure again
     return run if run.get("spec") == expected["spec"] else None
 
 
@@ -886,6 +894,10 @@ def evaluate_finetuning_resistance(
         "protected": model_fingerprint(model),
         "reference": model_fingerprint(reference_model) if reference_model is not None else None,
     }
+    # A UNet's denoising error also depends on the noise schedule and the evaluation timesteps.
+    protocol = task.evaluation_protocol() if hasattr(task, "evaluation_protocol") else None
+    if protocol is not None:
+        fingerprints["evaluation"] = hashlib.sha256(json.dumps(protocol, sort_keys=True).encode()).hexdigest()
     unknown = sorted(set(scratch_recipe or {}) - set(SCRATCH_RECIPE_KEYS))
     if unknown:
         raise ValueError(
@@ -939,6 +951,8 @@ def evaluate_finetuning_resistance(
     for unit_id, start, spec, init in mine:
         start_fingerprint = fingerprints["reference" if start == "unprotected" else "protected"]
         expected = {"fingerprint": start_fingerprint, "data": data_fingerprint, "spec": spec.to_dict()}
+        if "evaluation" in fingerprints:
+            expected["evaluation"] = fingerprints["evaluation"]
         if init is not None:
             expected["init_seed"] = spec.seed + SCRATCH_INIT_STRIDE * init
         path = os.path.join(output_dir, "runs", f"{unit_id}.json") if output_dir is not None else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import json
 import logging
 import numbers
 import os
@@ -167,6 +168,22 @@ class DiffusionTask:
             self.eval_timesteps = torch.linspace(0, self.num_train_timesteps - 1, num_eval_timesteps).round().long()
         self.eval_seed = eval_seed
 
+    def _image_size_argument(self) -> int | tuple[int, int]:
+        height, width = self.sample_shape[1:]
+        return height if height == width else (height, width)
+
+    def evaluation_protocol(self) -> dict:
+        """What a denoising-error measurement depends on besides the weights and the data: the noise schedule, the
+        evaluation timesteps and noise seed. The attack harness keeps it with resumable runs, so that a run measured
+        under another schedule is never reused."""
+        config = {k: v for k, v in self.noise_scheduler.config.items() if not k.startswith("_")}
+        return {
+            "noise_scheduler": type(self.noise_scheduler).__name__,
+            "scheduler_config": json.loads(json.dumps(config, sort_keys=True, default=str)),
+            "eval_timesteps": self.eval_timesteps.tolist(),
+            "eval_seed": self.eval_seed,
+        }
+
     # ------------------------------------------------------------------ data
     def prepare_dataset(self, dataset, role: str = "dataset"):
         """Check that a dataset holds images the UNet can denoise, and return it in torch format.
@@ -201,7 +218,7 @@ class DiffusionTask:
                 raise ValueError(
                     f"`{role}` holds images of shape {tuple(pixels.shape[1:])} but the UNet expects (C, H, W) = "
                     f"{self.sample_shape} (config.in_channels, config.sample_size). Resize/convert the images, e.g. "
-                    f"with `images_to_pixel_values(..., image_size={self.sample_shape[1]}, "
+                    f"with `images_to_pixel_values(..., image_size={self._image_size_argument()}, "
                     f"num_channels={self.sample_shape[0]})`."
                 )
             if not pixels.dtype.is_floating_point:
@@ -464,7 +481,7 @@ def save_sample_grid(images_by_model: dict[str, torch.Tensor], path: str | os.Pa
 # ---------------------------------------------------------------------- image data
 def images_to_pixel_values(
     dataset,
-    image_size: int,
+    image_size: int | tuple[int, int],
     num_channels: int,
     image_column: str | None = None,
     batch_size: int = 256,
@@ -473,8 +490,10 @@ def images_to_pixel_values(
 
     Args:
         dataset (`datasets.Dataset`): rows with an image column (PIL images, `datasets.Image` features, or
-            `(H, W)` / `(H, W, C)` arrays: uint8 in [0, 255], or floats in [0, 1]).
-        image_size (`int`): side of the square output (the UNet's `config.sample_size`).
+            `(H, W)`, `(H, W, C)` or `(C, H, W)` arrays: integers in [0, 255], or floats in [0, 1]; other ranges are
+            refused, not clipped).
+        image_size (`int` or `tuple[int, int]`): side of the square output, or its `(height, width)` (the UNet's
+            `config.sample_size`); each image is cropped to that aspect ratio around its centre, then resized.
         num_channels (`int`): 1 (grayscale) or 3 (RGB), the UNet's `config.in_channels`.
         image_column (`str`, *optional*): the image column; `"image"` or `"img"` when omitted.
         batch_size (`int`, *optional*, defaults to `256`): rows per `map` batch.
@@ -502,22 +521,38 @@ def images_to_pixel_values(
     elif image_column not in dataset.column_names:
         raise ValueError(f"image_column={image_column!r} is not a column of the dataset ({dataset.column_names}).")
     mode = "L" if num_channels == 1 else "RGB"
+    height, width = (image_size, image_size) if isinstance(image_size, int) else (int(v) for v in image_size)
 
     def convert(batch):
         pixels = []
         for image in batch[image_column]:
             if not isinstance(image, Image.Image):
                 array = np.asarray(image)
+                if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+                    array = array.transpose(1, 2, 0)  # channel-first (C, H, W), as torch tensors are
+                if array.ndim == 3 and array.shape[-1] == 1:
+                    array = array[..., 0]
                 if array.dtype != np.uint8:  # Arrow hands arrays back as int64 or float64
-                    scale = 255.0 if np.issubdtype(array.dtype, np.floating) else 1.0  # floats are in [0, 1]
-                    array = np.clip(array.astype(np.float32) * scale, 0, 255).round().astype(np.uint8)
+                    floating = np.issubdtype(array.dtype, np.floating)
+                    high = 1.0 if floating else 255
+                    if array.size and (array.min() < 0 or array.max() > high):
+                        kind = "float images must be in [0, 1]" if floating else "integer images must be in [0, 255]"
+                        raise ValueError(
+                            f"Column {image_column!r} holds {array.dtype} images with values in [{array.min():g}, "
+                            f"{array.max():g}]; {kind}: rescale them (e.g. divide by their maximum) or pass uint8 "
+                            "images in [0, 255]."
+                        )
+                    scale = 255.0 if floating else 1.0
+                    array = (array.astype(np.float32) * scale).round().astype(np.uint8)
                 image = Image.fromarray(array)
             image = image.convert(mode)
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            image = image.crop((left, top, left + side, top + side))
-            image = image.resize((image_size, image_size), Image.Resampling.BICUBIC)
-            array = np.asarray(image, dtype=np.float32).reshape(image_size, image_size, num_channels)
+            # The largest centred box of the output's aspect ratio, then resized to it.
+            scale = min(image.width / width, image.height / height)
+            box_width, box_height = round(width * scale), round(height * scale)
+            left, top = (image.width - box_width) // 2, (image.height - box_height) // 2
+            image = image.crop((left, top, left + box_width, top + box_height))
+            image = image.resize((width, height), Image.Resampling.BICUBIC)
+            array = np.asarray(image, dtype=np.float32).reshape(height, width, num_channels)
             pixels.append(np.clip(array.transpose(2, 0, 1) / 127.5 - 1.0, -1.0, 1.0))
         return {"pixel_values": pixels}
 

@@ -316,6 +316,13 @@ def check_publishable(folder: str | Path, repo_id: str) -> tuple[list[str], list
             else " Save the model with `trainer.save_model(...)` or `save_pretrained(...)` first."
         )
         raise ValueError(f"{folder} holds no safetensors weights ({' or '.join(WEIGHT_FILES)}).{hint}")
+    if "diffusion_pytorch_model.safetensors" in upload or "diffusion_pytorch_model.safetensors.index.json" in upload:
+        if not (folder / "scheduler_config.json").is_file():
+            # The card's "How to use" loads the noise schedule from the repo; without it the UNet cannot be sampled.
+            raise ValueError(
+                f"{folder} holds a Diffusers UNet but no scheduler_config.json: save the noise scheduler it was trained "
+                "with next to it (`noise_scheduler.save_pretrained(folder)`; `trainer.save_model()` does this)."
+            )
     check_report_matches(folder)
     from .model_card import CARD_METADATA_FILE
 

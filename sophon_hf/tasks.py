@@ -422,6 +422,11 @@ def get_task(
         from .diffusion import DiffusionTask
 
         return DiffusionTask(model, noise_scheduler, timestep=diffusion_timestep)
+    if hasattr(model, "unet") and hasattr(model, "scheduler") and not isinstance(model, nn.Module):
+        raise ValueError(
+            f"{type(model).__name__} is a Diffusers pipeline: pass its denoiser and noise schedule, "
+            "`model=pipeline.unet, noise_scheduler=pipeline.scheduler`."
+        )
     if noise_scheduler is not None:
         raise ValueError(
             f"noise_scheduler is for Diffusers denoisers (UNet2DModel), but {type(model).__name__} is not one; "

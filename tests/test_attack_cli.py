@@ -215,6 +215,26 @@ def test_attack_cli_measures_a_diffusers_unet_with_its_saved_scheduler(tmp_path)
     assert report["metric"] == "denoising_mse" and len(report["attacks"]) == 1
 
 
+def test_attack_cli_measures_the_unet_of_a_diffusers_pipeline_folder_with_its_scheduler(tmp_path, monkeypatch):
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from test_model_card import tiny_unet
+
+    g = torch.Generator().manual_seed(0)
+    images = lambda n: Dataset.from_dict({"pixel_values": (torch.rand(n, 1, 16, 16, generator=g) * 2 - 1).numpy()})  # noqa: E731
+    DatasetDict(train=images(16), test=images(8)).save_to_disk(str(tmp_path / "restricted"))
+    unet, schedule = tiny_unet(), DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2")
+    DDPMPipeline(unet=unet, scheduler=schedule).save_pretrained(tmp_path / "pipeline")
+    captured = _capture_harness(monkeypatch)
+    # The pipeline folder and its unet/ subfolder both find the UNet and the pipeline's own scheduler.
+    for model in (tmp_path / "pipeline", tmp_path / "pipeline" / "unet"):
+        args = ["attack", "--model", str(model), "--restricted-train", str(tmp_path / "restricted")]
+        with pytest.raises(_Stop):
+            main([*args, "--suite", "quick", "--output", str(tmp_path / "out")])
+        assert model_fingerprint(captured["model"]) == model_fingerprint(unet)
+        used = captured["noise_scheduler"].config
+        assert (used.num_train_timesteps, used.beta_schedule) == (100, "squaredcos_cap_v2")
+
+
 def test_attack_cli_takes_a_unet_by_hub_id_with_its_scheduler_and_a_named_suite(tmp_path, monkeypatch, capsys):
     from diffusers import DDPMScheduler
     from test_model_card import tiny_unet

@@ -297,7 +297,39 @@ def test_images_are_center_cropped():
     torch.testing.assert_close(pixels["pixel_values"], torch.ones(1, 10, 10))
 
 
+def test_images_are_cropped_and_resized_to_a_non_square_unet():
+    tall = np.zeros((40, 10), dtype=np.uint8)
+    tall[10:30] = 255  # only the middle 20 rows are white: exactly the centred box of aspect 2:1
+    pixels = images_to_pixel_values(Dataset.from_dict({"image": [tall]}), (8, 4), 1).with_format("torch")[0]
+    torch.testing.assert_close(pixels["pixel_values"], torch.ones(1, 8, 4))
+    unet = UNet2DModel(
+        sample_size=(16, 8),
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+    )
+    with pytest.raises(ValueError, match=r"images_to_pixel_values\(\.\.\., image_size=\(16, 8\), num_channels=1\)"):
+        DiffusionTask(unet, scheduler()).prepare_dataset(pixels_dataset(2), "restricted_train")
+
+
 # ---------------------------------------------------------------------- bad input
+def test_a_pipeline_is_refused_with_what_to_pass(tmp_output):
+    from diffusers import DDPMPipeline
+
+    pipeline = DDPMPipeline(unet=tiny_unet(), scheduler=scheduler())
+    with pytest.raises(ValueError, match=r"is a Diffusers pipeline: .*model=pipeline.unet, noise_scheduler="):
+        SophonTrainer(
+            pipeline,
+            args=config(tmp_output),
+            train_dataset=pixels_dataset(),
+            restricted_dataset=pixels_dataset(seed=1),
+            noise_scheduler=pipeline.scheduler,
+        )
+
+
 def test_bad_input_errors_name_the_fix(tmp_path):
     unet, out = tiny_unet(), str(tmp_path / "o")
     good, ddpm = pixels_dataset(8), scheduler()
@@ -484,6 +516,12 @@ def test_array_image_columns_map_to_pixel_values():
     uint8_pixels = images_to_pixel_values(Dataset.from_dict({"image": as_uint8}), 8, 3)["pixel_values"]
     float_pixels = images_to_pixel_values(Dataset.from_dict({"image": as_uint8 / 255.0}), 8, 3)["pixel_values"]
     np.testing.assert_allclose(np.asarray(uint8_pixels), np.asarray(float_pixels), atol=1e-6)
+    # Channel-first arrays (as torch tensors are) give the same images.
+    channel_first = images_to_pixel_values(Dataset.from_dict({"image": as_uint8.transpose(0, 3, 1, 2)}), 8, 3)
+    np.testing.assert_allclose(np.asarray(channel_first["pixel_values"]), np.asarray(uint8_pixels))
+    # Floats outside [0, 1] (e.g. sklearn's digits, 0-16) are refused, not clipped to a black-and-white image.
+    with pytest.raises(ValueError, match=r"values in \[0, 16\]; float images must be in \[0, 1\]: rescale"):
+        images_to_pixel_values(Dataset.from_dict({"image": rng.integers(0, 17, (2, 8, 8)) * 1.0}), 8, 1)
 
 
 def test_image_columns_of_hub_datasets_map_to_pixel_values():
@@ -533,6 +571,36 @@ def test_a_model_that_overflows_before_any_fine_tuning_is_refused(tmp_path):
         )
     assert not (tmp_path / "report.json").exists()
     assert not any(path.name.endswith("--protected.json") for path in (tmp_path / "runs").iterdir())
+
+
+def test_harness_never_reuses_runs_measured_under_another_noise_schedule(tmp_path):
+    from sophon_hf.attacks import AttackSpec, evaluate_finetuning_resistance
+
+    unet, train, test = tiny_unet(0), pixels_dataset(8, seed=1), pixels_dataset(4, seed=2)
+    attack = AttackSpec(strategy="full", optimizer="adam", learning_rate=1e-3, steps=2, batch_size=4)
+
+    def measure(noise_scheduler, output_dir=None):
+        report = evaluate_finetuning_resistance(
+            unet,
+            train,
+            test,
+            attacks=[attack],
+            include_scratch=False,
+            noise_scheduler=noise_scheduler,
+            output_dir=output_dir,
+            progress=False,
+        )
+        return report.attacks[0]["curves"]["protected"]
+
+    first = measure(scheduler(), tmp_path)
+    assert (tmp_path / "report.json").is_file()
+    assert measure(scheduler(), tmp_path) == first  # the same protocol: the finished run is reused
+    with pytest.raises(ValueError, match="another evaluation protocol"):
+        measure(DDPMScheduler(num_train_timesteps=1000), tmp_path)
+    # Runs of an interrupted job (no report.json yet) under another schedule are measured again, not reused.
+    (tmp_path / "report.json").unlink()
+    longer = measure(DDPMScheduler(num_train_timesteps=1000), tmp_path)
+    assert longer == measure(DDPMScheduler(num_train_timesteps=1000)) and longer != first
 
 
 def test_attack_harness_full_and_lora_on_a_unet(tmp_path):
@@ -817,3 +885,17 @@ def test_resuming_the_diffusion_recipe_skips_pre_training(recipe, tmp_path, monk
     assert pretrained == [1]
     # The resumed run was not pre-trained: it must not overwrite the reference the first run saved.
     assert model_fingerprint(UNet2DModel.from_pretrained(str(tmp_path / "unprotected"))) == reference
+
+
+def test_protect_diffusion_loads_the_unet_and_scheduler_of_a_local_pipeline_folder(tmp_path):
+    from diffusers import DDPMPipeline
+
+    from sophon_hf.trainers import protect_diffusion
+
+    unet, schedule = tiny_unet(), DDPMScheduler(num_train_timesteps=100, beta_schedule="squaredcos_cap_v2")
+    DDPMPipeline(unet=unet, scheduler=schedule).save_pretrained(tmp_path / "pipeline")
+    loaded, loaded_schedule = protect_diffusion.load_model(
+        protect_diffusion.ModelArguments(model_name_or_path=str(tmp_path / "pipeline"))
+    )
+    assert model_fingerprint(loaded) == model_fingerprint(unet)
+    assert loaded_schedule.config.beta_schedule == "squaredcos_cap_v2"

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from diffusers import UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
@@ -175,6 +175,11 @@ def test_push_diffusers_unet_folder(tmp_path, hub):
     folder = tmp_path / "unet"
     unet.save_pretrained(folder)
     write_model_card(folder, restricted_domain="faces")
+    # The card tells users to load the noise schedule from the repo: a UNet without one is not published.
+    with pytest.raises(ValueError, match=r"no scheduler_config.json: .*noise_scheduler.save_pretrained\(folder\)"):
+        push_folder(folder, "me/unet-sophon", private=True)
+    assert "me/unet-sophon" not in hub.private
+    DDPMScheduler(num_train_timesteps=100).save_pretrained(folder)
 
     push_folder(folder, "me/unet-sophon", private=True)
 
@@ -182,6 +187,7 @@ def test_push_diffusers_unet_folder(tmp_path, hub):
         "README.md",
         "config.json",
         "diffusion_pytorch_model.safetensors",
+        "scheduler_config.json",
         "sophon_card.json",
     ]
     assert hub.private["me/unet-sophon"] is True

@@ -155,6 +155,12 @@ def load_model(model_args: ModelArguments):
             norm_num_groups=model_args.norm_num_groups,
         )
         return unet, DDPMScheduler(num_train_timesteps=model_args.num_train_timesteps)
+    path = model_args.model_name_or_path
+    if os.path.isfile(os.path.join(path, "model_index.json")) and not (
+        model_args.unet_subfolder or model_args.scheduler_subfolder
+    ):
+        # A local pipeline folder (`DDPMPipeline.save_pretrained`): its UNet and scheduler live in subfolders.
+        model_args.unet_subfolder, model_args.scheduler_subfolder = "unet", "scheduler"
     try:
         # use_safetensors: weights published only as pickles fail here instead of being unpickled.
         unet = UNet2DModel.from_pretrained(
@@ -200,7 +206,7 @@ def load_domain(
     max_samples: int | None,
     max_eval_samples: int | None,
     eval_fraction: float,
-    image_size: int,
+    image_size: int | tuple[int, int],
     num_channels: int,
     image_column: str | None,
     seed: int,
@@ -225,13 +231,17 @@ def load_domain(
     return pixels(train), pixels(evaluation)
 
 
-def load_datasets(script_args: ScriptArguments, training_args: SophonConfig, image_size: int, num_channels: int):
+def load_datasets(
+    script_args: ScriptArguments, training_args: SophonConfig, image_size: int | tuple[int, int], num_channels: int
+):
     """Original and restricted (train, eval) datasets, offline built-ins or Hub/disk datasets."""
     offline = None
     names = {domain: getattr(script_args, f"{domain}_dataset") for domain in ("original", "restricted")}
     if set(names.values()) & set(OFFLINE_DATASETS):
         if num_channels != 1:
             raise ValueError("The offline 'digits'/'photo_patches' data is grayscale: set in_channels: 1.")
+        if not isinstance(image_size, int):
+            raise ValueError("The offline 'digits'/'photo_patches' data is square: set sample_size to one side.")
         if names["original"] == names["restricted"]:
             raise ValueError(
                 f"original_dataset and restricted_dataset are both {names['original']!r}: use two domains."
@@ -299,7 +309,7 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
             if hasattr(module, "set_processor"):
                 module.set_processor(AttnProcessor())
     size = unet.config.sample_size
-    image_size = size if isinstance(size, int) else size[0]
+    image_size = size if isinstance(size, int) else tuple(size)
     with training_args.main_process_first(desc="loading and converting images"):
         domains = load_datasets(script_args, training_args, image_size, unet.config.in_channels)
     (original_train, original_eval), (restricted_train, restricted_eval) = domains["original"], domains["restricted"]

@@ -90,20 +90,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def model_folder(name_or_path: str, revision: str | None = None, token: str | None = None) -> str:
-    """A local model folder: `name_or_path` itself, or the Hub snapshot of that id (safe files only, no pickles)."""
+    """A local model folder: `name_or_path` itself, or the Hub snapshot of that id (safe files only, no pickles).
+
+    For a Diffusers pipeline folder (`model_index.json`, as `DDPMPipeline.save_pretrained` writes), its `unet/`.
+    """
     if os.path.isdir(name_or_path):
-        return name_or_path
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        folder = name_or_path
+    else:
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    from ..hub import download_model
+        from ..hub import download_model
 
-    try:
-        return str(download_model(name_or_path, revision, token))
-    except (HfHubHTTPError, LocalEntryNotFoundError, ValueError) as error:  # ValueError: a malformed repo id
-        raise SystemExit(
-            f"Cannot load the model {name_or_path!r}: it is not a local folder, and downloading it from the Hub "
-            f"failed ({error})."
-        ) from None
+        try:
+            folder = str(download_model(name_or_path, revision, token))
+        except (HfHubHTTPError, LocalEntryNotFoundError, ValueError) as error:  # ValueError: a malformed repo id
+            raise SystemExit(
+                f"Cannot load the model {name_or_path!r}: it is not a local folder, and downloading it from the Hub "
+                f"failed ({error})."
+            ) from None
+    unet = os.path.join(folder, "unet")
+    if os.path.isfile(os.path.join(folder, "model_index.json")) and os.path.isfile(os.path.join(unet, "config.json")):
+        print(f"{name_or_path} is a Diffusers pipeline: measuring its UNet (unet/) with its noise scheduler.")
+        return unet
+    return folder
 
 
 def load_model(folder: str):
@@ -118,18 +127,24 @@ def load_model(folder: str):
 
 
 def load_noise_scheduler(folder: str):
-    """The scheduler saved next to a Diffusers UNet (`scheduler_config.json`), else a default `DDPMScheduler`."""
+    """The scheduler saved next to a Diffusers UNet (`scheduler_config.json`, or a pipeline's `scheduler/`), else a
+    default `DDPMScheduler`."""
     import diffusers
 
     for config in (
         os.path.join(folder, "scheduler_config.json"),
         os.path.join(folder, "scheduler", "scheduler_config.json"),
+        os.path.join(folder, os.pardir, "scheduler", "scheduler_config.json"),  # a pipeline's unet/ folder
     ):
         if os.path.isfile(config):
             with open(config, encoding="utf-8") as f:
                 class_name = json.load(f).get("_class_name", "DDPMScheduler")
             return getattr(diffusers, class_name).from_pretrained(os.path.dirname(config))
-    print("No scheduler_config.json next to the UNet: using DDPMScheduler() with its defaults (1000 steps, linear).")
+    print(
+        "No scheduler_config.json next to the UNet: measuring with DDPMScheduler() and its defaults (1000 steps, "
+        "linear betas). If the UNet was trained with another schedule, save it next to the UNet "
+        "(`noise_scheduler.save_pretrained(folder)`) and run again with another --output."
+    )
     return diffusers.DDPMScheduler()
 
 
@@ -263,7 +278,7 @@ def model_inputs(dataset, model, folder: str, column: str | None = None):
 
             size = model.config.sample_size
             return images_to_pixel_values(
-                dataset, size if isinstance(size, int) else size[0], model.config.in_channels, column
+                dataset, size if isinstance(size, int) else tuple(size), model.config.in_channels, column
             )
         config = getattr(model, "config", None)
         processor, max_length = None, None
