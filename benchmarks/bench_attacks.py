@@ -31,7 +31,7 @@ from sophon_hf.tasks import get_task
 
 
 class CNN(nn.Module):
-    """The ~100k-parameter MNIST-size CNN of SOPHON.md's measurements (28x28 grayscale, 5 classes)."""
+    """A ~100k-parameter MNIST-size CNN (the size of the project's first re-implementation of the authors' recipe) (28x28 grayscale, 5 classes)."""
 
     def __init__(self, num_labels: int = 5):
         super().__init__()

@@ -9,7 +9,8 @@ unprotected and scratch) and this script checks:
 
     python benchmarks/bench_demo_quality.py --seeds 0 1 2 --output benchmarks/out/demo_quality
     python benchmarks/bench_demo_quality.py --seeds 0 --quick       # the --quick demo, one seed
-    python benchmarks/bench_demo_quality.py --seeds 0 --protection released_model_suppression_weight=1.0  # a variant
+    python benchmarks/bench_demo_quality.py --seeds 0 --protection feature_suppression_weight=3.0 \
+        --output benchmarks/out/demo_quality_features3  # a variant of the demo's SophonConfig, in its own folder
 """
 
 from __future__ import annotations

@@ -245,8 +245,9 @@ def main():
         type=float,
         nargs="+",
         default=[1e-3],
-        help="Adam rates for the scratch baseline, the best one per budget (default: 1e-3 alone, as every run in "
-        "RESULTS_diffusion.md; the harness's default tunes over 1e-4 1e-3 1e-2)",
+        help="Adam rates for the scratch baseline, the best one per budget (default: 1e-3 alone, as the runs of "
+        "RESULTS_diffusion.md up to the sixth session; the tenth and eleventh pass 1e-3 1e-2; the harness's default "
+        "tunes over 1e-4 1e-3 1e-2)",
     )
     args = parser.parse_args()
     if args.ntr_timestep_mix and not 0 <= args.ntr_timestep_mix[0] <= args.ntr_timestep_mix[1] < 1000:

@@ -1,6 +1,6 @@
 """A diffusion run of `bench_diffusion.py` against a tuned scratch baseline (Adam 1e-4, 1e-3, 1e-2, best per budget).
 
-Every run in RESULTS_diffusion.md compared with scratch trained at Adam 1e-3 alone. This re-runs a finished run's
+The runs of RESULTS_diffusion.md up to the sixth session compared with scratch trained at Adam 1e-3 alone. This re-runs a finished run's
 attacks (its protected and unprotected UNets, its data and attacks) with the harness's default tuned baseline and
 prints, per attack, the final denoising error of protected / unprotected / scratch and every rate's scratch error.
 
@@ -8,7 +8,7 @@ prints, per attack, the final denoising error of protected / unprotected / scrat
     OMP_NUM_THREADS=1 python benchmarks/bench_diffusion_scratch.py --run P10 --attacks adam:1e-3 --attack-seeds 3
 
 `--attacks` replaces the run's attacks ("optimizer:lr,strategy/optimizer:lr,...", strategy `full` by default);
-`--scratch-learning-rates` the scratch grid (the runs since the eighth session use `1e-3 1e-2`);
+`--scratch-learning-rates` the scratch grid (the seventh to ninth sessions used the default; the runs since the tenth use `1e-3 1e-2`);
 `--attack-seeds N` runs each at N seeds (the run's seed and the next ones) and prints the spread of the head start over
 scratch per attack; `--lora-targets` sets the modules LoRA attacks adapt (the default, since the tenth session:
 `to_q to_k to_v conv1 conv2`; the ninth session measured attention-only LoRA with this):
