@@ -82,7 +82,7 @@ class AttackSpec:
         batch_size (`int`, *optional*, defaults to `32`):
             Examples per step.
         weight_decay (`float`, *optional*, defaults to `0.0`):
-            Passed to the optimizer (decoupled for AdamW).
+            Passed to the optimizer (decoupled for AdamW, which needs a positive value: without it AdamW is Adam).
         max_grad_norm (`float`, *optional*):
             Clip the gradient norm to this value before each step.
         schedule (`str`, *optional*, defaults to `"constant"`):
@@ -164,6 +164,14 @@ class AttackSpec:
             raise ValueError(f"eval_interval must be at least 1 (or None), got {self.eval_interval}.")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}.")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}.")
+        if self.optimizer == "adamw" and self.weight_decay == 0:
+            # The same run as optimizer="adam": a report would list one attack twice under two names.
+            raise ValueError(
+                "optimizer='adamw' with weight_decay=0 is Adam: set weight_decay (torch's AdamW default is 0.01, as "
+                "the built-in suites use) or use optimizer='adam'."
+            )
         if self.schedule == "constant" and self.warmup_ratio != AttackSpec.warmup_ratio:
             raise ValueError(
                 f"warmup_ratio={self.warmup_ratio} has no effect with schedule='constant': use "
@@ -755,8 +763,8 @@ def _load_run(path: str, expected: dict[str, Any]) -> dict[str, Any] | None:
                 f"{path} was produced with a different {what}. Refusing to mix results: choose another output folder, "
                 "or move its runs/ folder (and report files) out of it."
             )
-    if run.get("evaluation") != expected.get("evaluation"):
-        return None  # measured under another noise schedule or other evaluation timesteps: measure again
+    if run.get("setup") != expected["setup"]:
+        return None  # another head, label count, noise schedule or evaluation timesteps: measure again
     return run if run.get("spec") == expected["spec"] else None
 
 
@@ -937,6 +945,12 @@ def evaluate_finetuning_resistance(
         scratch_specs = {scratch_spec(spec, r).name: scratch_spec(spec, r) for spec in specs for r in recipes}
         for name, s in scratch_specs.items():
             units += [(_scratch_unit(name, init), "scratch", s, init) for init in range(scratch_inits)]
+    # What else a run's result depends on: a resumed job reuses a finished run only if all of it is the same.
+    setup = {
+        "head_name": task.head_name,
+        "num_labels": restricted_labels,
+        "evaluation": fingerprints.get("evaluation"),
+    }
     # Long runs first, round-robin: balances ranks better than a contiguous split.
     units.sort(key=lambda unit: -unit[2].steps)
     mine = units[rank::world]
@@ -950,9 +964,7 @@ def evaluate_finetuning_resistance(
     runs_bar = tqdm(total=len(mine), desc=f"attacks (rank {rank})" if world > 1 else "attacks", disable=not show)
     for unit_id, start, spec, init in mine:
         start_fingerprint = fingerprints["reference" if start == "unprotected" else "protected"]
-        expected = {"fingerprint": start_fingerprint, "data": data_fingerprint, "spec": spec.to_dict()}
-        if "evaluation" in fingerprints:
-            expected["evaluation"] = fingerprints["evaluation"]
+        expected = {"fingerprint": start_fingerprint, "data": data_fingerprint, "spec": spec.to_dict(), "setup": setup}
         if init is not None:
             expected["init_seed"] = spec.seed + SCRATCH_INIT_STRIDE * init
         path = os.path.join(output_dir, "runs", f"{unit_id}.json") if output_dir is not None else None

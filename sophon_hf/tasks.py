@@ -362,11 +362,21 @@ class ClassificationTask:
 
     # ------------------------------------------------------------------ head
     def fresh_head(self, model: nn.Module, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """New head tensors, initialised like a fresh `nn.Linear` (what an attacker gets from re-initialising).
+        """New head tensors, initialised as a fresh model's head is (what an attacker gets from re-initialising).
 
-        Drawn from `generator` so that the simulation is reproducible and resumable.
+        A Transformers model's own `_init_weights` decides (e.g. ViT and BERT: normal with `initializer_range`, zero
+        bias, as `from_pretrained(..., num_labels=N, ignore_mismatched_sizes=True)` gives); other modules get
+        `nn.Linear`'s default. Drawn from `generator` so that the simulation is reproducible and resumable.
         """
         head = model.get_submodule(self.head_name)
+        if _is_transformers_model(model) and hasattr(model, "_init_weights"):
+            layer = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=head.weight.dtype)
+            seed = int(torch.randint(2**62, (), generator=generator)) if generator is not None else None
+            with torch.random.fork_rng(devices=[]):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                model._init_weights(layer)
+            return {f"{self.head_name}.{n}": t.detach().to(head.weight.device) for n, t in layer.named_parameters()}
         weight = torch.empty_like(head.weight)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
         fresh = {f"{self.head_name}.weight": weight}

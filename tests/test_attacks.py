@@ -94,6 +94,23 @@ def test_every_strategy_trains_exactly_its_parameters(make_model, strategy):
         assert any("lora_B" in n and p.abs().sum() > 0 for n, p in trained.items())  # adapters really trained
 
 
+@pytest.mark.parametrize("make_model", [tiny_vit, tiny_bert, MLP], ids=["vit", "bert", "mlp"])
+def test_a_fresh_head_is_initialised_as_a_fresh_models_head(make_model):
+    model = make_model()
+    task = get_task(model)
+    heads = [task.fresh_head(model, torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]
+    weight, bias = (heads[0][f"{task.head_name}.{n}"] for n in ("weight", "bias"))
+    if make_model is MLP:  # plain modules: nn.Linear's own default, uniform in +-1/sqrt(fan_in)
+        assert weight.abs().max() <= 1 / math.sqrt(weight.shape[1]) and bias.abs().sum() > 0
+    else:  # what `from_pretrained(..., ignore_mismatched_sizes=True)` and the scratch model give: N(0, 0.02), zero bias
+        assert weight.std().item() == pytest.approx(model.config.initializer_range, rel=0.3) and not bias.any()
+        scratch_head = build_scratch_model(model, seed=0).get_submodule(task.head_name)
+        assert scratch_head.weight.std().item() == pytest.approx(weight.std().item(), rel=0.3)
+        assert not scratch_head.bias.any()
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])  # reproducible from the generator
+    assert not torch.equal(heads[0][f"{task.head_name}.weight"], heads[2][f"{task.head_name}.weight"])
+
+
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_every_optimizer_changes_the_weights(optimizer):
     model = MLP()
@@ -412,6 +429,28 @@ def test_resume_skips_finished_runs(tmp_output):
         assert [a["name"] for a in json.load(f)["attacks"]] == [first.name, second.name]
 
 
+def test_resume_measures_again_when_the_label_count_changes(tmp_output):
+    model, train, test = MLP(), image_dataset(24), image_dataset(16, seed=1)
+    spec = AttackSpec(strategy="full_reinit_head", steps=3, batch_size=8)
+    path = os.path.join(tmp_output, "runs", f"{spec.name}--protected.json")
+
+    def tampered_run_reused(**kwargs):
+        # Mark the finished run: a resumed job that reads it instead of retraining shows the mark.
+        with open(path) as f:
+            run = json.load(f)
+        run["curve"][-1][1] = 0.123
+        with open(path, "w") as f:
+            json.dump(run, f)
+        report = evaluate_finetuning_resistance(
+            model, train, test, [spec], include_scratch=False, output_dir=tmp_output, **kwargs
+        )
+        return report.attacks[0]["curves"]["protected"][-1][1] == 0.123
+
+    evaluate_finetuning_resistance(model, train, test, [spec], include_scratch=False, output_dir=tmp_output)
+    assert tampered_run_reused()  # the same setting: the finished run is reused
+    assert not tampered_run_reused(num_labels=7)  # a 7-way fresh head is another attack
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("make_model", [tiny_vit, MLP], ids=["vit", "mlp"])
 def test_head_size_mismatch_allowed_only_when_the_head_is_reinitialised(make_model):
@@ -507,6 +546,8 @@ def test_inputs_that_cannot_be_measured_are_refused_with_the_fix():
         ({"lora_rnk": 4}, "Unknown AttackSpec field"),
         ({"max_grad_norm": -1.0}, "max_grad_norm must be positive"),
         ({"batch_size": "many"}, "batch_size='many' is not a number"),
+        ({"optimizer": "adamw"}, r"optimizer='adamw' with weight_decay=0 is Adam: set weight_decay"),
+        ({"weight_decay": -0.1}, "weight_decay must be >= 0"),
     ],
 )
 def test_bad_specs_are_rejected(fields, message):
