@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -23,7 +24,7 @@ from .config import SophonConfig
 from .data import mnist_domains
 from .tasks import ClassificationTask
 from .trainer import SophonTrainer
-from .utils import stop_if_diverged
+from .utils import model_fingerprint, stop_if_diverged
 
 
 @dataclass
@@ -138,8 +139,23 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Demo
     """
     settings = settings or DemoSettings.for_mode(quick, seed)
     seed = settings.seed
+    if seed < 0:
+        raise ValueError(f"The demo's seed must be >= 0, got {seed}.")
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"{output_dir} is a file: choose a folder for the demo's output (--output).")
+    settings_path = os.path.join(output_dir, "demo_settings.json")
+    if os.path.isfile(settings_path):
+        with open(settings_path) as f:
+            previous = json.load(f)
+        if previous != json.loads(json.dumps(asdict(settings))):
+            # Before anything is overwritten: that folder holds another run's models, report and card.
+            changed = sorted(k for k in {**previous, **asdict(settings)} if previous.get(k) != asdict(settings).get(k))
+            raise ValueError(
+                f"{output_dir} holds a demo run with other settings ({', '.join(changed)} differ). Choose another "
+                "--output, or remove that folder to replace the run."
+            )
     os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "demo_settings.json"), "w") as f:
+    with open(settings_path, "w") as f:
         json.dump(asdict(settings), f, indent=2)
     started = time.time()
 
@@ -213,6 +229,16 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Demo
     stop_if_diverged(trainer)  # attacking (and publishing) unfinished weights would measure nothing
 
     print(f"\n[3/3] Attacking protected, unprotected and from-scratch models ({settings.suite} suite)", flush=True)
+    attack_dir = os.path.join(output_dir, "attack_runs")
+    previous_report = os.path.join(attack_dir, "report.json")
+    if os.path.isfile(previous_report):
+        with open(previous_report) as f:
+            measured = (json.load(f).get("fingerprints") or {}).get("protected")
+        if measured != model_fingerprint(protected):
+            # The same settings trained other weights (e.g. another thread count changes floating-point order):
+            # the finished attack runs belong to the models just replaced, so they are measured again.
+            print(f"The attack runs in {attack_dir} were measured on other weights: measuring again.", flush=True)
+            shutil.rmtree(attack_dir)
     timings["attacks_seconds"] = time.time()
     report = evaluate_finetuning_resistance(
         protected,
@@ -222,7 +248,7 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Demo
         reference_model=unprotected,
         include_scratch=True,
         steps_scale=settings.steps_scale,
-        output_dir=os.path.join(output_dir, "attack_runs"),
+        output_dir=attack_dir,
     )
     timings["attacks_seconds"] = time.time() - timings["attacks_seconds"]
     with open(os.path.join(output_dir, "timings.json"), "w") as f:

@@ -659,6 +659,11 @@ def _report_context(
         )
     else:
         worst_sentence = "not available: no attack has both a protected and a scratch result."
+    # Attacks that end level with scratch or below but led it at some evaluation point: the first line a reader sees
+    # must not claim more than the curves show.
+    ahead = (report.get("summary") or {}).get("attacks_ahead_during_training") or []
+    verb = "was" if len(ahead) == 1 else "were"
+    during = f"{len(ahead)} {'more ' if broken else ''}{verb} ahead of scratch during training" if ahead else ""
     if not measured:
         overall = "No attack could be compared with scratch, so this report supports no resistance claim."
         headline = "measured, but no attack has a scratch baseline to compare with."
@@ -668,17 +673,20 @@ def _report_context(
             + ", ".join(f"`{name}`" for name in broken)
             + ". The protection does not hold against these."
         )
-        headline = f"{len(broken)} of {len(measured)} measured attacks beat training from scratch; worst: `{worst}`."
+        headline = f"{len(broken)} of {len(measured)} measured attacks beat training from scratch; worst: `{worst}`"
+        headline += f"; {during}." if during else "."
     else:
         overall = (
             f"None of the {len(measured)} attacks gave the attacker a head start over training from scratch "
             "(within the attacks, data and budgets listed here)."
         )
         headline = (
-            f"no head start over training from scratch in any of {len(measured)} measured attacks; "
+            f"no head start over training from scratch at the end of any of {len(measured)} measured attacks, but "
+            f"{during}; closest: `{worst}` (see below)."
+            if during
+            else f"no head start over training from scratch in any of {len(measured)} measured attacks; "
             f"closest: `{worst}` (see below)."
         )
-    ahead = (report.get("summary") or {}).get("attacks_ahead_during_training") or []
     if ahead:
         overall += (
             f" {len(ahead)} of the attacks that end level with scratch or below were ahead of it at some evaluation "

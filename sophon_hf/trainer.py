@@ -601,6 +601,12 @@ class SophonTrainer(Trainer):
         return
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if not os.path.isdir(resume_from_checkpoint):
+            # from_pretrained would read a missing path as a Hub repo id and blame the safetensors setting.
+            raise FileNotFoundError(
+                f"resume_from_checkpoint={resume_from_checkpoint!r} is not a checkpoint folder. Pass a "
+                f"`checkpoint-N` folder of {self.args.output_dir}, or resume_from_checkpoint=True for the latest."
+            )
         module = self.accelerator.unwrap_model(model if model is not None else self.model)
         if isinstance(module, PreTrainedModel):
             # Through from_pretrained: transformers 5 saves some architectures (e.g. ViT) under their legacy key

@@ -94,6 +94,45 @@ def save_unprotected_reference(directory: str | None, training_args, *savables) 
             savable.save_pretrained(directory)
 
 
+def resolve_resume_checkpoint(value: str | None, output_dir: str) -> str | None:
+    """The checkpoint a recipe script resumes from: `value` itself, or the last one in `output_dir` for "true"/"last".
+
+    Raises:
+        `FileNotFoundError`: no such checkpoint folder; the message lists the checkpoints `output_dir` holds.
+    """
+    if value is None or value.lower() in ("", "false", "none"):
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = sorted(
+        (n for n in os.listdir(output_dir) if n.startswith("checkpoint-")) if os.path.isdir(output_dir) else [],
+        key=lambda n: int(n.rpartition("-")[2]) if n.rpartition("-")[2].isdigit() else -1,
+    )
+    path = (
+        get_last_checkpoint(output_dir) if value.lower() in ("true", "last") and os.path.isdir(output_dir) else value
+    )
+    if path is None or not os.path.isdir(path):
+        raise FileNotFoundError(
+            f"resume_from_checkpoint={value!r}: no such checkpoint folder. {output_dir} holds "
+            f"{found or 'no checkpoints'}; pass one of them, or 'last' for the latest."
+        )
+    return path
+
+
+def print_saved(trainer, unprotected_dir: str | None, test_flags: str) -> None:
+    """End of a recipe script: where the models went and the command that measures the protection."""
+    if not trainer.is_world_process_zero():
+        return
+    output = trainer.args.output_dir
+    reference = f" --reference-model {unprotected_dir}" if unprotected_dir else ""
+    print(
+        f"\nSaved the protected model to {output}/ (with its model card, README.md)"
+        + (f" and the unprotected reference to {unprotected_dir}/" if unprotected_dir else "")
+        + f".\nMeasure it with real fine-tuning attacks (its card states the result afterwards):\n"
+        f"  sophon-hf attack --model {output}{reference} {test_flags} --output {output}"
+    )
+
+
 def stop_if_diverged(trainer) -> None:
     """End a recipe script with an error after a run that diverged: its weights are saved, never pushed."""
     if trainer.diverged:

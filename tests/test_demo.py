@@ -2,8 +2,10 @@
 
 import json
 import os
+from dataclasses import asdict
 
 import PIL.Image
+import pytest
 import torch
 from datasets import load_from_disk
 from huggingface_hub import ModelCard
@@ -86,6 +88,34 @@ def test_demo_pipeline_writes_models_report_plots_and_card(tmp_path, capsys, mon
     assert "MNIST digits 5-9" in card.text and "scratch" in card.text
     assert card.data.eval_results
     assert 'processor = AutoImageProcessor.from_pretrained("path/to/this/model")' in card.text
+
+    # Run again into the same folder with the same settings: attack runs of other weights are measured again.
+    report_path = out / "attack_runs" / "report.json"
+    stale = json.loads(report_path.read_text())
+    stale["fingerprints"]["protected"] = "weights of an earlier run"
+    report_path.write_text(json.dumps(stale))
+    run_demo(str(out), settings=settings)
+    assert "measured on other weights: measuring again" in capsys.readouterr().out
+    assert json.loads(report_path.read_text())["fingerprints"]["protected"] == saved["fingerprints"]["protected"]
+
+
+def test_demo_refuses_a_folder_of_another_run_and_bad_input_before_any_work(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo_settings.json").write_text(json.dumps(asdict(DemoSettings(seed=1))))
+    before = sorted(os.listdir(out))
+    with pytest.raises(ValueError, match=r"holds a demo run with other settings \(seed differ\).*another --output"):
+        run_demo(str(out), seed=0)
+    assert sorted(os.listdir(out)) == before  # nothing of that run was overwritten
+    with pytest.raises(SystemExit, match="sophon-hf demo: ValueError: .* holds a demo run with other settings"):
+        main(["demo", "--output", str(out)])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(SystemExit, match="a_file is a file: choose a folder"):
+        main(["demo", "--output", str(tmp_path / "a_file")])
+    with pytest.raises(SystemExit) as error:
+        main(["demo", "--seed", "-1", "--output", str(tmp_path / "negative")])
+    assert error.value.code == 2 and "--seed must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "negative").exists()
 
 
 def test_protect_command_runs_a_shipped_recipe(tmp_path):

@@ -501,6 +501,24 @@ def test_card_applies_the_report_tolerance_to_its_headline():
     assert "beat training from scratch" not in text
 
 
+def test_card_headline_names_attacks_that_led_scratch_during_training():
+    # Every attack ends at or below scratch, but the fresh-head one led it by 0.1 at step 10.
+    text = generate_model_card(report=classification_report(with_head_start=False).to_dict()).text
+    headline = next(line for line in text.splitlines() if line.startswith("- **Resistance:**"))
+    assert "no head start over training from scratch at the end of any of 3 measured attacks, but 1 was ahead of " in (
+        headline
+    )
+    with_broken = classification_report()
+    with_broken.attacks[2]["curves"]["protected"] = [[0, 0.2], [10, 0.6], [20, 0.1]]  # ends below, led at step 10
+    headline = next(
+        line
+        for line in generate_model_card(report=with_broken.to_dict()).text.splitlines()
+        if line.startswith("- **Resistance:**")
+    )
+    assert "measured attacks beat training from scratch; worst: " in headline
+    assert "; 1 more was ahead of scratch during training." in headline
+
+
 def test_card_without_a_summary_picks_the_largest_head_start_as_worst():
     report = {
         "metric": "accuracy",

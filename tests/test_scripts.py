@@ -476,7 +476,7 @@ def test_unprotected_reference_is_saved_with_its_image_processor(stand_ins, tmp_
 
 
 @pytest.mark.parametrize("first_order", ["true", "false"], ids=["first-order", "second-order"])
-def test_builtin_mnist_recipe_end_to_end(tmp_path, one_thread, first_order):
+def test_builtin_mnist_recipe_end_to_end(tmp_path, one_thread, first_order, capsys):
     # Second order needs attention with a second derivative: the script picks the eager implementation for it.
     from transformers import AutoModelForImageClassification
 
@@ -488,6 +488,10 @@ def test_builtin_mnist_recipe_end_to_end(tmp_path, one_thread, first_order):
     )  # fmt: skip
     metrics = script.main(script_args, training_args, model_args)
     assert 0 <= metrics["eval_original_accuracy"] <= 1 and 0 <= metrics["eval_restricted_accuracy"] <= 1
+    # The script ends by saying where the models went and how to measure them.
+    printed = capsys.readouterr().out
+    assert f"Saved the protected model to {output_dir}/" in printed
+    assert f"sophon-hf attack --model {output_dir} --reference-model {tmp_path / 'unprotected'} " in printed
     model = AutoModelForImageClassification.from_pretrained(output_dir)
     assert (model.config.num_labels, model.config.num_channels, model.config.hidden_size) == (5, 1, 16)
     with torch.no_grad():

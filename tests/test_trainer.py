@@ -233,6 +233,23 @@ def test_resuming_refuses_a_foreign_checkpoint_and_pickle_weights(tmp_path):
     torch.save(state, checkpoint / "pytorch_model.bin")
     with pytest.raises(OSError, match=r"only pickle weights \(pytorch_model.bin\), which sophon_hf never loads"):
         _checkpointed_vit_run(tmp_path, resume=str(checkpoint))
+    with pytest.raises(FileNotFoundError, match=r"'checkpoint-9' is not a checkpoint folder\. Pass a `checkpoint-N`"):
+        _checkpointed_vit_run(tmp_path, resume="checkpoint-9")
+
+
+def test_recipe_scripts_resolve_the_checkpoint_to_resume_from(tmp_path):
+    from sophon_hf.utils import resolve_resume_checkpoint
+
+    for step in (2, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    assert resolve_resume_checkpoint(None, str(tmp_path)) is None
+    assert resolve_resume_checkpoint("last", str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert resolve_resume_checkpoint("true", str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert resolve_resume_checkpoint(str(tmp_path / "checkpoint-2"), str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    with pytest.raises(FileNotFoundError, match=r"no such checkpoint folder.*\['checkpoint-2', 'checkpoint-10'\]"):
+        resolve_resume_checkpoint(str(tmp_path / "checkpoint-9"), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="holds no checkpoints"):
+        resolve_resume_checkpoint("last", str(tmp_path / "empty"))
 
 
 def test_a_plain_module_checkpoint_with_pickle_weights_is_refused(tmp_path):

@@ -68,12 +68,16 @@ from sophon_hf.data import to_model_inputs as data_inputs
 from sophon_hf.utils import (
     parse_recipe_args,
     pickle_weights_hint,
+    print_saved,
     resolve_recipe_path,
+    resolve_resume_checkpoint,
     save_unprotected_reference,
     stop_if_diverged,
 )
 
 logger = logging.getLogger(__name__)
+# The attacker's labelled restricted images and held-out restricted test images (`save_to_disk` folders or Hub names).
+TEST_DATA_FLAGS = "--restricted-train ATTACKER_TRAIN --restricted-test RESTRICTED_TEST"
 
 BUILTIN_MNIST = "builtin:mnist"
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -430,7 +434,8 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
         processing_class=processor,
     )
     # A resumed run loads all weights from the checkpoint: pre-training again would be thrown away.
-    if model_args.pretrain_steps and not training_args.resume_from_checkpoint:
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if model_args.pretrain_steps and not resume:
         pretrain(
             model,
             original_train,
@@ -444,7 +449,7 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
     # The reference an attack report compares against: the same model, unprotected.
     save_unprotected_reference(model_args.unprotected_output_dir, training_args, model, processor)
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     if trainer.stop_reason is not None:
         logger.warning("Protection stopped early: %s.", trainer.stop_reason)
 
@@ -455,6 +460,7 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
     trainer.save_metrics("eval", metrics)
     trainer.save_model(training_args.output_dir)
     stop_if_diverged(trainer)
+    print_saved(trainer, model_args.unprotected_output_dir, TEST_DATA_FLAGS)
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return metrics

@@ -55,9 +55,18 @@ from sophon_hf.diffusion import (
     load_digits_and_photo_patches,
     save_sample_grid,
 )
-from sophon_hf.utils import parse_recipe_args, pickle_weights_hint, save_unprotected_reference, stop_if_diverged
+from sophon_hf.utils import (
+    parse_recipe_args,
+    pickle_weights_hint,
+    print_saved,
+    resolve_resume_checkpoint,
+    save_unprotected_reference,
+    stop_if_diverged,
+)
 
 logger = logging.getLogger(__name__)
+# The attacker's restricted training images and held-out restricted test images (`save_to_disk` folders or Hub names).
+TEST_DATA_FLAGS = "--restricted-train ATTACKER_TRAIN --restricted-test RESTRICTED_TEST"
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -325,7 +334,8 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
         noise_scheduler=scheduler,
     )
     # A resumed run loads all weights from the checkpoint: pre-training again would be thrown away.
-    if model_args.pretrain_steps and not training_args.resume_from_checkpoint:
+    resume = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if model_args.pretrain_steps and not resume:
         pretrain(
             unet,
             scheduler,
@@ -336,7 +346,7 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
             training_args.seed,
         )
     save_unprotected_reference(model_args.unprotected_output_dir, training_args, unet, scheduler)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     if trainer.stop_reason is not None:
         logger.warning("Protection stopped early: %s.", trainer.stop_reason)
     trainer.save_model(training_args.output_dir)
@@ -361,6 +371,7 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
             )
             save_sample_grid({"protected": images}, os.path.join(training_args.output_dir, "samples.png"))
             trainer.create_model_card()  # written by save_model before the samples existed: now it shows them
+    print_saved(trainer, model_args.unprotected_output_dir, TEST_DATA_FLAGS)
     if training_args.push_to_hub:
         trainer.push_to_hub()
 

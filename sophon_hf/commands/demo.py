@@ -1,6 +1,7 @@
 """`sophon-hf demo`: pre-train, protect and attack a classifier offline on real MNIST digits."""
 
 import argparse
+import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,11 +17,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--quick", action="store_true", help="quick suite and shorter protection (1-1.5 minutes on 2 CPU cores)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of data split, models and attacks (default: 0)")
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, usage_error=parser.error)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    run_demo(args.output, quick=args.quick, seed=args.seed)
+    if args.seed < 0:
+        args.usage_error(f"--seed must be >= 0, got {args.seed}")
+    try:
+        run_demo(args.output, quick=args.quick, seed=args.seed)
+    except (OSError, ValueError) as error:
+        if os.environ.get("SOPHON_HF_DEBUG"):
+            raise
+        # An output folder of another run, a file named like the folder: the message names the fix.
+        raise SystemExit(
+            f"sophon-hf demo: {type(error).__name__}: {error}\n(set SOPHON_HF_DEBUG=1 to see the traceback)"
+        ) from None
     return 0
