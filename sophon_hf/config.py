@@ -1,7 +1,9 @@
 """`SophonConfig`: the training arguments of `SophonTrainer`."""
 
+import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from .losses import RESTRICTED_LOSSES
@@ -268,5 +270,13 @@ class SophonConfig(TrainingArguments):
             raise ValueError(
                 "SophonTrainer supports single-device and DDP training (`accelerate launch --multi_gpu`), not FSDP or "
                 "DeepSpeed: the functional fine-tuning simulation needs every rank to hold the full weights."
+            )
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not torch.cuda.is_available():
+            # `accelerate launch` on a machine without a GPU does not hand the config's use_cpu to the processes:
+            # Trainer would then run WORLD_SIZE unconnected copies that each save their own weights.
+            raise ValueError(
+                f"{os.environ['WORLD_SIZE']} processes were launched on a machine without a GPU, but use_cpu=False: "
+                "Trainer would run unconnected copies. Set use_cpu=True (`--use_cpu true` in the recipe scripts) to "
+                "train them as one DDP job on the CPU."
             )
         super().__post_init__()

@@ -94,6 +94,13 @@ def save_unprotected_reference(directory: str | None, training_args, *savables) 
             savable.save_pretrained(directory)
 
 
+def check_output_folders(**folders: str | None) -> None:
+    """Refuse output paths that name an existing file, before a recipe script does any work (`name=path`)."""
+    for name, path in folders.items():
+        if path and os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"{name}={path} is a file: choose a folder (it is created if it does not exist).")
+
+
 def resolve_resume_checkpoint(value: str | None, output_dir: str) -> str | None:
     """The checkpoint a recipe script resumes from: `value` itself, or the last one in `output_dir` for "true"/"last".
 

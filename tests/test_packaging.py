@@ -9,7 +9,7 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED_SUFFIXES = {".py", ".yaml", ".md", ".jinja"}
+SHIPPED_SUFFIXES = {".py", ".yaml", ".md", ".jinja", ".png"}
 
 
 def _setuptools_config() -> dict:

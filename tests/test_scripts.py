@@ -501,11 +501,26 @@ def test_builtin_mnist_recipe_end_to_end(tmp_path, one_thread, first_order, caps
 def test_a_diverged_protection_is_saved_and_ends_the_script_with_an_error(tmp_path, one_thread):
     command = ["--config", "mnist_vit_cpu.yaml", *FAST, "--output_dir", str(tmp_path / "protected"),
                "--config_overrides", TINY_VIT_28, "--max_original_samples", "16", "--max_restricted_samples", "16",
-               "--max_eval_samples", "8", "--inner_optimizers", "sgd:1e30"]  # fmt: skip
+               "--max_eval_samples", "8", "--inner_optimizers", "sgd:1e30",
+               "--unprotected_output_dir", str(tmp_path / "unprotected")]  # fmt: skip
     with pytest.raises(SystemExit, match=r"Protection diverged: the suppression meta-gradient became non-finite"):
         script.main(*script.parse_args(command))
     assert (tmp_path / "protected" / "model.safetensors").is_file()  # the work is kept
     assert "**Protection stopped** after 1 of 2 outer iterations" in (tmp_path / "protected" / "README.md").read_text()
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_any_work(tmp_path):
+    from sophon_hf.trainers import protect_diffusion
+
+    (tmp_path / "ref.txt").write_text("")
+    for module, recipe in ((script, "mnist_vit_cpu.yaml"), (protect_diffusion, "diffusion_digits_cpu.yaml")):
+        parsed = module.parse_args(
+            ["--config", recipe, *NO_GPU, "--output_dir", str(tmp_path / "out"),
+             "--unprotected_output_dir", str(tmp_path / "ref.txt")]
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=r"unprotected_output_dir=.*ref.txt is a file: choose a folder"):
+            module.main(*parsed)
+        assert not (tmp_path / "out").exists()
 
 
 def test_pickle_only_weights_are_never_loaded(stand_ins, tmp_path, one_thread):

@@ -481,6 +481,13 @@ def test_more_bad_configs(overrides, match, tmp_output):
         tiny_config(tmp_output, **overrides)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the processes train on it")
+def test_several_processes_without_a_gpu_need_use_cpu(tmp_output, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as `accelerate launch --num_processes 2` sets it in each process
+    with pytest.raises(ValueError, match=r"2 processes were launched on a machine without a GPU.*Set use_cpu=True"):
+        tiny_config(tmp_output, use_cpu=False)
+
+
 def test_single_strategy_and_optimizer_strings_become_lists(tmp_output):
     args = tiny_config(tmp_output, simulation_strategies="linear_probe", inner_optimizers="adam:1e-3")
     assert (args.simulation_strategies, args.inner_optimizers) == (["linear_probe"], ["adam:1e-3"])

@@ -66,6 +66,7 @@ from sophon_hf import SophonConfig, SophonTrainer
 from sophon_hf.data import IMAGE_COLUMNS, TEXT_COLUMNS, first_present
 from sophon_hf.data import to_model_inputs as data_inputs
 from sophon_hf.utils import (
+    check_output_folders,
     parse_recipe_args,
     pickle_weights_hint,
     print_saved,
@@ -381,6 +382,7 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
     """Load data and model, protect the model with `SophonTrainer`, evaluate, save (and push). Returns the metrics."""
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)
+    check_output_folders(output_dir=training_args.output_dir, unprotected_output_dir=model_args.unprotected_output_dir)
 
     # Data: raw splits with `labels`, loaded once on the main process (the others read the cache)
     with training_args.main_process_first(desc="loading datasets"):

@@ -56,6 +56,7 @@ from sophon_hf.diffusion import (
     save_sample_grid,
 )
 from sophon_hf.utils import (
+    check_output_folders,
     parse_recipe_args,
     pickle_weights_hint,
     print_saved,
@@ -309,6 +310,7 @@ def pretrain(unet, scheduler, dataset, steps: int, learning_rate: float, batch_s
 def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: ModelArguments):
     logging.basicConfig(level=logging.INFO if training_args.should_log else logging.WARNING)
     set_seed(training_args.seed)  # a UNet built from its config starts from the same weights every run
+    check_output_folders(output_dir=training_args.output_dir, unprotected_output_dir=model_args.unprotected_output_dir)
     unet, scheduler = load_model(model_args)
     if not training_args.first_order:
         from diffusers.models.attention_processor import AttnProcessor

@@ -6,8 +6,10 @@ Usage:
     sophon-hf attack --list-suites
 
     # The runs split across processes (2 CPU processes here; on GPUs use accelerate_configs/multi_gpu.yaml and
-    # --num_processes with the GPU count; `accelerate launch --cpu --num_processes 2` would start only one process):
-    accelerate launch --config_file trainers/accelerate_configs/cpu_2proc.yaml -m sophon_hf.cli attack \\
+    # --num_processes with the GPU count; `accelerate launch --cpu --num_processes 2` would start only one process).
+    # The accelerate configs ship inside the package (trainers/accelerate_configs/ in a clone):
+    D=$(python -c "import os, sophon_hf.trainers as t; print(os.path.dirname(t.__file__))")
+    accelerate launch --config_file "$D/accelerate_configs/cpu_2proc.yaml" -m sophon_hf.cli attack \\
         --model protected_dir ... --output report_dir
 
 Re-running with the same `--output` resumes: finished runs (kept in `<output>/runs/`) are not repeated. An output
