@@ -10,6 +10,16 @@ from .losses import RESTRICTED_LOSSES
 from .simulation import SIMULATION_STRATEGIES, parse_inner_optimizer
 
 
+def _has_accelerator() -> bool:
+    """A device DDP runs on other than the CPU: CUDA, or another accelerator accelerate knows (XPU, NPU, HPU, ...)."""
+    import accelerate.utils
+
+    if torch.cuda.is_available():
+        return True
+    names = ("is_xpu_available", "is_npu_available", "is_hpu_available", "is_mlu_available", "is_musa_available")
+    return any(getattr(accelerate.utils, name, lambda: False)() for name in names)
+
+
 @dataclass
 class SophonConfig(TrainingArguments):
     r"""
@@ -266,12 +276,17 @@ class SophonConfig(TrainingArguments):
                 "SophonTrainer needs gradient_accumulation_steps=1: an outer iteration is a sequence of dependent "
                 "steps. Raise per_device_train_batch_size / restricted_batch_size instead."
             )
+        if self.auto_find_batch_size:
+            raise ValueError(
+                "SophonTrainer does not support auto_find_batch_size: an outer iteration reads ntr_steps batches at "
+                "once, which Trainer's batch-size search does not know. Set per_device_train_batch_size instead."
+            )
         if self.fsdp or self.deepspeed:
             raise ValueError(
                 "SophonTrainer supports single-device and DDP training (`accelerate launch --multi_gpu`), not FSDP or "
                 "DeepSpeed: the functional fine-tuning simulation needs every rank to hold the full weights."
             )
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not torch.cuda.is_available():
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.use_cpu and not _has_accelerator():
             # `accelerate launch` on a machine without a GPU does not hand the config's use_cpu to the processes:
             # Trainer would then run WORLD_SIZE unconnected copies that each save their own weights.
             raise ValueError(

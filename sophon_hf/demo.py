@@ -230,15 +230,11 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Demo
 
     print(f"\n[3/3] Attacking protected, unprotected and from-scratch models ({settings.suite} suite)", flush=True)
     attack_dir = os.path.join(output_dir, "attack_runs")
-    previous_report = os.path.join(attack_dir, "report.json")
-    if os.path.isfile(previous_report):
-        with open(previous_report) as f:
-            measured = (json.load(f).get("fingerprints") or {}).get("protected")
-        if measured != model_fingerprint(protected):
-            # The same settings trained other weights (e.g. another thread count changes floating-point order):
-            # the finished attack runs belong to the models just replaced, so they are measured again.
-            print(f"The attack runs in {attack_dir} were measured on other weights: measuring again.", flush=True)
-            shutil.rmtree(attack_dir)
+    if _measured_other_weights(attack_dir, {model_fingerprint(protected), model_fingerprint(unprotected)}):
+        # The same settings trained other weights (e.g. another thread count changes floating-point order): the
+        # finished attack runs belong to the models just replaced, so they are measured again.
+        print(f"The attack runs in {attack_dir} were measured on other weights: measuring again.", flush=True)
+        shutil.rmtree(attack_dir)
     timings["attacks_seconds"] = time.time()
     report = evaluate_finetuning_resistance(
         protected,
@@ -265,6 +261,20 @@ def run_demo(output_dir: str, quick: bool = False, seed: int = 0, settings: Demo
         "report.md, plots, data/ (the attacker's images and the restricted test set)."
     )
     return result
+
+
+def _measured_other_weights(attack_dir: str, fingerprints: set[str]) -> bool:
+    """Whether the harness's folder holds a report or finished runs (of an interrupted job) of other models."""
+    found = []
+    if os.path.isfile(os.path.join(attack_dir, "report.json")):
+        with open(os.path.join(attack_dir, "report.json")) as f:
+            found.append((json.load(f).get("fingerprints") or {}).get("protected"))
+    runs = os.path.join(attack_dir, "runs")
+    for name in sorted(os.listdir(runs)) if os.path.isdir(runs) else []:
+        if name.endswith(".json"):
+            with open(os.path.join(runs, name)) as f:
+                found.append(json.load(f).get("fingerprint"))
+    return any(fingerprint not in fingerprints for fingerprint in found)
 
 
 def summary_table(report: dict, seconds: float, timings: dict[str, float] | None = None) -> str:

@@ -199,7 +199,7 @@ class DiffusionTask:
         if "pixel_values" not in columns:
             hint = (
                 " Convert the images first, e.g. `sophon_hf.diffusion.images_to_pixel_values(dataset, image_size="
-                f"{self.sample_shape[1]}, num_channels={self.sample_shape[0]})`."
+                f"{self._image_size_argument()}, num_channels={self.sample_shape[0]})`."
                 if {"image", "img"} & columns
                 else ""
             )

@@ -366,7 +366,10 @@ class ResistanceReport:
             lines.append("- Scratch baseline: " + ", ".join(f"{k}={v}" for k, v in self.scratch_recipe.items()))
         for name, value in self.fingerprints.items():
             if value:
-                lines.append(f"- {name} model fingerprint: `{value[:16]}`")
+                what = (
+                    "evaluation protocol (noise schedule and timesteps)" if name == "evaluation" else f"{name} model"
+                )
+                lines.append(f"- {what} fingerprint: `{value[:16]}`")
         lines += [
             f"- Steps to threshold: first evaluated step reaching {self.threshold_fraction:g} of the way from the "
             "baseline's (scratch, else unprotected, else protected) start value to its final value.",

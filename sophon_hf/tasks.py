@@ -370,12 +370,20 @@ class ClassificationTask:
         """
         head = model.get_submodule(self.head_name)
         if _is_transformers_model(model) and hasattr(model, "_init_weights"):
-            layer = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None, dtype=head.weight.dtype)
-            seed = int(torch.randint(2**62, (), generator=generator)) if generator is not None else None
-            with torch.random.fork_rng(devices=[]):
-                if seed is not None:
-                    torch.manual_seed(seed)
+            # One draw from `generator` (on its own device: the harness's is the model's) seeds the CPU stream that
+            # builds and initialises the layer, so the head comes from `generator` whatever `_init_weights` skips.
+            def build() -> nn.Linear:
+                layer = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
                 model._init_weights(layer)
+                return layer.to(head.weight.dtype)
+
+            if generator is None:
+                layer = build()  # the global RNG, as nn.Linear itself
+            else:
+                seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    layer = build()
             return {f"{self.head_name}.{n}": t.detach().to(head.weight.device) for n, t in layer.named_parameters()}
         weight = torch.empty_like(head.weight)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)

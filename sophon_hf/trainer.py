@@ -332,10 +332,12 @@ class SophonTrainer(Trainer):
             # Evaluation metrics are namespaced per dataset: fail now, not after the first `eval_steps` iterations.
             names = ["loss"] + ([self.task.metric_name] if self.task.metric_name == "accuracy" else [])
             allowed = [f"{split}_{name}" for split in eval_datasets for name in names]
+            # The original domain's metric: the restricted one would keep the checkpoint that protects least.
+            example = next((m for m in (f"original_{names[-1]}", "original_loss") if m in allowed), allowed[0])
             if metric.removeprefix("eval_") not in allowed:
                 raise ValueError(
                     f"metric_for_best_model={metric!r} is not an evaluation metric of SophonTrainer: evaluations are "
-                    f"logged per dataset, choose one of {allowed} (e.g. metric_for_best_model={allowed[-1]!r})."
+                    f"logged per dataset, choose one of {allowed} (e.g. metric_for_best_model={example!r})."
                 )
         if args.push_to_hub and args.hub_strategy != HubStrategy.END:
             logger.warning(

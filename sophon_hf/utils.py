@@ -81,7 +81,7 @@ def save_unprotected_reference(directory: str | None, training_args, *savables) 
     """
     if directory is None or training_args.process_index != 0:
         return
-    if training_args.resume_from_checkpoint:
+    if _resumes(training_args.resume_from_checkpoint):
         if not os.path.isfile(os.path.join(directory, "config.json")):
             logging.getLogger(__name__).warning(
                 "Resuming: %s holds no unprotected reference, and none can be written now (the model was not "
@@ -101,24 +101,34 @@ def check_output_folders(**folders: str | None) -> None:
             raise ValueError(f"{name}={path} is a file: choose a folder (it is created if it does not exist).")
 
 
-def resolve_resume_checkpoint(value: str | None, output_dir: str) -> str | None:
-    """The checkpoint a recipe script resumes from: `value` itself, or the last one in `output_dir` for "true"/"last".
+def _resumes(value: str | bool | None) -> bool:
+    """Whether a recipe's `resume_from_checkpoint` asks to resume (YAML gives booleans, the command line strings)."""
+    return not (value is None or value is False or str(value).lower() in ("", "false", "none"))
+
+
+def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
+    """The checkpoint a recipe script resumes from: a folder (or a `checkpoint-N` name inside `output_dir`), or the
+    last one in `output_dir` for `True`/"true"/"last"; `None` for no resume (`None`, `False`, "false", "none", "").
 
     Raises:
         `FileNotFoundError`: no such checkpoint folder; the message lists the checkpoints `output_dir` holds.
     """
-    if value is None or value.lower() in ("", "false", "none"):
+    if not _resumes(value):
         return None
     from transformers.trainer_utils import get_last_checkpoint
 
-    found = sorted(
-        (n for n in os.listdir(output_dir) if n.startswith("checkpoint-")) if os.path.isdir(output_dir) else [],
-        key=lambda n: int(n.rpartition("-")[2]) if n.rpartition("-")[2].isdigit() else -1,
-    )
-    path = (
-        get_last_checkpoint(output_dir) if value.lower() in ("true", "last") and os.path.isdir(output_dir) else value
-    )
+    text = str(value)
+    if text.lower() in ("true", "last"):
+        path = get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    elif not os.path.isdir(text) and os.path.isdir(os.path.join(output_dir, text)):
+        path = os.path.join(output_dir, text)  # a checkpoint named as the message below lists them
+    else:
+        path = text
     if path is None or not os.path.isdir(path):
+        found = sorted(
+            (n for n in os.listdir(output_dir) if n.startswith("checkpoint-")) if os.path.isdir(output_dir) else [],
+            key=lambda n: int(n.rpartition("-")[2]) if n.rpartition("-")[2].isdigit() else -1,
+        )
         raise FileNotFoundError(
             f"resume_from_checkpoint={value!r}: no such checkpoint folder. {output_dir} holds "
             f"{found or 'no checkpoints'}; pass one of them, or 'last' for the latest."

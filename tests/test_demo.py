@@ -89,11 +89,14 @@ def test_demo_pipeline_writes_models_report_plots_and_card(tmp_path, capsys, mon
     assert card.data.eval_results
     assert 'processor = AutoImageProcessor.from_pretrained("path/to/this/model")' in card.text
 
-    # Run again into the same folder with the same settings: attack runs of other weights are measured again.
+    # Run again into the same folder with the same settings: attack runs of other weights are measured again, also
+    # when the earlier job was interrupted before its report (only finished runs in runs/).
     report_path = out / "attack_runs" / "report.json"
-    stale = json.loads(report_path.read_text())
-    stale["fingerprints"]["protected"] = "weights of an earlier run"
-    report_path.write_text(json.dumps(stale))
+    report_path.unlink()
+    run_path = next((out / "attack_runs" / "runs").glob("*--protected.json"))
+    stale = json.loads(run_path.read_text())
+    stale["fingerprint"] = "weights of an earlier run"
+    run_path.write_text(json.dumps(stale))
     run_demo(str(out), settings=settings)
     assert "measured on other weights: measuring again" in capsys.readouterr().out
     assert json.loads(report_path.read_text())["fingerprints"]["protected"] == saved["fingerprints"]["protected"]

@@ -11,6 +11,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from sophon_hf import SophonTrainer
+from sophon_hf.config import _has_accelerator
 
 ALL_STRATEGIES = ["full", "full_reinit_head", "linear_probe", "lora"]
 
@@ -246,6 +247,10 @@ def test_recipe_scripts_resolve_the_checkpoint_to_resume_from(tmp_path):
     assert resolve_resume_checkpoint("last", str(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert resolve_resume_checkpoint("true", str(tmp_path)) == str(tmp_path / "checkpoint-10")
     assert resolve_resume_checkpoint(str(tmp_path / "checkpoint-2"), str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    assert resolve_resume_checkpoint("checkpoint-2", str(tmp_path)) == str(tmp_path / "checkpoint-2")  # as listed
+    # YAML recipes give booleans.
+    assert resolve_resume_checkpoint(True, str(tmp_path)) == str(tmp_path / "checkpoint-10")
+    assert resolve_resume_checkpoint(False, str(tmp_path)) is None and resolve_resume_checkpoint("false", "x") is None
     with pytest.raises(FileNotFoundError, match=r"no such checkpoint folder.*\['checkpoint-2', 'checkpoint-10'\]"):
         resolve_resume_checkpoint(str(tmp_path / "checkpoint-9"), str(tmp_path))
     with pytest.raises(FileNotFoundError, match="holds no checkpoints"):
@@ -473,6 +478,7 @@ def test_bad_config(overrides, match, tmp_output):
         ({"ntr_steps": 0}, "ntr_steps must be >= 1"),
         ({"lora_r": 0}, "lora_r must be >= 1"),
         ({"lora_alpha": 0}, "lora_alpha must be positive"),
+        ({"auto_find_batch_size": True}, "does not support auto_find_batch_size"),
         ({"fts_follows_lr_schedule": True, "learning_rate": 0.0}, "set learning_rate > 0 or fts_follows_lr_schedule"),
     ],
 )
@@ -481,7 +487,7 @@ def test_more_bad_configs(overrides, match, tmp_output):
         tiny_config(tmp_output, **overrides)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the processes train on it")
+@pytest.mark.skipif(_has_accelerator(), reason="with a GPU the processes train on it")
 def test_several_processes_without_a_gpu_need_use_cpu(tmp_output, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as `accelerate launch --num_processes 2` sets it in each process
     with pytest.raises(ValueError, match=r"2 processes were launched on a machine without a GPU.*Set use_cpu=True"):

@@ -133,14 +133,17 @@ def load_noise_scheduler(folder: str):
     default `DDPMScheduler`."""
     import diffusers
 
-    for config in (
+    candidates = [
         os.path.join(folder, "scheduler_config.json"),
         os.path.join(folder, "scheduler", "scheduler_config.json"),
-        os.path.join(folder, os.pardir, "scheduler", "scheduler_config.json"),  # a pipeline's unet/ folder
-    ):
+    ]
+    if os.path.isfile(os.path.join(folder, os.pardir, "model_index.json")):  # the unet/ folder of a pipeline
+        candidates.append(os.path.join(folder, os.pardir, "scheduler", "scheduler_config.json"))
+    for config in candidates:
         if os.path.isfile(config):
             with open(config, encoding="utf-8") as f:
                 class_name = json.load(f).get("_class_name", "DDPMScheduler")
+            print(f"Noise scheduler: {class_name} from {os.path.normpath(os.path.dirname(config))}.")
             return getattr(diffusers, class_name).from_pretrained(os.path.dirname(config))
     print(
         "No scheduler_config.json next to the UNet: measuring with DDPMScheduler() and its defaults (1000 steps, "
