@@ -128,18 +128,23 @@ def test_suppression_step_size_follows_the_schedule_only_when_asked(follows, tmp
     assert trainer.fts_optimizer.param_groups[0]["lr"] == pytest.approx(expected)
 
 
-def test_suppression_step_follows_the_schedule_of_a_user_optimizer_at_its_own_rate(tmp_output):
-    model = SmallCNN()
-    config = tiny_config(tmp_output, max_steps=4, fts_learning_rate=1e-3, fts_follows_lr_schedule=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)  # not learning_rate (5e-5): only the schedule counts
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 4)
-    trainer = SophonTrainer(
+def _trainer_with_optimizer(model, config, optimizer, lr_lambda):
+    """A trainer given the user's own optimizer and a LambdaLR schedule on it."""
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+    return SophonTrainer(
         model,
         args=config,
         train_dataset=image_dataset(32, seed=1),
         restricted_dataset=image_dataset(32, seed=2),
         optimizers=(optimizer, scheduler),
     )
+
+
+def test_suppression_step_follows_the_schedule_of_a_user_optimizer_at_its_own_rate(tmp_output):
+    model = SmallCNN()
+    config = tiny_config(tmp_output, max_steps=4, fts_learning_rate=1e-3, fts_follows_lr_schedule=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)  # not learning_rate (5e-5): only the schedule counts
+    trainer = _trainer_with_optimizer(model, config, optimizer, lambda step: 1 - step / 4)
     trainer.train()
     assert trainer.fts_optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * 0.25)
 
@@ -730,15 +735,7 @@ def test_bf16_autocast_runs_the_simulation_and_normal_training(tmp_output):
 def test_user_supplied_optimizer_keeps_a_separate_suppression_state(tmp_output):
     model = SmallCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    config = tiny_config(tmp_output, max_steps=2)
-    trainer = SophonTrainer(
-        model,
-        args=config,
-        train_dataset=image_dataset(32, seed=1),
-        restricted_dataset=image_dataset(32, seed=2),
-        optimizers=(optimizer, scheduler),
-    )
+    trainer = _trainer_with_optimizer(model, tiny_config(tmp_output, max_steps=2), optimizer, lambda step: 1.0)
     trainer.train()
     assert isinstance(trainer.fts_optimizer, torch.optim.Adam) and trainer.fts_optimizer is not optimizer
     assert trainer.state.global_step == 2

@@ -1,7 +1,8 @@
 """`sophon-hf demo`: pre-train, protect and attack a classifier offline on real MNIST digits."""
 
 import argparse
-import os
+
+from . import user_errors
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,13 +26,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.seed < 0:
         args.usage_error(f"--seed must be >= 0, got {args.seed}")
-    try:
+    with user_errors("demo"):  # e.g. an output folder of another run, or a file named like the folder
         run_demo(args.output, quick=args.quick, seed=args.seed)
-    except (OSError, ValueError) as error:
-        if os.environ.get("SOPHON_HF_DEBUG"):
-            raise
-        # An output folder of another run, a file named like the folder: the message names the fix.
-        raise SystemExit(
-            f"sophon-hf demo: {type(error).__name__}: {error}\n(set SOPHON_HF_DEBUG=1 to see the traceback)"
-        ) from None
     return 0

@@ -5,9 +5,10 @@ For several processes or GPUs, launch the same recipe with accelerate instead:
 """
 
 import argparse
-import os
 
 import yaml
+
+from . import user_errors
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -39,14 +40,6 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"sophon-hf protect: {args.config} is not valid YAML: {error}") from None
     except (FileNotFoundError, ValueError) as error:  # a missing recipe, a misspelt field, a refused setting
         raise SystemExit(f"sophon-hf protect: {error}") from None
-    try:
+    with user_errors("protect"):
         script.main(*parsed)
-    except (OSError, ValueError) as error:
-        if os.environ.get("SOPHON_HF_DEBUG"):
-            raise
-        # Data or a model that cannot be loaded (missing folder, Hub offline, wrong columns), a setting the trainer
-        # refuses: the message names the fix; a traceback would bury it (SOPHON_HF_DEBUG=1 shows it).
-        raise SystemExit(
-            f"sophon-hf protect: {type(error).__name__}: {error}\n(set SOPHON_HF_DEBUG=1 to see the traceback)"
-        ) from None
     return 0
