@@ -89,8 +89,16 @@ def test_demo_pipeline_writes_models_report_plots_and_card(tmp_path, capsys, mon
     assert card.data.eval_results
     assert 'processor = AutoImageProcessor.from_pretrained("path/to/this/model")' in card.text
 
-    # Run again into the same folder with the same settings: attack runs of other weights are measured again, also
-    # when the earlier job was interrupted before its report (only finished runs in runs/).
+    # Run again into the same folder with the same settings: the same weights come out, so the finished attack runs
+    # are reused, not measured again.
+    runs = {path: path.stat().st_mtime_ns for path in (out / "attack_runs" / "runs").glob("*.json")}
+    assert runs
+    assert run_demo(str(out), settings=settings)["attacks"] == report["attacks"]
+    assert "measuring again" not in capsys.readouterr().out
+    assert {path: path.stat().st_mtime_ns for path in runs} == runs
+
+    # Attack runs of other weights are measured again, also when the earlier job was interrupted before its report
+    # (only finished runs in runs/).
     report_path = out / "attack_runs" / "report.json"
     report_path.unlink()
     run_path = next((out / "attack_runs" / "runs").glob("*--protected.json"))

@@ -1,13 +1,11 @@
 """Two CPU processes (gloo): every rank simulates its own attacker, the replicas stay identical, resume works."""
 
-import tempfile
-
 import pytest
 import torch
 from conftest import SmallCNN, image_dataset, run_two_processes, tiny_config
 
 
-def _train_on_two_ranks():
+def _train_on_two_ranks(output_dir):
     import torch.distributed as dist
 
     from sophon_hf import SophonTrainer
@@ -16,7 +14,7 @@ def _train_on_two_ranks():
     model = SmallCNN()
     initial = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
     args = tiny_config(
-        tempfile.mkdtemp(),
+        output_dir,
         max_steps=4,
         simulation_strategies=["full", "full_reinit_head", "linear_probe", "lora"],
         inner_optimizers=["sgd", "adam:1e-3"],
@@ -47,8 +45,8 @@ def _train_on_two_ranks():
     assert all(i % 2 == args.process_index for i in trainer._attacker.support_pool.tolist())
 
 
-def test_two_process_training_keeps_replicas_identical():
-    run_two_processes(_train_on_two_ranks)
+def test_two_process_training_keeps_replicas_identical(tmp_path):
+    run_two_processes(_train_on_two_ranks, str(tmp_path))
 
 
 def _two_rank_trainer(output_dir, trainer_class=None, **overrides):
@@ -137,7 +135,7 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     run_two_processes(_non_finite_on_one_rank, str(tmp_path), timeout=120)
 
 
-def _diffusion_noise_on_two_ranks():
+def _diffusion_noise_on_two_ranks(output_dir):
     import torch.distributed as dist
     from test_diffusion import config, pixels_dataset, scheduler, tiny_unet
 
@@ -159,7 +157,7 @@ def _diffusion_noise_on_two_ranks():
                 self.task._noise = original
                 self.ntr_draws.append(torch.cat([drawn[0][2].float(), drawn[0][1].reshape(-1)]))
 
-    args = config(tempfile.mkdtemp(), max_steps=2, ntr_steps=2)
+    args = config(output_dir, max_steps=2, ntr_steps=2)
     trainer = Recording(
         tiny_unet(),
         args=args,
@@ -179,7 +177,7 @@ def _diffusion_noise_on_two_ranks():
     assert not torch.equal(draws[0], draws[2])  # ... and so does each outer iteration
 
 
-def test_two_process_diffusion_training_draws_its_own_noise_on_each_rank():
+def test_two_process_diffusion_training_draws_its_own_noise_on_each_rank(tmp_path):
     # The global RNG is seeded alike on every rank: without a per-rank stream the ranks would add the same noise to
     # their different images, halving the independent draws of a global batch.
-    run_two_processes(_diffusion_noise_on_two_ranks)
+    run_two_processes(_diffusion_noise_on_two_ranks, str(tmp_path))

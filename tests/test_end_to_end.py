@@ -2,7 +2,7 @@
 
 import copy
 
-import torch
+import pytest
 
 from sophon_hf import AttackSpec, SophonConfig, SophonTrainer, evaluate_finetuning_resistance
 from sophon_hf.data import mnist_domains
@@ -10,8 +10,9 @@ from sophon_hf.demo import DemoSettings, demo_model, pretrain
 from sophon_hf.tasks import ClassificationTask
 
 
+# Tiny model: threads only add overhead (and contention on shared CI cores); restored for the tests after it.
+@pytest.mark.usefixtures("one_thread")
 def test_protection_on_real_digits(tmp_path):
-    torch.set_num_threads(1)  # tiny model: threads only add overhead (and contention on shared CI cores)
     data = mnist_domains(num_restricted_train=None, num_original_train=1000, num_test=300, seed=0)
     attacker = data["restricted_train"].select(range(50))
     defender = data["restricted_train"].select(range(50, 1000))

@@ -71,10 +71,13 @@ def test_first_order_simulation_equals_hand_written_finetuning(optimizer):
         support_losses.append(loss.item())
         opt.step()
         attacker.zero_grad()
-        inverse_cross_entropy(attacker(pixel_values=query["pixel_values"]).logits, query["labels"]).backward()
+        logits = attacker(pixel_values=query["pixel_values"]).logits
+        inverse_cross_entropy(logits, query["labels"]).backward()
         for n, p in attacker.named_parameters():
             expected[n] += p.grad
     assert result.support_losses == pytest.approx(support_losses, rel=1e-5)
+    # The logged `fts/query_accuracy`: the attacker's accuracy on the last query batch after its last step.
+    assert result.query_metric == (logits.argmax(-1) == queries[-1]["labels"]).float().mean().item()
     for name, grad in expected.items():
         torch.testing.assert_close(result.meta_grads[name], grad, rtol=1e-4, atol=1e-6)
     # The simulation never touches the model itself.

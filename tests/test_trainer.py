@@ -1,6 +1,7 @@
 """SophonTrainer on tiny models: strategies, state handling, resume, guards and bad input."""
 
 import os
+import pickle
 from pathlib import Path
 
 import pytest
@@ -29,34 +30,43 @@ def _trainer(model, tmp_output, train=None, restricted=None, **overrides):
     [(tiny_vit, "image"), (tiny_resnet, "image"), (tiny_bert, "text"), (SmallCNN, "image")],
     ids=["vit", "resnet", "bert", "plain-cnn"],
 )
-def test_every_strategy_and_optimizer_trains_every_parameter(make_model, data, tmp_output):
-    model = make_model()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+def test_every_strategy_moves_every_parameter_through_the_suppression_step(make_model, data, tmp_output):
     make = image_dataset if data == "image" else text_dataset
-    trainer = _trainer(
-        model,
-        tmp_output,
-        train=make(32, seed=1),
-        restricted=make(32, seed=2),
-        max_steps=8,
-        simulation_strategies=ALL_STRATEGIES,
-        inner_optimizers=["sgd", "sgd_momentum", "adam:1e-3", "rmsprop:1e-3", "adagrad"],
-        restricted_loss="kl_uniform",
-    )
-    trainer.train()
-    unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
-    assert unchanged == []
-    logged = {k for entry in trainer.state.log_history for k in entry}
-    assert {"fts/query_loss", "fts/query_accuracy", "fts/grad_norm", "ntr/loss"} <= logged
+    for strategy in ALL_STRATEGIES:
+        model = make_model()
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        trainer = _trainer(
+            model,
+            tmp_output,
+            train=make(32, seed=1),
+            restricted=make(32, seed=2),
+            max_steps=2,
+            learning_rate=0.0,  # normal training moves nothing: every change is the suppression step's
+            simulation_strategies=[strategy],
+            inner_optimizers=["sgd", "sgd_momentum", "adam:1e-3", "rmsprop:1e-3", "adagrad"],
+            restricted_loss="kl_uniform",
+        )
+        trainer.train()
+        unchanged = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+        # Fresh-head attackers (full fine-tuning or a linear probe on a re-initialised head) never use the model's
+        # own head, so the meta-gradient cannot reach it; every other parameter must move.
+        head = trainer.task.head_name
+        fresh_head = strategy in ("full_reinit_head", "linear_probe")
+        expected = [n for n in before if n.startswith(head + ".")] if fresh_head else []
+        assert len(expected) == 2 * fresh_head
+        assert unchanged == expected, strategy
+        logged = {k for entry in trainer.state.log_history for k in entry}
+        assert {"fts/query_loss", "fts/query_accuracy", "fts/grad_norm", "ntr/loss"} <= logged
 
 
-def test_batchnorm_statistics_never_absorb_restricted_data(tmp_output):
+@pytest.mark.parametrize("strategy", ALL_STRATEGIES)
+def test_batchnorm_statistics_never_absorb_restricted_data(tmp_output, strategy):
     model = tiny_resnet()
-    trainer = _trainer(model, tmp_output, simulation_strategies=ALL_STRATEGIES)
+    trainer = _trainer(model, tmp_output, simulation_strategies=[strategy])
     trainer.create_optimizer()
     buffers = {n: b.clone() for n, b in model.named_buffers()}
     weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-    for step in range(4):  # every strategy, sampled by step
+    for step in range(2):
         trainer.state.global_step = step
         assert trainer._fine_tuning_simulation_step()
     for name, buffer in model.named_buffers():
@@ -166,10 +176,11 @@ PERSISTENT = {"simulation_horizon": 4, "simulation_support_size": 6}
     [
         {},
         PERSISTENT,
-        # Checkpointed mid-trajectory with Adam moments and the attacker's own fresh head / LoRA adapters.
-        {**PERSISTENT, "simulation_strategies": ["full_reinit_head", "lora"], "inner_optimizers": ["adam:1e-3"]},
+        # Checkpointed mid-trajectory with Adam moments and the attacker's own fresh head, or its LoRA adapters.
+        {**PERSISTENT, "simulation_strategies": ["full_reinit_head"], "inner_optimizers": ["adam:1e-3"]},
+        {**PERSISTENT, "simulation_strategies": ["lora"], "inner_optimizers": ["adam:1e-3"]},
     ],
-    ids=["fresh", "persistent", "persistent-adam-own-weights"],
+    ids=["fresh", "persistent", "persistent-adam-own-head", "persistent-adam-lora"],
 )
 def test_resume_from_checkpoint_continues_exactly(tmp_path, persistent):
     def run(output_dir, resume=None, interrupt_at=None):
@@ -241,6 +252,18 @@ def test_resuming_refuses_a_foreign_checkpoint_and_pickle_weights(tmp_path):
         _checkpointed_vit_run(tmp_path, resume=str(checkpoint))
     with pytest.raises(FileNotFoundError, match=r"'checkpoint-9' is not a checkpoint folder\. Pass a `checkpoint-N`"):
         _checkpointed_vit_run(tmp_path, resume="checkpoint-9")
+
+
+class _Pickled:
+    """Anything but tensors and containers: `weights_only=True` refuses to unpickle it."""
+
+
+def test_resuming_never_unpickles_objects_from_the_suppression_optimizer_state(tmp_path):
+    _checkpointed_vit_run(tmp_path)
+    checkpoint = tmp_path / "checkpoint-2"
+    torch.save({"state": {}, "param_groups": [], "payload": _Pickled()}, checkpoint / "fts_optimizer.pt")
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+        _checkpointed_vit_run(tmp_path, resume=str(checkpoint))
 
 
 def test_recipe_scripts_resolve_the_checkpoint_to_resume_from(tmp_path):
@@ -359,16 +382,26 @@ def test_nan_in_the_data_is_reported_as_bad_data_not_as_a_step_size(tmp_output, 
 
 
 def test_eval_on_original_and_restricted_is_namespaced(tmp_output):
+    model = SmallCNN()
+    original = image_dataset(16, seed=3)
+    pixels, labels = torch.tensor(original["pixel_values"]), torch.tensor(original["labels"])
+    with torch.no_grad():
+        predicted = model.eval()(pixels).argmax(-1)
+    expected = (predicted == labels).float().mean().item()
+    assert expected < 1
+    # The same images labelled with the model's own predictions: accuracy 1 there, so each set is told apart.
+    restricted = original.remove_columns("labels").add_column("labels", predicted.tolist())
     trainer = SophonTrainer(
-        SmallCNN(),
+        model,
         args=tiny_config(tmp_output, max_steps=1),
         train_dataset=image_dataset(32, seed=1),
         restricted_dataset=image_dataset(32, seed=2),
-        eval_dataset=image_dataset(16, seed=3),
-        restricted_eval_dataset=image_dataset(16, seed=4),
+        eval_dataset=original,
+        restricted_eval_dataset=restricted,
     )
     metrics = trainer.evaluate()
-    assert 0 <= metrics["eval_original_accuracy"] <= 1 and 0 <= metrics["eval_restricted_accuracy"] <= 1
+    assert metrics["eval_original_accuracy"] == pytest.approx(expected)
+    assert metrics["eval_restricted_accuracy"] == 1.0
     # Counted batch by batch, the default accuracy is the same (batches of 3 leave a smaller last batch).
     trainer.args.batch_eval_metrics, trainer.args.per_device_eval_batch_size = True, 3
     batched = trainer.evaluate()
@@ -580,12 +613,14 @@ def _scripted_eval_trainer(tmp_output, accuracies, **overrides):
     values = iter(accuracies)
     args = tiny_config(
         tmp_output,
-        max_steps=6,
-        eval_strategy="steps",
-        eval_steps=3,
-        save_strategy="steps",
-        save_steps=3,
-        **overrides,
+        **{
+            "max_steps": 6,
+            "eval_strategy": "steps",
+            "eval_steps": 3,
+            "save_strategy": "steps",
+            "save_steps": 3,
+            **overrides,
+        },
     )
     return SophonTrainer(
         tiny_vit(),
@@ -603,6 +638,25 @@ def _fingerprint_of(folder):
     from sophon_hf.utils import model_fingerprint
 
     return model_fingerprint(ViTForImageClassification.from_pretrained(folder))
+
+
+def test_trainers_early_stopping_and_optim_apply_to_normal_training(tmp_output):
+    from transformers import EarlyStoppingCallback
+
+    # The original accuracy falls at the second evaluation: patience 1 stops training there, at step 6 of 9.
+    trainer = _scripted_eval_trainer(
+        tmp_output,
+        [0.9, 0.5, 0.4],
+        max_steps=9,
+        optim="sgd",
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_original_accuracy",
+    )
+    trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=1))
+    trainer.train()
+    assert trainer.state.global_step == 6
+    assert isinstance(getattr(trainer.optimizer, "optimizer", trainer.optimizer), torch.optim.SGD)
+    assert isinstance(trainer.fts_optimizer, torch.optim.Adam)  # the suppression step keeps its own Adam
 
 
 def test_load_best_model_at_end_loads_every_tensor_of_the_best_checkpoint(tmp_output):

@@ -118,3 +118,14 @@ def test_metric_for_best_model_is_checked_before_training(metric, tmp_output):
 def test_hyperparameter_search_is_refused(tmp_output):
     with pytest.raises(NotImplementedError, match="hyperparameter_search"):
         _trainer(SmallCNN(), tmp_output).hyperparameter_search(n_trials=1)
+
+
+@pytest.mark.slow  # compiling takes about 30 s on 2 CPU cores (and needs a C compiler)
+def test_torch_compile_trains_and_the_simulation_runs_on_the_module_itself(tmp_output):
+    model = SmallCNN()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = _trainer(model, tmp_output, torch_compile=True)
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "fts/grad_norm" in entry]
+    assert len(logged) == 2 and all(entry["fts/grad_norm"] > 0 for entry in logged)
+    assert all(torch.isfinite(p).all() and not torch.equal(p, before[n]) for n, p in model.named_parameters())
