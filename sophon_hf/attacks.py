@@ -35,7 +35,7 @@ import torch.nn as nn
 from .report import ResistanceReport, effective_final
 from .simulation import check_lora_targets, default_lora_targets
 from .tasks import check_finite, check_label_column, get_task
-from .utils import model_fingerprint
+from .utils import model_fingerprint, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -733,8 +733,8 @@ def _check_output_dir(output_dir: str, fingerprints: dict[str, str | None]) -> N
     path = os.path.join(output_dir, "report.json")
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        previous = json.load(f).get("fingerprints", {})
+    fix = "move it (with report.md, attack_curves.png and runs/) out of the folder, or choose another output folder."
+    previous = read_json_object(path, "report", fix).get("fingerprints") or {}
     if "evaluation" in previous and previous["evaluation"] != fingerprints.get("evaluation"):
         raise ValueError(
             f"{output_dir} already holds a report measured under another evaluation protocol (noise scheduler, its "
@@ -754,8 +754,7 @@ def _check_output_dir(output_dir: str, fingerprints: dict[str, str | None]) -> N
 def _load_run(path: str, expected: dict[str, Any]) -> dict[str, Any] | None:
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        run = json.load(f)
+    run = read_json_object(path, "attack run record", "delete it, and the attack is measured again.")
     for key in ("fingerprint", "data"):
         if run.get(key) != expected[key]:
             what = "model" if key == "fingerprint" else "restricted data"
@@ -773,6 +772,27 @@ def _save_run(path: str, run: dict[str, Any]) -> None:
     with open(tmp, "w") as f:
         json.dump(run, f)
     os.replace(tmp, path)  # atomic: an interrupted job never leaves a half-written run that resume would trust
+
+
+def _check_reference(model: nn.Module, reference_model: nn.Module) -> None:
+    """The unprotected original is the protected model's own architecture: same class, same parameter shapes."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    reference = {n: tuple(p.shape) for n, p in reference_model.named_parameters()}
+    if type(model) is not type(reference_model) or shapes != reference:
+        differing = next(
+            (
+                f"{n}: {shapes.get(n)} against {reference.get(n)}"
+                for n in {**shapes, **reference}
+                if shapes.get(n) != reference.get(n)
+            ),
+            "",
+        )
+        raise ValueError(
+            f"reference_model must be the unprotected original of the protected model, the same architecture; it is a "
+            f"{type(reference_model).__name__} where the protected model is a {type(model).__name__}"
+            + (f", with other parameters ({differing})" if differing else "")
+            + ". Pass the model the protection started from."
+        )
 
 
 def evaluate_finetuning_resistance(
@@ -853,6 +873,8 @@ def evaluate_finetuning_resistance(
         >>> report.summary["worst_attack"], report.save("report_dir")  # doctest: +SKIP
     """
     task = get_task(model, head_name=head_name, noise_scheduler=noise_scheduler)
+    if reference_model is not None:
+        _check_reference(model, reference_model)
     specs = resolve_attacks(attacks, steps_scale, has_head=task.head_name is not None)
     warnings = audit_weight_scale(model)
     for warning in warnings:

@@ -8,7 +8,7 @@ reproduce an attack with the same inputs.
 from __future__ import annotations
 
 import numpy as np
-from datasets import Array3D, Dataset, DatasetDict, Features, Sequence, Value
+from datasets import Array3D, Dataset, DatasetDict, Features, Image, Sequence, Value
 
 IMAGE_COLUMNS = ("image", "img")
 TEXT_COLUMNS = ("text", "sentence")
@@ -66,6 +66,13 @@ def to_model_inputs(
             f"Found no image column {image_column or IMAGE_COLUMNS} and no text column {text_column or TEXT_COLUMNS} "
             f"(columns: {columns}): name the column that holds the inputs."
         )
+    if found_image is not None and not isinstance(dataset.features[found_image], Image):
+        raise ValueError(
+            f"Column '{found_image}' holds {type(dataset.features[found_image]).__name__} values, not images "
+            f"(datasets.Image): if they are the model's inputs already, name the column 'pixel_values' "
+            f"(`dataset.rename_column('{found_image}', 'pixel_values')`, or `--input-column {found_image}` for "
+            "sophon-hf attack); else cast it to images (`dataset.cast_column(..., datasets.Image())`)."
+        )
     if processor is None:
         raise ValueError(
             "The data holds raw images or text but there is no image processor / tokenizer to turn them into model "
@@ -102,6 +109,54 @@ def to_model_inputs(
         num_proc=num_proc,
         desc="preprocessing",
     )
+
+
+def load_train_eval(
+    name: str,
+    split: str,
+    eval_split: str | None,
+    eval_fraction: float,
+    seed: int,
+    config: str | None = None,
+    data_dir: str | None = None,
+    revision: str | None = None,
+) -> tuple[Dataset, Dataset]:
+    """The (train, evaluation) datasets of one domain of a recipe: a Hub dataset, or a `save_to_disk` folder.
+
+    `eval_split` names the evaluation split; without one, or for a folder that holds a single `Dataset` (which has
+    no splits to name), `eval_fraction` of the training rows is held out for evaluation, so that a model is never
+    evaluated on the rows it trained on.
+    """
+    import logging
+    import os
+
+    from datasets import load_dataset, load_from_disk
+
+    saved = os.path.isdir(name) and any(
+        os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")
+    )
+    if saved and not isinstance(dataset := load_from_disk(name), DatasetDict):
+        if eval_split is not None:
+            logging.getLogger(__name__).warning(
+                "%s holds a single dataset, not splits: %s of it is held out for evaluation (eval_fraction).",
+                name,
+                f"{eval_fraction:g}",
+            )
+        parts = dataset.train_test_split(test_size=eval_fraction, seed=seed)
+        return parts["train"], parts["test"]
+
+    def load(which: str) -> Dataset:
+        if not saved:
+            return load_dataset(name, config, data_dir=data_dir, revision=revision, split=which)
+        if which not in dataset:
+            raise ValueError(f"{name} has splits {list(dataset)}, not {which!r}: set the *_split arguments.")
+        return dataset[which]
+
+    train = load(split)
+    if eval_split is not None:
+        return train, load(eval_split)
+    parts = train.train_test_split(test_size=eval_fraction, seed=seed)
+    return parts["train"], parts["test"]
 
 
 def default_text_length(tokenizer) -> int:

@@ -20,7 +20,7 @@ import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .report import signed
+from .report import recomputed_report, signed
 
 logger = logging.getLogger(__name__)
 
@@ -399,6 +399,7 @@ def generate_model_card(
     original_metrics: dict[str, float] | None = None,
     datasets: list[str] | None = None,
     repo_id: str | None = None,
+    revision: str | None = None,
     tags: list[str] | None = None,
     license: str | None = None,
     curves_image: str | None = None,
@@ -436,6 +437,9 @@ def generate_model_card(
             Hub dataset ids used for protection and measurement (card metadata).
         repo_id (`str`, *optional*):
             Hub repository of the model, used in the usage and reproduction commands.
+        revision (`str`, *optional*):
+            The branch of `repo_id` the model is published to, when it is not the default branch: the usage and
+            reproduction commands load that branch.
         tags (`list[str]`, *optional*):
             Extra tags; `sophon`, `non-fine-tunable` and the task are always present.
         license (`str`, *optional*):
@@ -485,6 +489,8 @@ def generate_model_card(
             f"The report measures a {report['task']!r} model but the card is for task={task!r}: pass the report "
             "that was measured on this model."
         )
+    # The curves are the measurement: finals, head starts and the summary are read from them, not taken on trust.
+    report = (recomputed_report(report) or report) if report is not None else None
     model_name = model_name or repo_id or "sophon-protected-model"
     sophon_config = sophon_config or {}
     original_domain = original_domain or sophon_config.get("original_domain")
@@ -531,6 +537,9 @@ def generate_model_card(
         "auto_class": _AUTO_CLASSES.get(task, ""),
         "task": task,
         "model_ref": repo_id or "path/to/this/model",
+        "meta_gradient": "exact second-order" if sophon_config.get("first_order") is False else "first-order",
+        "revision_arg": f", revision={revision!r}" if revision and repo_id else "",
+        "revision_flag": f" --revision {revision}" if revision and repo_id else "",
         "repo_ref": repo_id or "<your-name>/<model-name>",
         "local_dir": "path/to/this/model",
         "original_domain": original_domain or "not stated by the publisher",
@@ -659,12 +668,15 @@ def _report_context(
         )
     else:
         worst_sentence = "not available: no attack has both a protected and a scratch result."
-    # Attacks that end level with scratch or below but led it at some evaluation point: the first line a reader sees
+    # Attacks that end no better than scratch but led it at some evaluation point: the first line a reader sees
     # must not claim more than the curves show.
     ahead = (report.get("summary") or {}).get("attacks_ahead_during_training") or []
     verb = "was" if len(ahead) == 1 else "were"
     during = f"{len(ahead)} {'more ' if broken else ''}{verb} ahead of scratch during training" if ahead else ""
-    if not measured:
+    if not attacks:
+        overall = "The report lists no attacks, so it supports no resistance claim."
+        headline = "**not measured**: the report lists no attacks; this card makes no resistance claim."
+    elif not measured:
         overall = "No attack could be compared with scratch, so this report supports no resistance claim."
         headline = "measured, but no attack has a scratch baseline to compare with."
     elif broken:
@@ -689,9 +701,9 @@ def _report_context(
         )
     if ahead:
         overall += (
-            f" {len(ahead)} of the attacks that end level with scratch or below were ahead of it at some evaluation "
-            "point (compared at equal step budgets; at step 0 that is the released model itself against an untrained "
-            "one): " + ", ".join(f"`{name}`" for name in ahead) + "."
+            f" {len(ahead)} of the attacks that end no better than scratch for the attacker {verb} ahead of it at "
+            "some evaluation point (compared at equal step budgets; at step 0 that is the released model itself "
+            "against an untrained one): " + ", ".join(f"`{name}`" for name in ahead) + "."
         )
     if tolerance:
         overall += f" A head start of at most {tolerance:g} {metric} counts as none (the report's tolerance)."
@@ -741,8 +753,10 @@ def _starts_sentence(starts: list[str], scratch_recipe: str) -> str:
         + (f", trained with: {scratch_recipe})" if scratch_recipe else ")"),
     }
     parts = [described[start] for start in starts]
+    if not parts:
+        return "no recorded start"
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    return f"{len(parts)} point{'s' if len(parts) != 1 else ''}: {listed}" if parts else "no recorded start"
+    return f"{len(parts)} point{'s' if len(parts) != 1 else ''}: {listed}"
 
 
 def default_tolerance(report: dict[str, Any]) -> float:
@@ -889,6 +903,10 @@ def write_model_card(output_dir: str | Path, **kwargs: Any) -> Path:
     path = output_dir / "README.md"
     card.save(path)
     publisher_fields = {key: kwargs.get(key) for key in PUBLISHER_FIELDS if kwargs.get(key) is not None}
+    if kwargs.get("revision"):
+        # Recorded (for `sophon-hf push` to tell a card about another branch) but never carried over: the branch is
+        # where this push goes, not a detail of the model.
+        publisher_fields["revision"] = kwargs["revision"]
     # What was written, so that `sophon-hf push` can tell a card the publisher edited since (and must keep).
     publisher_fields[CARD_HASH_KEY] = card_digest(path)
     sidecar.write_text(json.dumps(publisher_fields, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")

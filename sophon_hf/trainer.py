@@ -459,6 +459,7 @@ class SophonTrainer(Trainer):
         finetuned_from: str | None = None,
         dataset: str | list[str] | None = None,
         repo_id: str | None = None,
+        revision: str | None = None,
         **kwargs,
     ) -> None:
         """Write `README.md` (the SOPHON model card) into `output_dir` (default: `args.output_dir`).
@@ -477,6 +478,8 @@ class SophonTrainer(Trainer):
             finetuned_from (`str`, *optional*): Hub id of the unprotected model (default: the model's
                 `_name_or_path` when it is a Hub id).
             repo_id (`str`, *optional*): the repo the card will live in (default: `args.hub_model_id`).
+            revision (`str`, *optional*): the branch of that repo, when not the default one (the card's usage lines
+                load it).
         """
         ignored = sorted(set(kwargs) & TRAINER_CARD_OPTIONS)
         if ignored:
@@ -486,7 +489,7 @@ class SophonTrainer(Trainer):
         if unknown:
             raise TypeError(
                 f"create_model_card got unsupported argument(s) {unknown}; SophonTrainer's card takes model_name, "
-                "dataset_name/dataset, tags, license, finetuned_from and repo_id."
+                "dataset_name/dataset, tags, license, finetuned_from, repo_id and revision."
             )
         if not self.is_world_process_zero():
             return
@@ -539,6 +542,7 @@ class SophonTrainer(Trainer):
             },
             datasets=datasets,
             repo_id=repo_id or self.args.hub_model_id,
+            revision=revision,
             tags=tags,
             license=license,
         )
@@ -575,14 +579,15 @@ class SophonTrainer(Trainer):
         self.save_model(_internal_call=True)
         # The card names the repo it is published in, namespace included (and takes the caller's card options).
         repo_id = resolve_repo_id(repo_id, token or self.args.hub_token) if self.is_world_process_zero() else repo_id
-        self.create_model_card(repo_id=repo_id, **kwargs)
+        revision = revision if revision is not None else self.args.hub_revision
+        self.create_model_card(repo_id=repo_id, revision=revision, **kwargs)
         if not self.is_world_process_zero():
             return None
         return push_folder(
             self.args.output_dir,
             repo_id,
             private=bool(private if private is not None else self.args.hub_private_repo),
-            revision=revision if revision is not None else self.args.hub_revision,
+            revision=revision,
             token=token or self.args.hub_token,
             commit_message=commit_message,
         )

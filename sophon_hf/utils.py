@@ -1,5 +1,6 @@
 """Small helpers shared by the trainer, the attack harness, publishing and the recipe scripts."""
 
+import argparse
 import hashlib
 import logging
 import os
@@ -24,6 +25,20 @@ def model_fingerprint(model: nn.Module) -> str:
         tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def read_json_object(path: str, what: str, fix: str) -> dict:
+    """A JSON file that must hold an object (a report, a run record), or a `ValueError` naming the file and `fix`."""
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not a valid {what} ({error}): {fix}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a valid {what} (a JSON {type(data).__name__}, not an object): {fix}")
+    return data
 
 
 def resolve_recipe_path(path: str, recipes_dir: str) -> str:
@@ -66,10 +81,61 @@ def parse_recipe_args(dataclass_types: tuple, argv: list[str] | None, recipes_di
                 raise ValueError(
                     f"{path}: {unknown} are not arguments of this script; see `--help` for {names} fields."
                 )
+            # The classes' own annotations: HfArgumentParser rewrites the fields' types (a union becomes `str`).
+            annotations = {
+                name: str(annotation)
+                for t in dataclass_types
+                for cls in reversed(t.__mro__)
+                for name, annotation in getattr(cls, "__annotations__", {}).items()
+            }
+            actions = {action.dest: action for action in parser._actions}
+            for key, value in values.items():
+                values[key] = _recipe_value(path, key, value, actions[key], annotations.get(key, ""))
             parser.set_defaults(**values)
             del argv[index : index + width]
             break
     return parser.parse_args_into_dataclasses(args=argv)
+
+
+def _recipe_value(path: str, key: str, value, action, annotation: str):
+    """A YAML value converted and checked as argparse would check it on the command line (it checks no defaults).
+
+    Numbers must be numbers (a float is no `int`), a single value is no list, a quoted `"false"` is `False`; a value
+    of the wrong kind is a `ValueError` naming the key, instead of a crash deep in training.
+    """
+    many = action.nargs in ("+", "*")
+    convert = action.type
+    expected = {int: "an integer", float: "a number"}.get(convert, "true or false")
+    problem = None
+    if value is None:
+        return None
+    if many and not isinstance(value, list):
+        value = [value]  # `simulation_strategies: full` means the list of one, as `--simulation_strategies full` does
+    if not many and isinstance(value, list) and "list" not in annotation:
+        problem = "a single value, not a list"
+    elif isinstance(value, dict) and "dict" not in annotation:
+        problem = "a single value, not a mapping"
+    elif convert in (int, float) or getattr(convert, "__name__", "") == "string_to_bool":
+        converted = []
+        for item in value if many else [value]:
+            if isinstance(item, str):
+                try:
+                    converted.append(convert(item))
+                    continue
+                except (TypeError, ValueError, argparse.ArgumentTypeError):
+                    pass
+            else:
+                number = isinstance(item, int | float) and not isinstance(item, bool)
+                if {int: number and isinstance(item, int), float: number}.get(convert, isinstance(item, bool)):
+                    converted.append(convert(item) if convert is float else item)
+                    continue
+            problem = expected + (" in every item" if many else "")
+            break
+        else:
+            return converted if many else converted[0]
+    if problem:
+        raise ValueError(f"{path}: {key} must be {problem}, got {value!r}.")
+    return value
 
 
 def save_unprotected_reference(directory: str | None, training_args, *savables) -> None:

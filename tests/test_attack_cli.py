@@ -160,6 +160,8 @@ def test_attack_cli_names_missing_files_and_bad_values(saved, monkeypatch):
         main([*args, "--steps-scale", "0"])
     with pytest.raises(SystemExit, match=r"--scratch-learning-rates must be distinct positive numbers, got \[0.0\]"):
         main([*args, "--scratch-learning-rates", "0"])
+    with pytest.raises(SystemExit, match="--scratch-inits must be at least 1, got 0"):
+        main([*args, "--scratch-inits", "0"])
     missing = list(args)
     missing[missing.index("--attacks-file") + 1] = str(saved / "nofile.yaml")
     with pytest.raises(SystemExit, match="nofile.yaml does not exist"):
@@ -167,6 +169,9 @@ def test_attack_cli_names_missing_files_and_bad_values(saved, monkeypatch):
     missing = list(args)
     missing[missing.index("--model") + 1] = str(saved / "no_such_model")
     with pytest.raises(SystemExit, match="Cannot load the model .*not a local folder"):
+        main(missing)
+    missing[missing.index("--model") + 1] = str(saved / "protected" / "config.json")
+    with pytest.raises(SystemExit, match=r"config.json is a file: pass the model's folder \(.*protected\)"):
         main(missing)
     missing = list(args)
     missing[missing.index("--restricted-train") + 1] = str(saved / "no_such_data")

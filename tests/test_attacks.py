@@ -4,6 +4,7 @@ import copy
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -471,6 +472,21 @@ def test_data_of_another_modality_is_refused_by_the_harness():
         evaluate_finetuning_resistance(tiny_bert(), image_dataset(16), image_dataset(16), [AttackSpec(steps=2)])
 
 
+@pytest.mark.parametrize(
+    "reference, message",
+    [
+        (lambda: tiny_vit(num_labels=3), r"other parameters \(classifier.weight: \(5, 16\) against \(3, 16\)\)"),
+        (lambda: tiny_bert(), r"it is a BertForSequenceClassification where the protected model is a ViTFor"),
+    ],
+    ids=["other-head", "other-architecture"],
+)
+def test_a_reference_model_of_another_architecture_is_refused_before_any_attack(reference, message):
+    with pytest.raises(ValueError, match=r"reference_model must be the unprotected original .*" + message):
+        evaluate_finetuning_resistance(
+            tiny_vit(), image_dataset(16), image_dataset(16), [AttackSpec(steps=2)], reference_model=reference()
+        )
+
+
 @pytest.mark.parametrize("recipe", [{"lr": 1e-2}, {"strategy": "lora"}], ids=["misspelt", "set-per-attack"])
 def test_scratch_recipe_keys_are_checked(recipe):
     with pytest.raises(ValueError, match=rf"scratch_recipe has \['{next(iter(recipe))}'\]; it takes \['optimizer'"):
@@ -592,6 +608,20 @@ def test_output_folder_of_a_different_model_is_refused(tmp_output):
         evaluate_finetuning_resistance(
             MLP(seed=1), image_dataset(16, seed=9), test, [spec], include_scratch=False, output_dir=tmp_output
         )
+
+
+def test_a_corrupt_report_or_run_record_in_the_output_folder_is_named(tmp_output):
+    train, test = image_dataset(16), image_dataset(8, seed=1)
+    spec = AttackSpec(steps=1, batch_size=8)
+    evaluate_finetuning_resistance(MLP(seed=1), train, test, [spec], include_scratch=False, output_dir=tmp_output)
+    run_path = next(Path(tmp_output, "runs").glob("*.json"))
+    run_path.write_text('{"fingerprint": ')  # e.g. a disk that filled up
+    Path(tmp_output, "report.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"report.json is not a valid report \(a JSON list, not an object\): move it"):
+        evaluate_finetuning_resistance(MLP(seed=1), train, test, [spec], include_scratch=False, output_dir=tmp_output)
+    Path(tmp_output, "report.json").unlink()
+    with pytest.raises(ValueError, match=rf"{run_path.name} is not a valid attack run record .*: delete it"):
+        evaluate_finetuning_resistance(MLP(seed=1), train, test, [spec], include_scratch=False, output_dir=tmp_output)
 
 
 def test_nan_during_an_attack_is_recorded_as_diverged_and_the_rest_continues(tmp_output):

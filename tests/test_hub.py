@@ -378,6 +378,10 @@ def test_cli_push_without_a_token_leaves_the_folder_as_it_was(tmp_path, hub, mon
     assert sorted(p.name for p in folder.iterdir()) == before  # no card written for a push that cannot happen
     with pytest.raises(SystemExit, match="is not a folder"):
         cli_main(["push", "--model", str(tmp_path / "missing"), "--repo-id", "me/vit-sophon"])
+    # What is wrong with the folder comes first: a token would not make it publishable.
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(SystemExit, match="holds no safetensors weights"):
+        cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"])
 
 
 def test_trainer_saves_a_card_and_pushes_through_push_folder(tmp_path, hub):
@@ -429,6 +433,14 @@ def test_cli_push_passes_new_details_visibility_branch_and_datasets(tmp_path, hu
     assert "README.md" in hub.files("me/vit-sophon", "v2") and hub.files("me/vit-sophon") == []
     card = ModelCard.load(hub.branch_dir("me/vit-sophon", "v2") / "README.md")
     assert "street signs" in card.text and "me/signs" in card.data.datasets
+    # The card on the branch loads the branch: `main` is empty (or holds another model).
+    assert """from_pretrained("me/vit-sophon", revision='v2')""" in card.text
+    assert "sophon-hf verify --model me/vit-sophon --revision v2" in card.text
+    assert "sophon-hf attack --model me/vit-sophon --revision v2" in card.text
+    # The same folder pushed to `main` afterwards gets a card without the branch.
+    assert cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"]) == 0
+    main_card = ModelCard.load(hub.branch_dir("me/vit-sophon") / "README.md").text
+    assert 'from_pretrained("me/vit-sophon")' in main_card and "--revision" not in main_card
 
 
 def test_cli_push_of_a_report_of_other_weights_leaves_the_card_alone(tmp_path, hub):
@@ -657,6 +669,48 @@ def test_cli_push_keeps_a_card_the_publisher_edited(tmp_path, hub, capsys):
     assert cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon", "--license", "mit"]) == 0
     assert "Our own notes" in (folder / "README.md.edited").read_text()
     assert "README.md.edited" not in hub.files("me/vit-sophon")
+    out = capsys.readouterr().out
+    assert "Keeping" not in out and "saved as" in out
+    # Edited again and rewritten again: the second version gets its own copy, the first one stays.
+    card.write_text(card.read_text() + "\n## Second notes\n")
+    assert cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon", "--license", "apache-2.0"]) == 0
+    assert "Our own notes" in (folder / "README.md.edited").read_text()
+    assert "Second notes" in (folder / "README.md.edited.1").read_text()
+    assert "Second notes" not in card.read_text() and "apache-2.0" in card.read_text()
+
+
+def test_cli_push_replaces_a_readme_sophon_hf_did_not_write(tmp_path, hub, capsys):
+    folder = protected_folder(tmp_path / "out")
+    (folder / "sophon_card.json").unlink()
+    (folder / "README.md").write_text("---\nlicense: mit\n---\n# my model\n")
+    assert cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"]) == 0
+    out = capsys.readouterr().out
+    assert "not written by sophon_hf" in out and "edited after" not in out
+    assert (folder / "README.md.edited").read_text() == "---\nlicense: mit\n---\n# my model\n"
+    published = ModelCard.load(hub.branch_dir("me/vit-sophon") / "README.md")
+    assert "sophon" in published.data.tags and published.data.eval_results  # the SOPHON card with its numbers
+
+
+def test_a_report_whose_derived_numbers_disagree_with_its_curves_is_not_published(tmp_path, hub):
+    folder = protected_folder(tmp_path / "out")
+    report = json.loads((folder / "report.json").read_text())
+    honest = {a["name"]: a["head_start"] for a in report["attacks"]}
+    broken = report["summary"]["worst_attack"]
+    assert honest[broken] > 0
+    # Edited to claim no head start: the verdict, the head start and the summary, but not the curves.
+    record = next(a for a in report["attacks"] if a["name"] == broken)
+    record["head_start"], record["verdict"] = -0.1, "no head start over scratch at the end"
+    report["summary"].update(worst_attack="full-sgd_momentum-lr0.01", attacks_with_head_start=[])
+    (folder / "report.json").write_text(json.dumps(report))
+    before = snapshot(folder)
+    with pytest.raises(SystemExit, match="holds numbers its own curves do not give") as error:
+        cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"])
+    assert "summary.worst_attack" in str(error.value) and f"{broken}: head_start is -0.1" in str(error.value)
+    assert snapshot(folder) == before and hub.calls == []
+    # The card is rendered from the curves, whatever the summary says.
+    text = write_model_card(folder).read_text()
+    assert f"**{broken}**" in text and f"+{honest[broken]:.4f}" in text
+    assert "no head start over scratch at the end | " not in text.split(f"**{broken}**")[1].split("\n")[0]
 
 
 def test_cli_push_names_the_namespaced_repo_and_renames_on_a_second_repo(tmp_path, hub):
@@ -712,6 +766,8 @@ def test_files_describing_an_earlier_model_are_removed_from_the_branch(tmp_path,
     remote = hub.branch_dir("me/vit-sophon")
     remote.mkdir(parents=True)
     earlier = {"samples.png", "preprocessor_config.json", "scheduler_config.json", "tokenizer.json", "vocab.txt"}
+    earlier |= {"sophon_card.json"}  # the earlier card's inputs; this folder's own is uploaded when it has one
+    (folder / "sophon_card.json").unlink()
     for name in earlier:
         (remote / name).write_bytes(b"from the model pushed before")
     push_folder(folder, "me/vit-sophon")

@@ -249,6 +249,20 @@ def test_unmeasured_card_says_so_and_claims_nothing(tmp_path):
     assert "## Measured resistance" in card.text and "| attack |" not in card.text
 
 
+def test_card_of_a_report_without_attacks_claims_nothing():
+    report = ResistanceReport("image-classification", "accuracy", True, attacks=[]).to_dict()
+    assert report["summary"]["verdict"] == "no attacks were run: head start not measured"
+    card = generate_model_card(report=report)
+    assert "**not measured**: the report lists no attacks" in card.text
+    assert "no recorded start" in card.text and not card.data.eval_results
+
+
+def test_card_names_the_order_of_the_meta_gradient():
+    assert "its first-order meta-gradient" in generate_model_card(sophon_config={"first_order": True}).text
+    second = generate_model_card(sophon_config={"first_order": False}).text
+    assert "its exact second-order meta-gradient" in second and "first-order meta-gradient pushes" not in second
+
+
 def test_write_model_card_reads_the_folder_and_keeps_publisher_fields(tmp_path):
     model = tiny_vit()
     model.save_pretrained(tmp_path)

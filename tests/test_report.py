@@ -7,6 +7,7 @@ import pytest
 from conftest import image_dataset, tiny_vit
 
 from sophon_hf.attacks import AttackSpec, evaluate_finetuning_resistance
+from sophon_hf.model_card import generate_model_card
 from sophon_hf.report import ResistanceReport, area_under_curve
 
 # The test machine's cores are shared: one intra-op thread avoids OpenMP contention (tiny steps 20x slower).
@@ -86,7 +87,34 @@ def test_ahead_during_training_is_reported_and_float_noise_is_not_a_head_start()
     assert level["head_start"] == 0 and level["verdict"] == "no head start over scratch at the end"
     assert data["summary"]["attacks_with_head_start"] == []
     assert data["summary"]["attacks_ahead_during_training"] == ["early"]
-    assert data["summary"]["verdict"].endswith("1 more end level or below but were ahead of scratch during training")
+    assert data["summary"]["verdict"] == (
+        "no head start over scratch at the end of any of 2 attacks, but 1 was ahead of it during training"
+    )
+    # With an attack that ends ahead, the others that led during training are "more".
+    attacks.append(_record("late", [[0, 0.2], [20, 0.9]], [[0, 0.2], [20, 0.9]], [[0, 0.2], [20, 0.5]]))
+    verdict = ResistanceReport("image-classification", "accuracy", True, attacks).summary["verdict"]
+    assert verdict.endswith("; 1 more end no better than scratch for the attacker but was ahead of it during training")
+
+
+def test_ahead_during_training_for_an_error_metric_reads_in_the_attackers_direction():
+    # Denoising error: lower is better for the attacker. The protected UNet ends worse (higher) than scratch but was
+    # ahead (lower) at step 10; the wording must not say it "ends level or below".
+    attacks = [
+        _record(
+            "lora",
+            [[0, 0.9], [10, 0.2], [20, 0.5]],
+            [[0, 0.9], [10, 0.2], [20, 0.2]],
+            [[0, 0.9], [10, 0.6], [20, 0.35]],
+        )
+    ]
+    data = ResistanceReport("unconditional-image-generation", "denoising_mse", False, attacks).to_dict()
+    (record,) = data["attacks"]
+    assert record["head_start"] == pytest.approx(-0.15)
+    assert data["summary"]["attacks_ahead_during_training"] == ["lora"]
+    assert data["summary"]["verdict"].endswith("any of 1 attacks, but 1 was ahead of it during training")
+    card = generate_model_card(task="unconditional-image-generation", library_name="diffusers", report=data)
+    assert "1 of the attacks that end no better than scratch for the attacker was ahead of it" in card.text
+    assert "level" not in data["summary"]["verdict"] and "level with scratch or below" not in card.text
 
 
 def test_diverged_runs_use_their_best_value_before_divergence():
@@ -169,6 +197,43 @@ def test_save_load_roundtrip_and_files(tmp_path):
     loaded = ResistanceReport.load(str(tmp_path))
     assert loaded.to_dict() == report.to_dict()
     assert loaded.to_dict()["original"] == {"unprotected": 0.99, "protected": 0.985}
+
+
+def test_a_report_that_cannot_be_written_leaves_the_previous_files_intact(tmp_path):
+    _report().save(str(tmp_path))
+    before = {name: (tmp_path / name).read_bytes() for name in ("report.json", "report.md")}
+    with pytest.raises(ValueError, match="Out of range float"):
+        _report(original={"protected": float("nan"), "unprotected": 0.9}).save(str(tmp_path))
+    assert {name: (tmp_path / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(tmp_path)) == ["attack_curves.png", "report.json", "report.md"]
+
+
+def test_report_md_gives_the_head_start_in_the_attackers_direction():
+    # Denoising error: protected 0.5 against scratch 0.55 is a head start of +0.05 for the attacker.
+    attacks = [_record("a", [[0, 0.9], [10, 0.5]], [[0, 0.9], [10, 0.4]], [[0, 0.9], [10, 0.55]])]
+    markdown = ResistanceReport("unconditional-image-generation", "denoising_mse", False, attacks).to_markdown()
+    row = next(line for line in markdown.splitlines() if line.startswith("| `a` |"))
+    assert "+0.0500" in row and "-0.05" not in row
+
+
+def test_report_inconsistencies_name_every_derived_number_its_curves_do_not_give():
+    from sophon_hf.report import report_inconsistencies
+
+    data = _report().to_dict()
+    assert report_inconsistencies(data) == []
+    data["attacks"][0]["final"]["protected"] = 0.1
+    data["attacks"][1]["head_start"] = -0.2
+    data["summary"]["worst_attack"] = "a"
+    data["summary"]["attacks_with_head_start"] = []
+    problems = report_inconsistencies(data)
+    assert problems == [
+        "a: final.protected is 0.1, its curves give 0.3",
+        "b: head_start is -0.2, its curves give 0.05",
+        "summary.worst_attack is 'a', its curves give 'b'",
+        "summary.attacks_with_head_start is [], its curves give ['b']",
+    ]
+    # A hand-made report of final numbers only has no curves to check against.
+    assert report_inconsistencies({"attacks": [{"name": "a", "final": {"protected": 0.3}}]}) == []
 
 
 def test_real_report_follows_the_design_schema(tmp_path):

@@ -282,6 +282,25 @@ def test_protect_cli_reports_recipe_mistakes_as_messages(tmp_path):
         main(["protect", "--config", str(bad)])
     with pytest.raises(SystemExit, match="simulation_horizon=12 is not a multiple"):
         main(["protect", "--config", "mnist_vit_cpu", "--simulation_horizon", "12", *NO_GPU])
+    # Values of the wrong kind are named before anything loads (argparse checks no defaults, so YAML values are
+    # checked as the command line would be).
+    for line, message in [
+        ("inner_steps: 1.5", "inner_steps must be an integer, got 1.5"),
+        ("fts_learning_rate: [1, 2]", r"fts_learning_rate must be a single value, not a list, got \[1, 2\]"),
+        ("restricted_batch_size: {a: 1}", "restricted_batch_size must be a single value, not a mapping"),
+        ("bf16: maybe", "bf16 must be true or false, got 'maybe'"),
+    ]:
+        bad.write_text(f"restricted_loss: kl_uniform\n{line}\n")
+        with pytest.raises(SystemExit, match=rf"sophon-hf protect: .*bad.yaml: {message}"):
+            main(["protect", "--config", str(bad)])
+    bad.write_text("max_eval_samples: 0\n")
+    with pytest.raises(SystemExit, match=r"max_eval_samples must be at least 1 \(or unset for all\), got 0"):
+        main(["protect", "--config", str(bad)])
+    # The command line's conversions apply too: a quoted number, a quoted boolean, one item for a list.
+    bad.write_text("inner_steps: '7'\nbf16: 'false'\nsimulation_strategies: lora\noriginal_classes: 3\n")
+    script_args, training_args, _ = script.parse_args(["--config", str(bad), "--use_cpu", "true"])
+    assert (training_args.inner_steps, training_args.bf16) == (7, False)
+    assert training_args.simulation_strategies == ["lora"] and script_args.original_classes == [3]
 
 
 # ---------------------------------------------------------------------------------------------------- column mapping
@@ -354,6 +373,11 @@ def test_sample_caps_held_out_fraction_and_label_column(stand_ins, tmp_path):
     train, evaluation, _ = script.load_domain(args, "original", seed=0, builtin=None)
     assert (len(train), len(evaluation)) == (15, 5)
     assert sorted([*train["labels"], *evaluation["labels"]]) == list(range(20))
+    # A single dataset has no splits to name: the recipe's eval split ("test") cannot come from it, so the held-out
+    # fraction is evaluated on, never the training rows themselves.
+    args.original_eval_split = "test"
+    train, evaluation, _ = script.load_domain(args, "original", seed=0, builtin=None)
+    assert (len(train), len(evaluation)) == (15, 5) and not set(train["labels"]) & set(evaluation["labels"])
 
 
 def test_text_columns_are_tokenized_to_a_fixed_length(tmp_path):
@@ -408,10 +432,26 @@ def test_decoder_classifiers_are_padded_with_their_end_of_sequence_token(tmp_pat
     assert json.loads((output_dir / "tokenizer_config.json").read_text())["model_max_length"] == 8
 
 
+def test_a_model_folder_saved_without_a_processor_needs_none_for_ready_pixel_values(stand_ins, tmp_path):
+    from transformers import AutoModelForImageClassification
+
+    folder = tmp_path / "bare"
+    AutoModelForImageClassification.from_pretrained(stand_ins / "resnet").save_pretrained(folder)
+    assert script.load_processor(script.ModelArguments(model_name_or_path=str(folder)), "image") is None
+    ready = Dataset.from_dict({"pixel_values": np.zeros((2, 3, 8, 8), dtype=np.float32), "labels": [0, 1]})
+    assert script.to_model_inputs(ready, None, script.ScriptArguments(), num_channels=3).num_rows == 2
+    # The stand-in's own folder has one, and it is loaded.
+    assert script.load_processor(script.ModelArguments(model_name_or_path=str(stand_ins / "resnet")), "image")
+
+
 def test_raw_images_without_a_processor_fail_clearly(stand_ins):
     raw = load_from_disk(str(stand_ins / "cifar10"))["test"].rename_column("label", "labels")
     with pytest.raises(ValueError, match="image_processor_name_or_path"):
         script.to_model_inputs(raw, None, script.ScriptArguments(), num_channels=3)
+    # Arrays in a column with an image's name are not images: the fix is to name them pixel_values.
+    arrays = Dataset.from_dict({"image": np.zeros((2, 3, 8, 8), dtype=np.float32), "labels": [0, 1]})
+    with pytest.raises(ValueError, match=r"Column 'image' holds \w+ values, not images .* 'pixel_values'"):
+        script.to_model_inputs(arrays, object(), script.ScriptArguments(), num_channels=3)
 
 
 # ---------------------------------------------------------------------------------------------------- end to end
@@ -536,6 +576,20 @@ def test_pickle_only_weights_are_never_loaded(stand_ins, tmp_path, one_thread):
                "--model_name_or_path", str(folder)]  # fmt: skip
     with pytest.raises(OSError, match=r"model.safetensors.*only pickle weights \(pytorch_model.bin\)"):
         script.main(*script.parse_args(command))
+
+
+def test_a_pretrained_head_of_another_size_is_never_released_untrained(stand_ins, tmp_path):
+    # The stand-in ResNet has a 7-way head; ImageNette and CIFAR-10 have 10 labels. Without pre-training, the new
+    # 10-way head would be protected and published as the ImageNette classifier.
+    command = ["--config", PAPER_RECIPES[0], *FAST, "--output_dir", str(tmp_path / "protected"),
+               "--original_dataset", str(stand_ins / "imagenette"), "--restricted_dataset", str(stand_ins / "cifar10"),
+               "--model_name_or_path", str(stand_ins / "resnet"), "--pretrain_steps", "0"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"has a 7-way head, but the data needs 10 labels .* Set pretrain_steps"):
+        script.main(*script.parse_args(command))
+    command[command.index("--model_name_or_path") + 1] = str(stand_ins / "resnet" / "config.json")
+    with pytest.raises(ValueError, match=r"config.json is a file: pass the model's folder \(.*resnet\)"):
+        script.main(*script.parse_args(command))
+    assert not (tmp_path / "protected").exists()
 
 
 def test_resuming_the_recipe_keeps_the_unprotected_reference(tmp_path, one_thread):

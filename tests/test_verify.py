@@ -12,6 +12,7 @@ from sophon_hf.attacks import AttackSpec, evaluate_finetuning_resistance
 from sophon_hf.cli import main as cli_main
 from sophon_hf.commands.verify import compare_reports
 from sophon_hf.model_card import default_tolerance, write_model_card
+from sophon_hf.report import ResistanceReport
 
 ATTACKS = [
     AttackSpec(strategy="full", optimizer="adam", learning_rate=1e-2, steps=2, batch_size=8, eval_interval=2),
@@ -60,15 +61,24 @@ def test_verify_reproduces_a_published_claim(published, capsys):
     assert "The published claim holds: 2 attack(s)" in out
 
 
+def test_verify_does_not_re_run_a_reference_the_report_has_no_numbers_for(published, tmp_path, capsys):
+    folder, data_dir = published
+    tiny_vit(seed=5).save_pretrained(tmp_path / "reference")
+    command = ["verify", "--model", str(folder), "--restricted-test", str(data_dir), "--tolerance", "1e-6"]
+    assert cli_main([*command, "--reference-model", str(tmp_path / "reference")]) == 0
+    out = capsys.readouterr().out
+    assert "The report has no unprotected numbers to check: --reference-model" in out
+    assert "unprotected" not in out.split("is not re-run.")[1]
+
+
 def test_verify_catches_numbers_that_do_not_reproduce(published, capsys):
     folder, data_dir = published
     report = json.loads((folder / "report.json").read_text())
     attack = report["attacks"][0]
-    # An optimistic publisher: the protected run "ended" much lower than it really does.
+    # An optimistic publisher: the protected run "ended" much lower than it really does, with every derived number
+    # recomputed from the edited curve, so that the report agrees with itself.
     attack["curves"]["protected"][-1][1] -= 0.5
-    attack["final"]["protected"] -= 0.5
-    attack["effective_final"]["protected"] -= 0.5
-    (folder / "report.json").write_text(json.dumps(report))
+    (folder / "report.json").write_text(json.dumps(ResistanceReport.from_dict(report).to_dict()))
     write_model_card(folder)  # the card agrees with the edited report: only the re-run can catch it
 
     assert cli_main(["verify", "--model", str(folder), "--restricted-test", str(data_dir)]) == 1
@@ -112,6 +122,51 @@ def test_verify_catches_a_report_that_drops_the_harness_warnings(published, caps
     (folder / "report.json").write_text(json.dumps(report))
     assert cli_main(command) == 0
     assert f"with the report's own warning: {warning}" in capsys.readouterr().out
+
+
+def test_verify_fails_on_a_published_attack_it_cannot_match(published, capsys):
+    folder, data_dir = published
+    report = json.loads((folder / "report.json").read_text())
+    # Renamed (and its claim made rosier): the re-run names attacks from their specs, so this one is never matched.
+    report["attacks"][0]["name"] = "renamed"
+    report["attacks"][0]["curves"]["protected"][-1][1] = 0.0
+    report = ResistanceReport.from_dict(report).to_dict()
+    (folder / "report.json").write_text(json.dumps(report))
+    write_model_card(folder)
+    assert cli_main(["verify", "--model", str(folder), "--restricted-test", str(data_dir)]) == 1
+    out = capsys.readouterr().out
+    assert f"report.json names an attack 'renamed' whose spec describes {ATTACKS[0].name!r}" in out
+    assert "DOES NOT HOLD renamed:  (not re-run" in out
+    assert "The published claim holds" not in out
+
+
+def test_verify_fails_on_a_summary_its_curves_do_not_give(published, capsys):
+    folder, data_dir = published
+    report = json.loads((folder / "report.json").read_text())
+    report["attacks"][1]["head_start"] = -0.9
+    (folder / "report.json").write_text(json.dumps(report))
+    assert cli_main(["verify", "--model", str(folder), "--restricted-test", str(data_dir)]) == 1
+    out = capsys.readouterr().out
+    assert f"report.json: {ATTACKS[1].name}: head_start is -0.9, its curves give" in out
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{bad", r"report.json is not a valid sophon_hf report \(Expecting property name"),
+        ("[]", r"report.json is not a valid sophon_hf report \(a JSON list, not an object\)"),
+        (
+            '{"attacks": [{"name": "a"}]}',
+            r"report.json is not a valid sophon_hf report \(attack record\(s\) \[0\] lack",
+        ),
+    ],
+    ids=["not-json", "not-an-object", "no-spec"],
+)
+def test_verify_a_malformed_report_is_a_message(published, content, message):
+    folder, data_dir = published
+    (folder / "report.json").write_text(content)
+    with pytest.raises(SystemExit, match=message + r".*it makes no claim that can be verified"):
+        cli_main(["verify", "--model", str(folder), "--restricted-test", str(data_dir)])
 
 
 def test_verify_refuses_to_train_on_its_test_rows(published, tmp_path):
@@ -257,6 +312,8 @@ def test_verify_re_runs_with_the_published_recipe_splits_and_reference(published
     # A report of a fixed-rate scratch baseline (as written before scratch was tuned by default).
     report["scratch_recipe"] = {**report["scratch_recipe"], "learning_rate": 0.0123, "initialisations": 2}
     del report["scratch_recipe"]["learning_rates"]
+    # Unprotected numbers to check, so that the reference is re-run.
+    report["attacks"][1]["curves"]["unprotected"] = report["attacks"][1]["curves"]["protected"]
     (folder / "report.json").write_text(json.dumps(report))
     reference = tiny_vit(seed=7)
     reference.save_pretrained(tmp_path / "reference")
@@ -354,6 +411,9 @@ def test_verify_downloads_a_reference_model_with_the_given_token(published, tmp_
         return str(tmp_path / "ref")
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    report = json.loads((folder / "report.json").read_text())
+    report["attacks"][0]["curves"]["unprotected"] = report["attacks"][0]["curves"]["protected"]
+    (folder / "report.json").write_text(json.dumps(report))  # unprotected numbers to check: the reference is needed
     args = ["verify", "--model", str(folder), "--restricted-test", str(data_dir), "--reference-model", "me/ref"]
     cli_main([*args, "--token", "hf_private"])
     assert requested == [("me/ref", "hf_private")]  # a private reference repo needs the token

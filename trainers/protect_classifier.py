@@ -63,7 +63,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Value
 from transformers import set_seed
 
 from sophon_hf import SophonConfig, SophonTrainer
-from sophon_hf.data import IMAGE_COLUMNS, TEXT_COLUMNS, first_present
+from sophon_hf.data import IMAGE_COLUMNS, TEXT_COLUMNS, first_present, load_train_eval
 from sophon_hf.data import to_model_inputs as data_inputs
 from sophon_hf.utils import (
     check_output_folders,
@@ -139,6 +139,13 @@ class ScriptArguments:
     eval_fraction: float = field(default=0.05, metadata={"help": "Held-out fraction when there is no eval split."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for image/text preprocessing."})
 
+    def __post_init__(self):
+        for name in ("max_original_samples", "max_restricted_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (or unset for all), got {getattr(self, name)}.")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"eval_fraction must be between 0 and 1, got {self.eval_fraction}.")
+
 
 @dataclass
 class ModelArguments:
@@ -192,20 +199,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[ScriptArguments, SophonCo
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def _load_split(name: str, config: str | None, data_dir: str | None, revision: str | None, split: str) -> Dataset:
-    from datasets import load_dataset, load_from_disk
-
-    saved = any(os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json"))
-    if os.path.isdir(name) and saved:
-        dataset = load_from_disk(name)
-        if isinstance(dataset, DatasetDict):
-            if split not in dataset:
-                raise ValueError(f"{name} has splits {list(dataset)}, not {split!r}: set the *_split arguments.")
-            dataset = dataset[split]
-        return dataset
-    return load_dataset(name, config, data_dir=data_dir, revision=revision, split=split)
-
-
 def _standardise_labels(dataset: Dataset, script_args: ScriptArguments, classes: list[int] | None, role: str):
     """Rename the label column to `labels`, keep `classes` (renumbered 0..n-1). Returns the dataset and label names."""
     label_column = first_present(dataset.column_names, script_args.label_column, LABEL_COLUMNS)
@@ -238,19 +231,16 @@ def load_domain(script_args: ScriptArguments, domain: str, seed: int, builtin: D
     if name == BUILTIN_MNIST:
         train, evaluation, names = builtin[f"{domain}_train"], builtin[f"{domain}_test"], None
     else:
-        source = (
+        train, evaluation = load_train_eval(
             name,
-            getattr(script_args, f"{domain}_dataset_config"),
-            getattr(script_args, f"{domain}_data_dir"),
-            getattr(script_args, f"{domain}_dataset_revision"),
+            getattr(script_args, f"{domain}_split"),
+            getattr(script_args, f"{domain}_eval_split"),
+            script_args.eval_fraction,
+            seed,
+            config=getattr(script_args, f"{domain}_dataset_config"),
+            data_dir=getattr(script_args, f"{domain}_data_dir"),
+            revision=getattr(script_args, f"{domain}_dataset_revision"),
         )
-        train = _load_split(*source, getattr(script_args, f"{domain}_split"))
-        eval_split = getattr(script_args, f"{domain}_eval_split")
-        if eval_split is not None:
-            evaluation = _load_split(*source, eval_split)
-        else:
-            parts = train.train_test_split(test_size=script_args.eval_fraction, seed=seed)
-            train, evaluation = parts["train"], parts["test"]
     classes = getattr(script_args, f"{domain}_classes")
     train, names = _standardise_labels(train, script_args, classes, domain)
     evaluation, _ = _standardise_labels(evaluation, script_args, classes, domain)
@@ -321,10 +311,34 @@ def load_model(model_args: ModelArguments, kind: str, num_labels: int, label_nam
         kwargs["label2id"] = {name: i for i, name in enumerate(label_names)}
     if model_args.attn_implementation is not None:
         kwargs["attn_implementation"] = model_args.attn_implementation
+    if model_args.model_name_or_path is not None and os.path.isfile(model_args.model_name_or_path):
+        raise ValueError(
+            f"model_name_or_path {model_args.model_name_or_path} is a file: pass the model's folder "
+            f"({os.path.dirname(model_args.model_name_or_path) or '.'}) or its Hub id."
+        )
     if model_args.model_name_or_path is not None:
         # ignore_mismatched_sizes: a pre-trained head of another size (e.g. ImageNet's 1000 classes) is replaced.
         # use_safetensors: weights published only as pickles fail here instead of being unpickled.
         try:
+            head_size = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
+            head_size = head_size.num_labels
+            if head_size != num_labels and not model_args.pretrain_steps:
+                # A new head that nothing trains would be protected and released as the original-domain classifier.
+                raise ValueError(
+                    f"{model_args.model_name_or_path} has a {head_size}-way head, but the data needs {num_labels} "
+                    "labels (the larger of the two domains' label counts): its head would be replaced by an untrained "
+                    f"one. Set pretrain_steps to train a new {num_labels}-way head on the original domain first, or "
+                    "select original_classes / restricted_classes so that both domains fit the model's head."
+                )
+            if head_size != num_labels:
+                logger.warning(
+                    "%s's %d-way head is replaced by a new %d-way head, trained on the original domain for %d steps "
+                    "(pretrain_steps).",
+                    model_args.model_name_or_path,
+                    head_size,
+                    num_labels,
+                    model_args.pretrain_steps,
+                )
             return auto_class.from_pretrained(
                 model_args.model_name_or_path,
                 revision=model_args.model_revision,
@@ -347,14 +361,18 @@ def load_model(model_args: ModelArguments, kind: str, num_labels: int, label_nam
 
 
 def load_processor(model_args: ModelArguments, kind: str):
-    """The model's image processor or tokenizer, or None for a new model without one."""
+    """The model's image processor or tokenizer; None for a new model, or a model folder saved without one."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    if kind == "image":
-        name = model_args.image_processor_name_or_path or model_args.model_name_or_path
-        return None if name is None else AutoImageProcessor.from_pretrained(name, revision=model_args.model_revision)
-    name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
-    return None if name is None else AutoTokenizer.from_pretrained(name, revision=model_args.model_revision)
+    given = model_args.image_processor_name_or_path if kind == "image" else model_args.tokenizer_name_or_path
+    name = given or model_args.model_name_or_path
+    saved_with = "preprocessor_config.json" if kind == "image" else "tokenizer_config.json"
+    if name is None or (given is None and os.path.isdir(name) and not os.path.isfile(os.path.join(name, saved_with))):
+        # A model folder saved without one: data already in `pixel_values` / `input_ids` needs none, and data that
+        # does gets a clear error from `to_model_inputs`.
+        return None
+    auto_class = AutoImageProcessor if kind == "image" else AutoTokenizer
+    return auto_class.from_pretrained(name, revision=model_args.model_revision)
 
 
 def pretrain(model, dataset: Dataset, steps: int, learning_rate: float, batch_size: int, seed: int, device) -> None:

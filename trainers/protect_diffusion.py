@@ -48,6 +48,7 @@ import torch
 from transformers import set_seed
 
 from sophon_hf import SophonConfig, SophonTrainer
+from sophon_hf.data import load_train_eval
 from sophon_hf.diffusion import (
     DiffusionTask,
     generate_samples,
@@ -195,19 +196,6 @@ def load_model(model_args: ModelArguments):
     return unet, scheduler
 
 
-def _load_split(name: str, config: str | None, split: str):
-    from datasets import DatasetDict, load_dataset, load_from_disk
-
-    if os.path.isdir(name):
-        dataset = load_from_disk(name)
-        if isinstance(dataset, DatasetDict):
-            if split not in dataset:
-                raise ValueError(f"{name} has splits {list(dataset)}, not {split!r}.")
-            dataset = dataset[split]
-        return dataset
-    return load_dataset(name, config, split=split)
-
-
 def load_domain(
     name: str,
     config: str | None,
@@ -222,12 +210,7 @@ def load_domain(
     seed: int,
 ):
     """A (train, eval) pair of datasets with `pixel_values` for the UNet, from a Hub name or a local folder."""
-    train = _load_split(name, config, split)
-    if eval_split is not None:
-        evaluation = _load_split(name, config, eval_split)
-    else:
-        parts = train.train_test_split(test_size=eval_fraction, seed=seed)
-        train, evaluation = parts["train"], parts["test"]
+    train, evaluation = load_train_eval(name, split, eval_split, eval_fraction, seed, config=config)
     if max_samples is not None:
         train = train.select(range(min(max_samples, len(train))))
     if max_eval_samples is not None:

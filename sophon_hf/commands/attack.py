@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", help="required: the protected model, a save_pretrained folder or a Hub id")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model")
     parser.add_argument(
         "--reference-model", help="unprotected original (folder or Hub id), for the 'unprotected' curves"
     )
@@ -96,6 +98,10 @@ def model_folder(name_or_path: str, revision: str | None = None, token: str | No
 
     For a Diffusers pipeline folder (`model_index.json`, as `DDPMPipeline.save_pretrained` writes), its `unet/`.
     """
+    if os.path.isfile(name_or_path):
+        raise SystemExit(
+            f"{name_or_path} is a file: pass the model's folder ({os.path.dirname(name_or_path) or '.'}) or its Hub id."
+        )
     if os.path.isdir(name_or_path):
         folder = name_or_path
     else:
@@ -360,7 +366,10 @@ def run(args: argparse.Namespace) -> int:
     from ..suites import describe_suites
 
     if args.list_suites:
-        print(describe_suites())
+        try:
+            print(describe_suites())
+        except BrokenPipeError:  # `--list-suites | head`: the reader has what it wanted; silence the flush at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     missing = [flag for flag in ("model", "restricted_train", "output") if getattr(args, flag) is None]
     if missing:
@@ -376,6 +385,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.attack_seeds < 1:
         raise SystemExit(f"--attack-seeds must be at least 1, got {args.attack_seeds}.")
+    if args.scratch_inits < 1:
+        raise SystemExit(f"--scratch-inits must be at least 1, got {args.scratch_inits}.")
     # Refused before anything loads, with the flag's own name.
     if not args.steps_scale > 0:
         raise SystemExit(
@@ -403,7 +414,7 @@ def run(args: argparse.Namespace) -> int:
     need_split = "--restricted-test" if args.restricted_test is None else None  # never test on training rows
     test = load_restricted(test_source, args.test_split, args.label_column, args.input_column, need_split, **hub)
     check_device(args.device)
-    folder = model_folder(args.model)
+    folder = model_folder(args.model, args.revision)
     model = load_model(folder)
     reference = load_model(model_folder(args.reference_model)) if args.reference_model else None
     noise_scheduler = load_noise_scheduler(folder) if is_diffusers_model(model) else None

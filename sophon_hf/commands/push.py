@@ -2,9 +2,10 @@
 
     sophon-hf push --model out --repo-id my-name/vit-sophon-protected [--private] [--revision REV] [--token T]
 
-The card (`README.md`) is written when the folder has none, and rewritten when it no longer matches the folder's
-`report.json` (e.g. the attacks ran after training saved the card); the publisher's own fields (domains,
-hyper-parameters) are kept from `sophon_card.json`.
+The card (`README.md`) is written when the folder has none or one sophon_hf did not write, and rewritten when it no
+longer matches the folder's `report.json` (e.g. the attacks ran after training saved the card) or names another repo
+or branch; the publisher's own fields (domains, hyper-parameters) are kept from `sophon_card.json`. A card edited by
+hand is kept when only the repo changes, and saved aside (`README.md.edited`, `.1`, ...) when it must be rewritten.
 """
 
 import argparse
@@ -57,17 +58,17 @@ def run(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         raise SystemExit(f"error: {folder} is not a folder; pass the folder written by `save_pretrained`.")
     try:
-        require_token(args.token, f"Nothing in {folder} was changed.")
-    except HubPublishError as error:
-        raise SystemExit(f"error: {error}") from None
-    try:
-        # Everything that could refuse the push is checked before the card is (re)written.
+        # Everything that could refuse the push is checked before the card is (re)written: the folder first (a token
+        # would not make it publishable), then the token.
         check_publishable(folder, args.repo_id)
     except ValueError as error:
         raise SystemExit(f"error: {error} Nothing in {folder} was changed.") from error
+    try:
+        require_token(args.token, f"Nothing in {folder} was changed.")
+    except HubPublishError as error:
+        raise SystemExit(f"error: {error}") from None
     repo_id = resolve_repo_id(args.repo_id, args.token)  # "name" -> "user/name", what the card must say
     card_path, sidecar = folder / "README.md", folder / CARD_METADATA_FILE
-    edited_copy = folder / "README.md.edited"
     report_path = folder / "report.json"
     overrides = {
         "original_domain": args.original_domain,
@@ -77,40 +78,53 @@ def run(args: argparse.Namespace) -> int:
         "license": args.license,
     }
     stored = json.loads(sidecar.read_text(encoding="utf-8")) if sidecar.is_file() else {}
-    stale = card_path.is_file() and card_report_mismatches(
+    has_card = card_path.is_file()
+    stale = has_card and card_report_mismatches(
         ModelCard.load(card_path),
         json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None,
     )
-    # A card the publisher edited after sophon_hf wrote it is theirs: kept when only the repo changes, saved aside
-    # when its numbers or details must be rewritten.
-    edited = card_path.is_file() and stored.get(CARD_HASH_KEY) != card_digest(card_path)
-    # A card written before the push names a local folder (or another repo); the published one names its repo.
-    elsewhere = stored.get("repo_id") != repo_id and not edited
-    if stored.get("repo_id") != repo_id and edited and not stale:
-        print(f"Keeping {card_path}: it was edited after sophon_hf wrote it (its usage lines may name another repo).")
-    before = {path: path.read_bytes() if path.is_file() else None for path in (card_path, sidecar, edited_copy)}
-    rewrote = False
+    # A README that sophon_hf did not write (no recorded digest) carries no SOPHON claim and no measurement: replaced,
+    # the old one saved aside. One the publisher edited after sophon_hf wrote it is theirs: kept when only the repo
+    # or branch changes, saved aside when its numbers or details must be rewritten.
+    foreign = has_card and CARD_HASH_KEY not in stored
+    edited = has_card and not foreign and stored[CARD_HASH_KEY] != card_digest(card_path)
+    # A card written before the push names a local folder (or another repo or branch); the published one names its own.
+    target = repo_id + (f" (branch {args.revision})" if args.revision else "")
+    written_for = (stored.get("repo_id") or "a local folder") + (
+        f" (branch {stored['revision']})" if stored.get("revision") else ""
+    )
+    elsewhere = written_for != target
+    rewrite = not has_card or foreign or stale or (elsewhere and not edited)
+    rewrite = rewrite or any(value is not None for value in overrides.values())
+    if elsewhere and edited and not rewrite:
+        print(f"Keeping {card_path}: it was edited after sophon_hf wrote it (its usage lines may name {written_for}).")
+    # Every hand-written version is kept: a second rewrite does not overwrite the first one saved aside.
+    saved_copy, k = folder / "README.md.edited", 1
+    while saved_copy.exists():
+        saved_copy, k = folder / f"README.md.edited.{k}", k + 1
+    before = {path: path.read_bytes() if path.is_file() else None for path in (card_path, sidecar, saved_copy)}
     try:
-        if not card_path.is_file() or stale or elsewhere or any(value is not None for value in overrides.values()):
+        if rewrite:
             reason = (
                 "missing"
-                if not card_path.is_file()
+                if not has_card
+                else "not written by sophon_hf"
+                if foreign
                 else "out of date"
                 if stale
-                else f"about another repo ({stored.get('repo_id') or 'a local folder'})"
-                if elsewhere
+                else f"about {written_for}"
+                if elsewhere and not edited
                 else "given new details"
             )
             print(f"Model card {reason}: writing {card_path}")
-            rewrote = True
-            if edited:
-                edited_copy.write_bytes(card_path.read_bytes())
-                print(f"It had been edited by hand: that version is saved as {edited_copy} (not uploaded).")
+            if foreign or edited:
+                saved_copy.write_bytes(card_path.read_bytes())
+                print(f"The previous card is saved as {saved_copy} (not uploaded).")
             # A name that was only the folder's (or the previous repo's) becomes this repo's; a chosen name stays.
             previous_repo = (stored.get("repo_id") or "").split("/")[-1]
             automatic = stored.get("model_name") in (None, folder.resolve().name, previous_repo)
             model_name = repo_id.split("/")[-1] if automatic else None
-            write_model_card(folder, repo_id=repo_id, model_name=model_name, **overrides)
+            write_model_card(folder, repo_id=repo_id, revision=args.revision, model_name=model_name, **overrides)
         url = push_folder(
             folder,
             repo_id,
@@ -126,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
                 path.unlink(missing_ok=True)
             else:
                 path.write_bytes(content)
-        if rewrote:
+        if rewrite:
             print(f"The push did not happen: {card_path} was put back as it was.")
         if isinstance(error, ValueError | FileNotFoundError | HubPublishError):
             raise SystemExit(f"error: {error}") from error

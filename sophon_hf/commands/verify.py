@@ -98,6 +98,16 @@ def compare_reports(published: dict[str, Any], reproduced: dict[str, Any], toler
     for attack in published.get("attacks", []):
         name = attack["name"]
         if name not in reran:
+            # An attack the re-run did not reproduce is a claim left unchecked, never a pass.
+            rows.append(
+                {
+                    "name": name,
+                    "checks": {},
+                    "head_start": (attack_advantage(attack, higher_is_better), None),
+                    "holds": False,
+                    "reason": "not re-run (the re-run has no attack of this name)",
+                }
+            )
             continue
         before, after = final_metrics(attack), final_metrics(reran[name])
         checks, reasons = {}, []
@@ -129,7 +139,6 @@ def compare_reports(published: dict[str, Any], reproduced: dict[str, Any], toler
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
     from pathlib import Path
 
     from huggingface_hub import ModelCard
@@ -142,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
         evaluate_finetuning_resistance,
     )
     from ..model_card import card_report_mismatches, detect_model_folder
-    from ..utils import model_fingerprint
+    from ..report import report_inconsistencies
+    from ..utils import model_fingerprint, read_json_object
     from .attack import (
         check_device,
         check_labels,
@@ -165,7 +175,21 @@ def run(args: argparse.Namespace) -> int:
             f"`sophon-hf attack --model {args.model} ...`; publishers add the report with `sophon-hf attack --output "
             "<model folder>` and `sophon-hf push`."
         )
-    published = json.loads(report_path.read_text(encoding="utf-8"))
+    unverifiable = "it makes no claim that can be verified."
+    try:
+        published = read_json_object(str(report_path), "sophon_hf report", unverifiable)
+    except ValueError as error:
+        raise SystemExit(f"sophon-hf verify: {error}") from None
+    records = published.get("attacks")
+    malformed = [
+        index for index, a in enumerate(records or []) if not isinstance(a, dict) or not {"name", "spec"} <= set(a)
+    ]
+    if not isinstance(records, list) or malformed:
+        raise SystemExit(
+            f"sophon-hf verify: {report_path} is not a valid sophon_hf report ("
+            + (f"attack record(s) {malformed} lack a name or a spec" if malformed else "no list of attacks")
+            + f"): {unverifiable}"
+        )
     failures: list[str] = []
 
     # 1. The claim belongs to these weights, and the card says what the report says.
@@ -176,6 +200,7 @@ def run(args: argparse.Namespace) -> int:
             "report.json was not measured on these weights (fingerprint "
             + (f"{recorded[:12]}... recorded, {model_fingerprint(model)[:12]}... found)" if recorded else "missing)")
         )
+    failures += [f"report.json: {problem}" for problem in report_inconsistencies(published)]
     if (folder / "README.md").is_file():
         failures += [
             f"card: {problem}" for problem in card_report_mismatches(ModelCard.load(folder / "README.md"), published)
@@ -190,6 +215,15 @@ def run(args: argparse.Namespace) -> int:
         )
     if not attacks:
         raise SystemExit(f"{args.model}'s report.json lists no attacks: there is nothing to re-run.")
+    # The re-run names each attack from its spec: a published name its spec does not give was edited (or written by
+    # another version), and its numbers could not be matched with the re-run's.
+    for attack in attacks:
+        expected = AttackSpec.from_dict(attack["spec"]).name
+        if expected != attack["name"]:
+            failures.append(
+                f"report.json names an attack {attack['name']!r} whose spec describes {expected!r}: the report was "
+                "edited or written by another version, so its numbers cannot be matched with a re-run"
+            )
     check_device(args.device)
     hub = {"config": args.dataset_config, "revision": args.dataset_revision}
     test = load_restricted(
@@ -208,6 +242,11 @@ def run(args: argparse.Namespace) -> int:
         need_split="--restricted-train" if args.restricted_train is None else None,
         **hub,
     )
+    if args.reference_model and not any("unprotected" in a.get("curves", a.get("final", {})) for a in attacks):
+        print(
+            f"The report has no unprotected numbers to check: --reference-model {args.reference_model} is not re-run."
+        )
+        args.reference_model = None
     reference = load_model(model_folder(args.reference_model, token=args.token)) if args.reference_model else None
     recorded_reference = (published.get("fingerprints") or {}).get("reference")
     if reference is not None and recorded_reference and model_fingerprint(reference) != recorded_reference:
