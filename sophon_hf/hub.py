@@ -169,7 +169,8 @@ def load_pretrained_model(folder: str | Path) -> nn.Module:
 
 
 def check_report_matches(folder: str | Path, model: nn.Module | None = None) -> str | None:
-    """Refuse a folder whose `report.json` was measured on other weights than the ones in the folder.
+    """Refuse a folder whose `report.json` was measured on other weights than the ones in the folder, or disagrees
+    with its own curves.
 
     Args:
         folder (`str` or `Path`):
@@ -181,7 +182,8 @@ def check_report_matches(folder: str | Path, model: nn.Module | None = None) -> 
         `str` or `None`: the fingerprint of the weights, or `None` when the folder has no `report.json`.
 
     Raises:
-        `ValueError`: the report has no fingerprint, or it names other weights.
+        `ValueError`: the report has no fingerprint, it names other weights, or its derived numbers are not what its
+        curves give (`report.report_inconsistencies`).
 
     Example:
     ```python

@@ -913,6 +913,15 @@ def write_model_card(output_dir: str | Path, **kwargs: Any) -> Path:
     return path
 
 
+def free_copy_path(card: Path) -> Path:
+    """Where a hand-edited card is saved aside before it is rewritten: `README.md.edited`, else the first free
+    `README.md.edited.N`, so that every earlier copy is kept."""
+    path, index = card.with_name(card.name + ".edited"), 1
+    while path.exists():
+        path, index = card.with_name(f"{card.name}.edited.{index}"), index + 1
+    return path
+
+
 def card_digest(path: str | Path) -> str:
     """sha256 of a card file's bytes (`write_model_card` records it for the card it wrote)."""
     import hashlib

@@ -211,9 +211,10 @@ class ResistanceReport:
             were = "was" if len(ahead_during) == 1 else "were"
             if head_starts:
                 # "No better for the attacker", not "level or below": for an error metric the losing attacks end above.
+                end = "ends" if len(ahead_during) == 1 else "end"
                 verdict += (
-                    f"; {len(ahead_during)} more end no better than scratch for the attacker but {were} ahead of it "
-                    "during training"
+                    f"; {len(ahead_during)} more {end} no better than scratch for the attacker but {were} ahead of "
+                    "it during training"
                 )
             else:
                 verdict += f", but {len(ahead_during)} {were} ahead of it during training"
@@ -388,7 +389,7 @@ class ResistanceReport:
             "baseline's (scratch, else unprotected, else protected) start value to its final value.",
             "- Diverged runs (non-finite loss or metric) are compared by their best value before divergence.",
             "- Head start over scratch: how much better the protected start ended than scratch for the attacker "
-            "(> 0: the protection gave a head start).",
+            "(> 0: the protected model gives the attacker a head start).",
             "",
         ]
         tuned = any("scratch_learning_rate" in record for record in self.attacks)
@@ -499,32 +500,72 @@ class ResistanceReport:
 
 def recomputed_report(data: dict[str, Any]) -> dict[str, Any] | None:
     """`data` (a `report.json`) with every derived field computed again from its curves, or `None` when it has no
-    curves to compute from (a hand-made report of final numbers only).
+    curves to compute from (a hand-made report of final numbers only) or they cannot be read.
 
     The curves are the measurement; finals, head starts, verdicts and the summary follow from them. Whatever reads
     a published report to make a claim (the model card) uses this, so an edited summary cannot change the claim.
     """
     attacks = data.get("attacks")
-    if not attacks or not all(isinstance(a, dict) and a.get("curves") for a in attacks):
+    if not attacks or not all(isinstance(a, dict) and isinstance(a.get("curves"), dict) for a in attacks):
         return None
     try:
         recomputed = ResistanceReport.from_dict(data).to_dict()
-    except (KeyError, TypeError, ValueError, IndexError):  # malformed records: report_inconsistencies names them
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):  # malformed records
         return None
     # Keys the harness does not derive (e.g. written by a later version) are kept as they are.
     recomputed["attacks"] = [{**raw, **record} for raw, record in zip(attacks, recomputed["attacks"])]
     return {**data, **recomputed}
 
 
+# What a report derives from its curves and `report_inconsistencies` compares (verdicts are wording, which changes
+# between versions: the card writes its own from these numbers).
+DERIVED_ATTACK_KEYS = (
+    "final",
+    "effective_final",
+    "auc",
+    "threshold",
+    "steps_to_threshold",
+    "protected_minus_scratch",
+    "head_start",
+    "largest_head_start",
+)
+DERIVED_SUMMARY_KEYS = (
+    "worst_attack",
+    "worst_protected_minus_scratch",
+    "worst_protected_final",
+    "num_attacks",
+    "attacks_with_head_start",
+    "attacks_ahead_during_training",
+    "diverged_attacks",
+)
+
+
+def _differences(path: str, published: Any, expected: Any) -> list[str]:
+    """`path: published, expected` for every place the two differ (numbers within float precision are equal)."""
+    if isinstance(published, dict) and isinstance(expected, dict):
+        return [
+            line
+            for key in dict.fromkeys([*published, *expected])
+            for line in _differences(f"{path}.{key}", published.get(key), expected.get(key))
+        ]
+    numbers = (int, float)
+    if isinstance(published, numbers) and isinstance(expected, numbers) and not isinstance(published, bool):
+        same = math.isclose(published, expected, rel_tol=1e-9, abs_tol=1e-12)
+    else:
+        same = published == expected
+    return [] if same else [f"{path} is {published!r}, its curves give {expected!r}"]
+
+
 def report_inconsistencies(data: dict[str, Any]) -> list[str]:
     """Where a `report.json`'s derived numbers are not what its own curves give (edited by hand, or written by a
     version that computed them differently).
 
-    Checks, per attack, `final`, `effective_final` and `head_start`, and in the summary `worst_attack`,
-    `attacks_with_head_start` and `attacks_ahead_during_training` (each only where the report has it).
+    Compares, per attack, the keys of `DERIVED_ATTACK_KEYS`, and in the summary those of `DERIVED_SUMMARY_KEYS` (each
+    where the report has it; lists of attack names as sets). A report in which some records have curves and others
+    do not is inconsistent too.
 
     Returns:
-        `list[str]`: one readable line per disagreement; empty when they agree or when there are no curves.
+        `list[str]`: one readable line per disagreement; empty when they agree or when no record has curves.
 
     Example:
     ```python
@@ -534,38 +575,28 @@ def report_inconsistencies(data: dict[str, Any]) -> list[str]:
     ["summary.worst_attack is 'lora-adam-lr0.001', its curves give 'full-adam-lr0.001'"]
     ```
     """
-    attacks = data.get("attacks") or []
-    if not attacks or not all(isinstance(a, dict) and "curves" in a for a in attacks):
+    attacks = [a for a in data.get("attacks") or [] if isinstance(a, dict)]
+    with_curves = [a for a in attacks if "curves" in a]
+    if not with_curves:
         return []
+    if len(with_curves) != len(data["attacks"]):
+        return ["some attack records have curves and others do not: the numbers of those cannot be checked"]
     recomputed = recomputed_report(data)
     if recomputed is None:
         return ["its attack records cannot be read back (a curve or a field is malformed)"]
-
-    def differs(published: Any, expected: Any) -> bool:
-        if isinstance(published, int | float) and isinstance(expected, int | float):
-            return not math.isclose(published, expected, rel_tol=1e-9, abs_tol=1e-12)
-        return published != expected
-
     problems = []
     for published, expected in zip(attacks, recomputed["attacks"]):
-        for key in ("final", "effective_final"):
-            for start, value in (published.get(key) or {}).items():
-                if differs(value, expected[key].get(start)):
-                    problems.append(
-                        f"{published['name']}: {key}.{start} is {value}, its curves give {expected[key].get(start)}"
-                    )
-        if "head_start" in published and differs(published["head_start"], expected["head_start"]):
-            problems.append(
-                f"{published['name']}: head_start is {published['head_start']}, its curves give {expected['head_start']}"
-            )
+        for key in DERIVED_ATTACK_KEYS:
+            if key in published:
+                problems += [
+                    f"{published['name']}: {line}" for line in _differences(key, published[key], expected[key])
+                ]
     summary, expected_summary = data.get("summary") or {}, recomputed["summary"]
-    if "worst_attack" in summary and summary["worst_attack"] != expected_summary["worst_attack"]:
-        problems.append(
-            f"summary.worst_attack is {summary['worst_attack']!r}, its curves give {expected_summary['worst_attack']!r}"
-        )
-    for key in ("attacks_with_head_start", "attacks_ahead_during_training"):
-        if key in summary and set(summary[key]) != set(expected_summary[key]):
-            problems.append(
-                f"summary.{key} is {sorted(summary[key])}, its curves give {sorted(expected_summary[key])}"
-            )
+    for key in DERIVED_SUMMARY_KEYS:
+        if key not in summary:
+            continue
+        published, expected = summary[key], expected_summary[key]
+        if isinstance(published, list) and isinstance(expected, list):  # attack names: their order carries nothing
+            published, expected = sorted(published, key=str), sorted(expected, key=str)
+        problems += _differences(f"summary.{key}", published, expected)
     return problems

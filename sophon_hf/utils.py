@@ -126,8 +126,9 @@ def _recipe_value(path: str, key: str, value, action, annotation: str):
                     pass
             else:
                 number = isinstance(item, int | float) and not isinstance(item, bool)
-                if {int: number and isinstance(item, int), float: number}.get(convert, isinstance(item, bool)):
-                    converted.append(convert(item) if convert is float else item)
+                flag = isinstance(item, bool) or (isinstance(item, int) and item in (0, 1))  # `--bf16 0` parses too
+                if {int: number and isinstance(item, int), float: number}.get(convert, flag):
+                    converted.append({int: item, float: float(item)}.get(convert, bool(item)))
                     continue
             problem = expected + (" in every item" if many else "")
             break

@@ -21,7 +21,7 @@ from transformers import ViTForImageClassification
 
 from sophon_hf.cli import main as cli_main
 from sophon_hf.hub import HubPublishError, load_pretrained_model, push_folder, select_files
-from sophon_hf.model_card import card_report_mismatches, final_metrics, write_model_card
+from sophon_hf.model_card import card_report_mismatches, final_metrics, generate_model_card, write_model_card
 from sophon_hf.utils import model_fingerprint
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
@@ -679,16 +679,25 @@ def test_cli_push_keeps_a_card_the_publisher_edited(tmp_path, hub, capsys):
     assert "Second notes" not in card.read_text() and "apache-2.0" in card.read_text()
 
 
-def test_cli_push_replaces_a_readme_sophon_hf_did_not_write(tmp_path, hub, capsys):
+def test_cli_push_replaces_a_readme_that_is_no_sophon_card(tmp_path, hub, capsys):
     folder = protected_folder(tmp_path / "out")
     (folder / "sophon_card.json").unlink()
     (folder / "README.md").write_text("---\nlicense: mit\n---\n# my model\n")
     assert cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"]) == 0
     out = capsys.readouterr().out
-    assert "not written by sophon_hf" in out and "edited after" not in out
+    assert "Model card not a SOPHON card: writing" in out and "edited after" not in out
     assert (folder / "README.md.edited").read_text() == "---\nlicense: mit\n---\n# my model\n"
     published = ModelCard.load(hub.branch_dir("me/vit-sophon") / "README.md")
     assert "sophon" in published.data.tags and published.data.eval_results  # the SOPHON card with its numbers
+    # A SOPHON card without a sidecar (`generate_model_card(...).save()`, older versions) is the publisher's: kept.
+    (folder / "sophon_card.json").unlink()
+    card = generate_model_card(
+        restricted_domain="street signs", report=json.loads((folder / "report.json").read_text())
+    )
+    card.save(folder / "README.md")
+    assert cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"]) == 0
+    assert "street signs" in (hub.branch_dir("me/vit-sophon") / "README.md").read_text()
+    assert "edited after sophon_hf wrote it" in capsys.readouterr().out
 
 
 def test_a_report_whose_derived_numbers_disagree_with_its_curves_is_not_published(tmp_path, hub):

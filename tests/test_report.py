@@ -93,7 +93,9 @@ def test_ahead_during_training_is_reported_and_float_noise_is_not_a_head_start()
     # With an attack that ends ahead, the others that led during training are "more".
     attacks.append(_record("late", [[0, 0.2], [20, 0.9]], [[0, 0.2], [20, 0.9]], [[0, 0.2], [20, 0.5]]))
     verdict = ResistanceReport("image-classification", "accuracy", True, attacks).summary["verdict"]
-    assert verdict.endswith("; 1 more end no better than scratch for the attacker but was ahead of it during training")
+    assert verdict.endswith(
+        "; 1 more ends no better than scratch for the attacker but was ahead of it during training"
+    )
 
 
 def test_ahead_during_training_for_an_error_metric_reads_in_the_attackers_direction():
@@ -232,8 +234,20 @@ def test_report_inconsistencies_name_every_derived_number_its_curves_do_not_give
         "summary.worst_attack is 'a', its curves give 'b'",
         "summary.attacks_with_head_start is [], its curves give ['b']",
     ]
-    # A hand-made report of final numbers only has no curves to check against.
+    data["attacks"][1]["largest_head_start"]["value"] = 0.0
+    assert "b: largest_head_start.value is 0.0, its curves give 0.05" in report_inconsistencies(data)
+    # A hand-made report of final numbers only has no curves to check against; one that drops the curves of some
+    # records (to hide their edits) or holds malformed ones is itself the problem.
     assert report_inconsistencies({"attacks": [{"name": "a", "final": {"protected": 0.3}}]}) == []
+    del data["attacks"][0]["curves"]
+    assert report_inconsistencies(data) == [
+        "some attack records have curves and others do not: the numbers of those cannot be checked"
+    ]
+    malformed = _report().to_dict()
+    malformed["attacks"][0]["spec"] = "full-adam"
+    assert report_inconsistencies(malformed) == [
+        "its attack records cannot be read back (a curve or a field is malformed)"
+    ]
 
 
 def test_real_report_follows_the_design_schema(tmp_path):

@@ -297,9 +297,9 @@ def test_protect_cli_reports_recipe_mistakes_as_messages(tmp_path):
     with pytest.raises(SystemExit, match=r"max_eval_samples must be at least 1 \(or unset for all\), got 0"):
         main(["protect", "--config", str(bad)])
     # The command line's conversions apply too: a quoted number, a quoted boolean, one item for a list.
-    bad.write_text("inner_steps: '7'\nbf16: 'false'\nsimulation_strategies: lora\noriginal_classes: 3\n")
-    script_args, training_args, _ = script.parse_args(["--config", str(bad), "--use_cpu", "true"])
-    assert (training_args.inner_steps, training_args.bf16) == (7, False)
+    bad.write_text("inner_steps: '7'\nbf16: 'false'\nsimulation_strategies: lora\noriginal_classes: 3\nuse_cpu: 1\n")
+    script_args, training_args, _ = script.parse_args(["--config", str(bad)])
+    assert (training_args.inner_steps, training_args.bf16, training_args.use_cpu) == (7, False, True)
     assert training_args.simulation_strategies == ["lora"] and script_args.original_classes == [3]
 
 
@@ -584,8 +584,19 @@ def test_a_pretrained_head_of_another_size_is_never_released_untrained(stand_ins
     command = ["--config", PAPER_RECIPES[0], *FAST, "--output_dir", str(tmp_path / "protected"),
                "--original_dataset", str(stand_ins / "imagenette"), "--restricted_dataset", str(stand_ins / "cifar10"),
                "--model_name_or_path", str(stand_ins / "resnet"), "--pretrain_steps", "0"]  # fmt: skip
-    with pytest.raises(ValueError, match=r"has a 7-way head, but the data needs 10 labels .* Set pretrain_steps"):
+    with pytest.raises(ValueError, match=r"has a head of another size for the 10 labels .* Set pretrain_steps"):
         script.main(*script.parse_args(command))
+    # A checkpoint without any head (a bare encoder, as many Hub BERTs are) is the same case.
+    from transformers import BertConfig, BertModel
+
+    BertModel(
+        BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    ).save_pretrained(tmp_path / "encoder")
+    bare = script.ModelArguments(model_name_or_path=str(tmp_path / "encoder"))
+    with pytest.raises(ValueError, match=r"encoder has no classification head for the 2 labels"):
+        script.load_model(bare, "text", 2, None)
+    bare.pretrain_steps = 1
+    assert script.load_model(bare, "text", 2, None).config.num_labels == 2
     command[command.index("--model_name_or_path") + 1] = str(stand_ins / "resnet" / "config.json")
     with pytest.raises(ValueError, match=r"config.json is a file: pass the model's folder \(.*resnet\)"):
         script.main(*script.parse_args(command))

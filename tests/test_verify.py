@@ -136,8 +136,18 @@ def test_verify_fails_on_a_published_attack_it_cannot_match(published, capsys):
     assert cli_main(["verify", "--model", str(folder), "--restricted-test", str(data_dir)]) == 1
     out = capsys.readouterr().out
     assert f"report.json names an attack 'renamed' whose spec describes {ATTACKS[0].name!r}" in out
-    assert "DOES NOT HOLD renamed:  (not re-run" in out
-    assert "The published claim holds" not in out
+    assert f"HOLDS         {ATTACKS[1].name}:" in out and "renamed:" not in out  # only the matched one re-runs
+    assert "The published claim does NOT hold (1 problem(s))" in out
+    # Nothing left to re-run: the verdict still fails, without training anything.
+    report["attacks"] = report["attacks"][:1]
+    (folder / "report.json").write_text(json.dumps(ResistanceReport.from_dict(report).to_dict()))
+    write_model_card(folder)
+    assert cli_main(["verify", "--model", str(folder), "--restricted-test", str(data_dir)]) == 1
+    out = capsys.readouterr().out
+    assert "Re-running" not in out and "The published claim does NOT hold (1 problem(s))" in out
+    # And a re-run that lacks a published attack never passes it by.
+    (row,) = compare_reports({"attacks": [_attack("a", 0.3, 0.8)]}, {"attacks": []}, tolerance=0.05)
+    assert not row["holds"] and row["reason"].startswith("not re-run")
 
 
 def test_verify_fails_on_a_summary_its_curves_do_not_give(published, capsys):

@@ -65,6 +65,7 @@ from transformers import set_seed
 from sophon_hf import SophonConfig, SophonTrainer
 from sophon_hf.data import IMAGE_COLUMNS, TEXT_COLUMNS, first_present, load_train_eval
 from sophon_hf.data import to_model_inputs as data_inputs
+from sophon_hf.tasks import find_classification_head
 from sophon_hf.utils import (
     check_output_folders,
     parse_recipe_args,
@@ -301,7 +302,8 @@ def to_model_inputs(dataset: Dataset, processor, script_args: ScriptArguments, n
 
 # ---------------------------------------------------------------------------------------------------- model
 def load_model(model_args: ModelArguments, kind: str, num_labels: int, label_names: list[str] | None):
-    """A classifier with a `num_labels`-way head: pre-trained (the head replaced if its size differs) or new."""
+    """A classifier with a `num_labels`-way head: pre-trained (a head of another size, or none, is replaced by a new
+    one, which `pretrain_steps` must then train) or new."""
     from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
     auto_class = AutoModelForImageClassification if kind == "image" else AutoModelForSequenceClassification
@@ -320,34 +322,36 @@ def load_model(model_args: ModelArguments, kind: str, num_labels: int, label_nam
         # ignore_mismatched_sizes: a pre-trained head of another size (e.g. ImageNet's 1000 classes) is replaced.
         # use_safetensors: weights published only as pickles fail here instead of being unpickled.
         try:
-            head_size = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision)
-            head_size = head_size.num_labels
-            if head_size != num_labels and not model_args.pretrain_steps:
-                # A new head that nothing trains would be protected and released as the original-domain classifier.
-                raise ValueError(
-                    f"{model_args.model_name_or_path} has a {head_size}-way head, but the data needs {num_labels} "
-                    "labels (the larger of the two domains' label counts): its head would be replaced by an untrained "
-                    f"one. Set pretrain_steps to train a new {num_labels}-way head on the original domain first, or "
-                    "select original_classes / restricted_classes so that both domains fit the model's head."
-                )
-            if head_size != num_labels:
-                logger.warning(
-                    "%s's %d-way head is replaced by a new %d-way head, trained on the original domain for %d steps "
-                    "(pretrain_steps).",
-                    model_args.model_name_or_path,
-                    head_size,
-                    num_labels,
-                    model_args.pretrain_steps,
-                )
-            return auto_class.from_pretrained(
+            model, loading = auto_class.from_pretrained(
                 model_args.model_name_or_path,
                 revision=model_args.model_revision,
                 ignore_mismatched_sizes=True,
                 use_safetensors=True,
+                output_loading_info=True,
                 **kwargs,
             )
         except OSError as error:
             raise OSError(f"{error}{pickle_weights_hint(model_args.model_name_or_path)}") from error
+        head = find_classification_head(model) + "."
+        resized = [key[0] for key in loading["mismatched_keys"] if key[0].startswith(head)]
+        if resized or any(key.startswith(head) for key in loading["missing_keys"]):
+            why = "a head of another size" if resized else "no classification head"
+            if not model_args.pretrain_steps:
+                # An untrained head would be protected and released as the original-domain classifier.
+                raise ValueError(
+                    f"{model_args.model_name_or_path} has {why} for the {num_labels} labels of the data (the larger of "
+                    f"the two domains' label counts), so its {num_labels}-way head would start untrained. Set "
+                    "pretrain_steps to train it on the original domain first, or select original_classes / "
+                    "restricted_classes so that both domains fit the model's head."
+                )
+            logger.warning(
+                "%s has %s: a new %d-way head is trained on the original domain for %d steps (pretrain_steps).",
+                model_args.model_name_or_path,
+                why,
+                num_labels,
+                model_args.pretrain_steps,
+            )
+        return model
     if model_args.model_type is None:
         raise ValueError(
             "No model: set model_name_or_path (a Hub repo or a folder), or model_type (and config_overrides) to build "
@@ -366,13 +370,17 @@ def load_processor(model_args: ModelArguments, kind: str):
 
     given = model_args.image_processor_name_or_path if kind == "image" else model_args.tokenizer_name_or_path
     name = given or model_args.model_name_or_path
-    saved_with = "preprocessor_config.json" if kind == "image" else "tokenizer_config.json"
-    if name is None or (given is None and os.path.isdir(name) and not os.path.isfile(os.path.join(name, saved_with))):
-        # A model folder saved without one: data already in `pixel_values` / `input_ids` needs none, and data that
-        # does gets a clear error from `to_model_inputs`.
+    if name is None:
         return None
     auto_class = AutoImageProcessor if kind == "image" else AutoTokenizer
-    return auto_class.from_pretrained(name, revision=model_args.model_revision)
+    try:
+        return auto_class.from_pretrained(name, revision=model_args.model_revision)
+    except (OSError, ValueError):
+        if given is None and os.path.isdir(name):
+            # A model folder saved without one: data already in `pixel_values` / `input_ids` needs none, and data
+            # that does gets a clear error from `to_model_inputs`.
+            return None
+        raise
 
 
 def pretrain(model, dataset: Dataset, steps: int, learning_rate: float, batch_size: int, seed: int, device) -> None:

@@ -242,7 +242,7 @@ def _update_card(output: str, model_dir: str) -> None:
     if os.path.isfile(card) and stored.get(CARD_HASH_KEY) != card_digest(card):
         print(
             f"{card} was edited after sophon_hf wrote it, so it was left as it is and does not state this measurement "
-            "yet: `sophon-hf push` rewrites it (keeping your version aside as README.md.edited)."
+            "yet: `sophon-hf push` rewrites it (keeping your version aside, as README.md.edited or .edited.N)."
         )
         return
     write_model_card(output)

@@ -2,7 +2,7 @@
 
     sophon-hf push --model out --repo-id my-name/vit-sophon-protected [--private] [--revision REV] [--token T]
 
-The card (`README.md`) is written when the folder has none or one sophon_hf did not write, and rewritten when it no
+The card (`README.md`) is written when the folder has none or a README that is no SOPHON card, and rewritten when it no
 longer matches the folder's `report.json` (e.g. the attacks ran after training saved the card) or names another repo
 or branch; the publisher's own fields (domains, hyper-parameters) are kept from `sophon_card.json`. A card edited by
 hand is kept when only the repo changes, and saved aside (`README.md.edited`, `.1`, ...) when it must be rewritten.
@@ -46,7 +46,14 @@ def run(args: argparse.Namespace) -> int:
     from huggingface_hub import ModelCard
 
     from ..hub import HubPublishError, check_publishable, check_repo_id, push_folder, require_token, resolve_repo_id
-    from ..model_card import CARD_HASH_KEY, CARD_METADATA_FILE, card_digest, card_report_mismatches, write_model_card
+    from ..model_card import (
+        CARD_HASH_KEY,
+        CARD_METADATA_FILE,
+        card_digest,
+        card_report_mismatches,
+        free_copy_path,
+        write_model_card,
+    )
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # what is skipped or deleted; success is printed
     folder = Path(args.model)
@@ -68,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     except HubPublishError as error:
         raise SystemExit(f"error: {error}") from None
     repo_id = resolve_repo_id(args.repo_id, args.token)  # "name" -> "user/name", what the card must say
+    if args.revision == "main":  # the default branch: the card's usage lines need no revision
+        args.revision = None
     card_path, sidecar = folder / "README.md", folder / CARD_METADATA_FILE
     report_path = folder / "report.json"
     overrides = {
@@ -83,11 +92,12 @@ def run(args: argparse.Namespace) -> int:
         ModelCard.load(card_path),
         json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None,
     )
-    # A README that sophon_hf did not write (no recorded digest) carries no SOPHON claim and no measurement: replaced,
-    # the old one saved aside. One the publisher edited after sophon_hf wrote it is theirs: kept when only the repo
-    # or branch changes, saved aside when its numbers or details must be rewritten.
-    foreign = has_card and CARD_HASH_KEY not in stored
-    edited = has_card and not foreign and stored[CARD_HASH_KEY] != card_digest(card_path)
+    # A README that is no SOPHON card (no sidecar, no `sophon` tag) carries no claim and no measurement: replaced, the
+    # old one saved aside. A SOPHON card the publisher edited after sophon_hf wrote it (or one without a recorded
+    # digest: older versions, `generate_model_card(...).save()`) is theirs: kept when only the repo or branch
+    # changes, saved aside when its numbers or details must be rewritten.
+    foreign = has_card and not stored and "sophon" not in (ModelCard.load(card_path).data.tags or [])
+    edited = has_card and not foreign and stored.get(CARD_HASH_KEY) != card_digest(card_path)
     # A card written before the push names a local folder (or another repo or branch); the published one names its own.
     target = repo_id + (f" (branch {args.revision})" if args.revision else "")
     written_for = (stored.get("repo_id") or "a local folder") + (
@@ -98,17 +108,14 @@ def run(args: argparse.Namespace) -> int:
     rewrite = rewrite or any(value is not None for value in overrides.values())
     if elsewhere and edited and not rewrite:
         print(f"Keeping {card_path}: it was edited after sophon_hf wrote it (its usage lines may name {written_for}).")
-    # Every hand-written version is kept: a second rewrite does not overwrite the first one saved aside.
-    saved_copy, k = folder / "README.md.edited", 1
-    while saved_copy.exists():
-        saved_copy, k = folder / f"README.md.edited.{k}", k + 1
+    saved_copy = free_copy_path(card_path)
     before = {path: path.read_bytes() if path.is_file() else None for path in (card_path, sidecar, saved_copy)}
     try:
         if rewrite:
             reason = (
                 "missing"
                 if not has_card
-                else "not written by sophon_hf"
+                else "not a SOPHON card"
                 if foreign
                 else "out of date"
                 if stale

@@ -215,15 +215,23 @@ def run(args: argparse.Namespace) -> int:
         )
     if not attacks:
         raise SystemExit(f"{args.model}'s report.json lists no attacks: there is nothing to re-run.")
+    try:
+        specs = {attack["name"]: AttackSpec.from_dict(attack["spec"]) for attack in attacks}
+    except (TypeError, ValueError) as error:
+        raise SystemExit(
+            f"sophon-hf verify: report.json holds an attack this version cannot re-run: {error}"
+        ) from None
     # The re-run names each attack from its spec: a published name its spec does not give was edited (or written by
-    # another version), and its numbers could not be matched with the re-run's.
-    for attack in attacks:
-        expected = AttackSpec.from_dict(attack["spec"]).name
-        if expected != attack["name"]:
-            failures.append(
-                f"report.json names an attack {attack['name']!r} whose spec describes {expected!r}: the report was "
-                "edited or written by another version, so its numbers cannot be matched with a re-run"
-            )
+    # another version), and its numbers cannot be matched with the re-run's. Not re-run; a failure.
+    renamed = [attack["name"] for attack in attacks if specs[attack["name"]].name != attack["name"]]
+    failures += [
+        f"report.json names an attack {name!r} whose spec describes {specs[name].name!r}: the report was edited or "
+        "written by another version, so its numbers cannot be matched with a re-run"
+        for name in renamed
+    ]
+    attacks = [attack for attack in attacks if attack["name"] not in renamed]
+    if not attacks:
+        return _conclude(failures, [], published, args.tolerance)
     check_device(args.device)
     hub = {"config": args.dataset_config, "revision": args.dataset_revision}
     test = load_restricted(
@@ -274,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
             model,
             train,
             test,
-            attacks=[AttackSpec.from_dict(a["spec"]) for a in attacks],
+            attacks=[specs[a["name"]] for a in attacks],
             reference_model=reference,
             include_scratch=include_scratch,
             scratch_recipe=recipe or None,
@@ -305,24 +313,39 @@ def run(args: argparse.Namespace) -> int:
     ]
 
     # 3. Say, per attack, whether the claim holds.
-    metric = published.get("metric", "metric")
-    print(f"\n{metric}: published -> re-run (tolerance {args.tolerance:g})")
+    note = None
+    if reference is None and any("unprotected" in a.get("curves", {}) for a in attacks):
+        note = "(unprotected numbers not re-checked: pass --reference-model to re-run them too)"
+    return _conclude(failures, rows, published, args.tolerance, note)
+
+
+def _conclude(
+    failures: list[str],
+    rows: list[dict[str, Any]],
+    published: dict[str, Any],
+    tolerance: float,
+    note: str | None = None,
+) -> int:
+    """Print, per compared attack, whether its claim holds, then the verdict over every failure; the exit status."""
+    if rows:
+        print(f"\n{published.get('metric', 'metric')}: published -> re-run (tolerance {tolerance:g})")
     for row in rows:
         numbers = ", ".join(
             f"{start} {before:.4g} -> {after:.4g}" for start, (before, after, _) in row["checks"].items()
         )
         status = "HOLDS" if row["holds"] else "DOES NOT HOLD"
-        print(f"  {status:13s} {row['name']}: {numbers}" + (f" ({row['reason']})" if row["reason"] else ""))
+        reason = f" ({row['reason']})" if row["reason"] else ""
+        print(f"  {status:13s} {row['name']}:" + (f" {numbers}" if numbers else "") + reason)
         if not row["holds"]:
             failures.append(f"{row['name']}: {row['reason']}")
-    if reference is None and any("unprotected" in a.get("curves", {}) for a in attacks):
-        print("  (unprotected numbers not re-checked: pass --reference-model to re-run them too)")
+    if note:
+        print(f"  {note}")
     if failures:
         print(f"\nThe published claim does NOT hold ({len(failures)} problem(s)):")
         for failure in failures:
             print(f"  - {failure}")
         return 1
-    print(f"\nThe published claim holds: {len(rows)} attack(s) reproduced within {args.tolerance:g}.")
+    print(f"\nThe published claim holds: {len(rows)} attack(s) reproduced within {tolerance:g}.")
     for warning in published.get("warnings", []):
         print(f"  with the report's own warning: {warning}")
     return 0
