@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from .report import ResistanceReport, effective_final
-from .simulation import check_lora_targets, default_lora_targets
+from .simulation import check_lora_targets, default_lora_targets, peft_model
 from .tasks import check_finite, check_label_column, get_task
 from .utils import model_fingerprint, read_json_object
 
@@ -489,7 +489,7 @@ def _prepare_model(start: nn.Module, task, spec: AttackSpec, num_labels: int | N
         for param in model.get_submodule(head_name).parameters():
             param.requires_grad_(True)
     elif spec.strategy == "lora":
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig
 
         targets = _lora_targets(model, spec, head_name)
         config = LoraConfig(
@@ -498,7 +498,7 @@ def _prepare_model(start: nn.Module, task, spec: AttackSpec, num_labels: int | N
             lora_dropout=spec.lora_dropout,
             target_modules=targets,
         )
-        model = get_peft_model(model, config)
+        model = peft_model(model, config)
         if head_name:
             # The attacker also trains the head (kept, not re-initialised), unfrozen by its exact name on this copy:
             # PEFT's `modules_to_save` matches names by suffix and would also train e.g. DistilBERT's `pre_classifier`.

@@ -274,14 +274,14 @@ def require_token(token: str | None, untouched: str) -> str:
     `HF_HUB_OFFLINE` is set (every path that publishes calls this before it changes anything)."""
     from huggingface_hub import constants
 
-    token = token or get_token()
-    if not token:
-        raise HubPublishError(f"No Hugging Face token found: {LOGIN_FIX}. {untouched}")
-    if constants.HF_HUB_OFFLINE:
+    if constants.HF_HUB_OFFLINE:  # first: a token would not help, and the user should not fix that first
         raise HubPublishError(
             f"HF_HUB_OFFLINE is set, so nothing can be uploaded: unset it (`unset HF_HUB_OFFLINE`) and push again. "
             f"{untouched}"
         )
+    token = token or get_token()
+    if not token:
+        raise HubPublishError(f"No Hugging Face token found: {LOGIN_FIX}. {untouched}")
     return token
 
 

@@ -143,6 +143,18 @@ def check_lora_targets(model: nn.Module, targets: Sequence[str]) -> None:
         )
 
 
+def peft_model(model: nn.Module, config) -> nn.Module:
+    """`peft.get_peft_model`, without the FutureWarning that PEFT's own check of `is_gradient_checkpointing` raises
+    under transformers 5 on every call (it says nothing about the caller's code)."""
+    import warnings
+
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        return get_peft_model(model, config)
+
+
 def build_lora_copy(
     model: nn.Module, head_name: str | None, r: int, alpha: int, target_modules: Sequence[str] | None = None
 ) -> tuple[nn.Module, dict[str, str], list[str]]:
@@ -153,13 +165,13 @@ def build_lora_copy(
     and holds no memory: the model's live tensors and fresh adapters (`fresh_lora_weights`) are handed to it
     functionally at every call.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     targets = list(target_modules) if target_modules else default_lora_targets(model, head_name)
     check_lora_targets(model, targets)
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, bias="none")
     try:
-        lora_model = get_peft_model(_meta_copy(model), config)
+        lora_model = peft_model(_meta_copy(model), config)
     except ValueError as err:
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Conv2d)][:8]
         # The names match (checked above), but PEFT cannot adapt what they name (e.g. a normalisation layer).

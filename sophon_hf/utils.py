@@ -203,7 +203,25 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
     return path
 
 
-def print_saved(trainer, unprotected_dir: str | None, test_flags: str) -> None:
+# What a recipe script prints for the attack's data when it cannot save it (a user's own Hub or local datasets).
+TEST_DATA_PLACEHOLDERS = "--restricted-train ATTACKER_TRAIN --restricted-test RESTRICTED_TEST"
+
+
+def save_attack_data(trainer, restricted_train, restricted_test) -> str:
+    """Save a recipe's built-in restricted data (the defender's training split for the attacker, the held-out split to
+    score on) into `output_dir/attack_data/` for `sophon-hf attack`; returns the command-line flags naming them.
+
+    Sub-folders of a model folder are never pushed (`hub.select_files`).
+    """
+    folder = os.path.join(trainer.args.output_dir, "attack_data")
+    paths = {name: os.path.join(folder, name) for name in ("restricted_train", "restricted_test")}
+    if trainer.is_world_process_zero():
+        restricted_train.save_to_disk(paths["restricted_train"])
+        restricted_test.save_to_disk(paths["restricted_test"])
+    return f"--restricted-train {paths['restricted_train']} --restricted-test {paths['restricted_test']}"
+
+
+def print_saved(trainer, unprotected_dir: str | None, test_flags: str = TEST_DATA_PLACEHOLDERS) -> None:
     """End of a recipe script: where the models went and the command that measures the protection."""
     if not trainer.is_world_process_zero():
         return

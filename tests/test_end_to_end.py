@@ -16,7 +16,7 @@ def test_protection_on_real_digits(tmp_path):
     data = mnist_domains(num_restricted_train=None, num_original_train=1000, num_test=300, seed=0)
     attacker = data["restricted_train"].select(range(50))
     defender = data["restricted_train"].select(range(50, 1000))
-    unprotected = pretrain(demo_model(0), data["original_train"], 300, 32, 0, str(tmp_path / "pretraining"))
+    unprotected = pretrain(demo_model(0), data["original_train"], 300, 32, 0)
     protected = copy.deepcopy(unprotected)
     args = SophonConfig(
         output_dir=str(tmp_path / "protected"),

@@ -765,6 +765,9 @@ def test_offline_mode_is_refused_before_the_card_is_touched(tmp_path, hub, monke
     (folder / "README.md").unlink()  # `sophon-hf push` would write a missing card before uploading
     before = snapshot(folder)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    # Said first, also without a token: logging in would not make the push possible.
+    monkeypatch.delenv("HF_TOKEN")
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))
     with pytest.raises(SystemExit, match=r"HF_HUB_OFFLINE is set, so nothing can be uploaded.*Nothing in .* changed"):
         cli_main(["push", "--model", str(folder), "--repo-id", "me/vit-sophon"])
     assert snapshot(folder) == before and hub.calls == []

@@ -303,6 +303,19 @@ def test_protect_cli_reports_recipe_mistakes_as_messages(tmp_path):
     assert training_args.simulation_strategies == ["lora"] and script_args.original_classes == [3]
 
 
+@pytest.mark.parametrize("module", ["protect_classifier", "protect_diffusion"])
+def test_recipe_scripts_run_directly_report_user_errors_in_one_line(module):
+    # As `accelerate launch -m sophon_hf.trainers.<script>` runs them: one line per process, not a traceback.
+    result = subprocess.run(
+        [sys.executable, "-m", f"sophon_hf.trainers.{module}", "--config", "no_such_recipe"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("sophon-hf protect: FileNotFoundError: No config file 'no_such_recipe'")
+
+
 # ---------------------------------------------------------------------------------------------------- column mapping
 def test_column_mapping_on_stand_ins(stand_ins):
     from transformers import AutoImageProcessor
@@ -531,7 +544,14 @@ def test_builtin_mnist_recipe_end_to_end(tmp_path, one_thread, first_order, caps
     # The script ends by saying where the models went and how to measure them.
     printed = capsys.readouterr().out
     assert f"Saved the protected model to {output_dir}/" in printed
-    assert f"sophon-hf attack --model {output_dir} --reference-model {tmp_path / 'unprotected'} " in printed
+    # The built-in data is on nobody else's disk: the restricted splits it protected with are saved for the attack.
+    data = output_dir / "attack_data"
+    assert (
+        f"sophon-hf attack --model {output_dir} --reference-model {tmp_path / 'unprotected'} --restricted-train "
+        f"{data / 'restricted_train'} --restricted-test {data / 'restricted_test'} --output {output_dir}"
+    ) in printed
+    train, test = load_from_disk(str(data / "restricted_train")), load_from_disk(str(data / "restricted_test"))
+    assert (train.num_rows, test.num_rows) == (64, 32) and set(train.column_names) == {"pixel_values", "labels"}
     model = AutoModelForImageClassification.from_pretrained(output_dir)
     assert (model.config.num_labels, model.config.num_channels, model.config.hidden_size) == (5, 1, 16)
     with torch.no_grad():

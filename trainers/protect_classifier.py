@@ -63,6 +63,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Value
 from transformers import set_seed
 
 from sophon_hf import SophonConfig, SophonTrainer
+from sophon_hf.commands import user_errors
 from sophon_hf.data import IMAGE_COLUMNS, TEXT_COLUMNS, first_present, load_train_eval
 from sophon_hf.data import to_model_inputs as data_inputs
 from sophon_hf.tasks import find_classification_head
@@ -73,13 +74,13 @@ from sophon_hf.utils import (
     print_saved,
     resolve_recipe_path,
     resolve_resume_checkpoint,
+    save_attack_data,
     save_unprotected_reference,
     stop_if_diverged,
 )
 
 logger = logging.getLogger(__name__)
 # The attacker's labelled restricted images and held-out restricted test images (`save_to_disk` folders or Hub names).
-TEST_DATA_FLAGS = "--restricted-train ATTACKER_TRAIN --restricted-test RESTRICTED_TEST"
 
 BUILTIN_MNIST = "builtin:mnist"
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
@@ -488,11 +489,17 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
     trainer.save_metrics("eval", metrics)
     trainer.save_model(training_args.output_dir)
     stop_if_diverged(trainer)
-    print_saved(trainer, model_args.unprotected_output_dir, TEST_DATA_FLAGS)
+    if script_args.restricted_dataset == BUILTIN_MNIST:  # data nobody else has on disk: saved for the attack
+        print_saved(
+            trainer, model_args.unprotected_output_dir, save_attack_data(trainer, restricted_train, restricted_eval)
+        )
+    else:
+        print_saved(trainer, model_args.unprotected_output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub()
     return metrics
 
 
 if __name__ == "__main__":
-    main(*parse_args())
+    with user_errors("protect"):  # one line per process naming the fix, as `sophon-hf protect` prints
+        main(*parse_args())

@@ -48,6 +48,7 @@ import torch
 from transformers import set_seed
 
 from sophon_hf import SophonConfig, SophonTrainer
+from sophon_hf.commands import user_errors
 from sophon_hf.data import load_train_eval
 from sophon_hf.diffusion import (
     DiffusionTask,
@@ -62,13 +63,13 @@ from sophon_hf.utils import (
     pickle_weights_hint,
     print_saved,
     resolve_resume_checkpoint,
+    save_attack_data,
     save_unprotected_reference,
     stop_if_diverged,
 )
 
 logger = logging.getLogger(__name__)
 # The attacker's restricted training images and held-out restricted test images (`save_to_disk` folders or Hub names).
-TEST_DATA_FLAGS = "--restricted-train ATTACKER_TRAIN --restricted-test RESTRICTED_TEST"
 
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
@@ -356,10 +357,16 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
             )
             save_sample_grid({"protected": images}, os.path.join(training_args.output_dir, "samples.png"))
             trainer.create_model_card()  # written by save_model before the samples existed: now it shows them
-    print_saved(trainer, model_args.unprotected_output_dir, TEST_DATA_FLAGS)
+    if script_args.restricted_dataset in OFFLINE_DATASETS:  # data nobody else has on disk: saved for the attack
+        print_saved(
+            trainer, model_args.unprotected_output_dir, save_attack_data(trainer, restricted_train, restricted_eval)
+        )
+    else:
+        print_saved(trainer, model_args.unprotected_output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub()
 
 
 if __name__ == "__main__":
-    main(*parse_args())
+    with user_errors("protect"):  # one line per process naming the fix, as `sophon-hf protect` prints
+        main(*parse_args())

@@ -11,7 +11,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="offline end-to-end demo on real MNIST digits (pre-train, protect, attack, report)",
         description="Pre-trains a small Transformers classifier on MNIST digits 0-4, protects it with SOPHON against "
         "digits 5-9, then attacks the protected model, the unprotected original and a from-scratch model with real "
-        "fine-tuning attacks. Everything is offline; about 6 minutes on 2 CPU cores (--quick: about 1).",
+        "fine-tuning attacks. Everything is offline; 6-8 minutes on 2 CPU cores (--quick: about 1).",
     )
     parser.add_argument("--output", default="demo_output", help="output folder (default: demo_output)")
     parser.add_argument(
