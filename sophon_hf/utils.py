@@ -207,18 +207,24 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
 TEST_DATA_PLACEHOLDERS = "--restricted-train ATTACKER_TRAIN --restricted-test RESTRICTED_TEST"
 
 
-def save_attack_data(trainer, restricted_train, restricted_test) -> str:
-    """Save a recipe's built-in restricted data (the defender's training split for the attacker, the held-out split to
-    score on) into `output_dir/attack_data/` for `sophon-hf attack`; returns the command-line flags naming them.
+def split_off_attacker(restricted_train, count: int) -> tuple:
+    """`(attacker, defender)`: the first `count` restricted training rows (at most a fifth of them), held out of
+    protection for the attack a recipe script prints, and the rest, which the defender protects with."""
+    count = max(1, min(count, len(restricted_train) // 5))
+    return restricted_train.select(range(count)), restricted_train.select(range(count, len(restricted_train)))
 
-    Sub-folders of a model folder are never pushed (`hub.select_files`).
+
+def save_attack_data(trainer, attacker_train, restricted_test) -> str:
+    """Save a recipe's built-in restricted data (the attacker's images, held out of protection by
+    `split_off_attacker`, and the held-out split to score on) into `output_dir/attack_data/` for `sophon-hf attack`;
+    returns the command-line flags naming them. Sub-folders of a model folder are never pushed (`hub.select_files`).
     """
     folder = os.path.join(trainer.args.output_dir, "attack_data")
-    paths = {name: os.path.join(folder, name) for name in ("restricted_train", "restricted_test")}
+    paths = {name: os.path.join(folder, name) for name in ("attacker_train", "restricted_test")}
     if trainer.is_world_process_zero():
-        restricted_train.save_to_disk(paths["restricted_train"])
+        attacker_train.save_to_disk(paths["attacker_train"])
         restricted_test.save_to_disk(paths["restricted_test"])
-    return f"--restricted-train {paths['restricted_train']} --restricted-test {paths['restricted_test']}"
+    return f"--restricted-train {paths['attacker_train']} --restricted-test {paths['restricted_test']}"
 
 
 def print_saved(trainer, unprotected_dir: str | None, test_flags: str = TEST_DATA_PLACEHOLDERS) -> None:

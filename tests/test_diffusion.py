@@ -883,9 +883,10 @@ def test_resuming_the_diffusion_recipe_skips_pre_training(recipe, tmp_path, monk
     resume = ["--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-1")]
     protect_diffusion.main(*protect_diffusion.parse_args([*command, *resume]))
     assert pretrained == [1]
-    # The built-in restricted images the recipe protected with are saved (again) for `sophon-hf attack`.
-    saved = Dataset.load_from_disk(str(tmp_path / "out" / "attack_data" / "restricted_train"))
-    assert saved.num_rows == 16 and saved.column_names == ["pixel_values"]
+    # The built-in restricted images held out of protection for the attacker (a fifth of 16) are saved for
+    # `sophon-hf attack`, again by the resumed run.
+    saved = Dataset.load_from_disk(str(tmp_path / "out" / "attack_data" / "attacker_train"))
+    assert saved.num_rows == 3 and saved.column_names == ["pixel_values"]
     # The resumed run was not pre-trained: it must not overwrite the reference the first run saved.
     assert model_fingerprint(UNet2DModel.from_pretrained(str(tmp_path / "unprotected"))) == reference
 

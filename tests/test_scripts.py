@@ -451,6 +451,17 @@ def test_a_model_folder_saved_without_a_processor_needs_none_for_ready_pixel_val
     folder = tmp_path / "bare"
     AutoModelForImageClassification.from_pretrained(stand_ins / "resnet").save_pretrained(folder)
     assert script.load_processor(script.ModelArguments(model_name_or_path=str(folder)), "image") is None
+    # A text model folder without a tokenizer: None, not an empty-vocabulary tokenizer built from its config.
+    from transformers import BertConfig, BertForSequenceClassification
+
+    BertForSequenceClassification(
+        BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)
+    ).save_pretrained(tmp_path / "bert")
+    assert script.load_processor(script.ModelArguments(model_name_or_path=str(tmp_path / "bert")), "text") is None
+    # A processor file that is there but broken raises its own error instead of being taken for none.
+    (folder / "preprocessor_config.json").write_text('{"do_resize": true,, }')
+    with pytest.raises(OSError, match="not a valid JSON file"):
+        script.load_processor(script.ModelArguments(model_name_or_path=str(folder)), "image")
     ready = Dataset.from_dict({"pixel_values": np.zeros((2, 3, 8, 8), dtype=np.float32), "labels": [0, 1]})
     assert script.to_model_inputs(ready, None, script.ScriptArguments(), num_channels=3).num_rows == 2
     # The stand-in's own folder has one, and it is loaded.
@@ -544,14 +555,15 @@ def test_builtin_mnist_recipe_end_to_end(tmp_path, one_thread, first_order, caps
     # The script ends by saying where the models went and how to measure them.
     printed = capsys.readouterr().out
     assert f"Saved the protected model to {output_dir}/" in printed
-    # The built-in data is on nobody else's disk: the restricted splits it protected with are saved for the attack.
+    # The built-in data is on nobody else's disk: the attacker's images (a fifth of the 64, held out of protection)
+    # and the held-out test split are saved for the attack the script prints.
     data = output_dir / "attack_data"
     assert (
         f"sophon-hf attack --model {output_dir} --reference-model {tmp_path / 'unprotected'} --restricted-train "
-        f"{data / 'restricted_train'} --restricted-test {data / 'restricted_test'} --output {output_dir}"
+        f"{data / 'attacker_train'} --restricted-test {data / 'restricted_test'} --output {output_dir}"
     ) in printed
-    train, test = load_from_disk(str(data / "restricted_train")), load_from_disk(str(data / "restricted_test"))
-    assert (train.num_rows, test.num_rows) == (64, 32) and set(train.column_names) == {"pixel_values", "labels"}
+    train, test = load_from_disk(str(data / "attacker_train")), load_from_disk(str(data / "restricted_test"))
+    assert (train.num_rows, test.num_rows) == (12, 32) and set(train.column_names) == {"pixel_values", "labels"}
     model = AutoModelForImageClassification.from_pretrained(output_dir)
     assert (model.config.num_labels, model.config.num_channels, model.config.hidden_size) == (5, 1, 16)
     with torch.no_grad():

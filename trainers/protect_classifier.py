@@ -76,6 +76,7 @@ from sophon_hf.utils import (
     resolve_resume_checkpoint,
     save_attack_data,
     save_unprotected_reference,
+    split_off_attacker,
     stop_if_diverged,
 )
 
@@ -83,6 +84,14 @@ logger = logging.getLogger(__name__)
 # The attacker's labelled restricted images and held-out restricted test images (`save_to_disk` folders or Hub names).
 
 BUILTIN_MNIST = "builtin:mnist"
+# The files `save_pretrained` writes for an image processor or a tokenizer (fast or slow, WordPiece, BPE, SentencePiece).
+SAVED_WITH = {
+    "image": ("preprocessor_config.json", "processor_config.json"),
+    "text": ("tokenizer_config.json", "tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model"),
+}
+# Built-in data: this many restricted images (at most a fifth of them) are held out of protection for the attack the
+# script prints, as `sophon-hf demo` gives its attacker images the defender never saw.
+ATTACKER_IMAGES = 200
 RECIPES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 LABEL_COLUMNS = ("label", "labels")
 
@@ -373,15 +382,17 @@ def load_processor(model_args: ModelArguments, kind: str):
     name = given or model_args.model_name_or_path
     if name is None:
         return None
+    if (
+        given is None
+        and os.path.isdir(name)
+        and not any(os.path.isfile(os.path.join(name, f)) for f in SAVED_WITH[kind])
+    ):
+        # A model folder saved without one (AutoTokenizer would build an empty-vocabulary tokenizer from the config):
+        # data already in `pixel_values` / `input_ids` needs none, and data that does gets a clear error from
+        # `to_model_inputs`. A broken file that is there raises its own error below.
+        return None
     auto_class = AutoImageProcessor if kind == "image" else AutoTokenizer
-    try:
-        return auto_class.from_pretrained(name, revision=model_args.model_revision)
-    except (OSError, ValueError):
-        if given is None and os.path.isdir(name):
-            # A model folder saved without one: data already in `pixel_values` / `input_ids` needs none, and data
-            # that does gets a clear error from `to_model_inputs`.
-            return None
-        raise
+    return auto_class.from_pretrained(name, revision=model_args.model_revision)
 
 
 def pretrain(model, dataset: Dataset, steps: int, learning_rate: float, batch_size: int, seed: int, device) -> None:
@@ -452,6 +463,9 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
             to_model_inputs(d, processor, script_args, num_channels)
             for d in (original_train, original_eval, restricted_train, restricted_eval)
         )
+    builtin = script_args.restricted_dataset == BUILTIN_MNIST
+    if builtin:  # data nobody else has on disk: the attacker's images are held out and saved for the attack
+        attacker_train, restricted_train = split_off_attacker(restricted_train, ATTACKER_IMAGES)
     # Protection: the trainer is built first, so that a setting it refuses fails before any pre-training
     trainer = SophonTrainer(
         model,
@@ -489,9 +503,9 @@ def main(script_args: ScriptArguments, training_args: SophonConfig, model_args: 
     trainer.save_metrics("eval", metrics)
     trainer.save_model(training_args.output_dir)
     stop_if_diverged(trainer)
-    if script_args.restricted_dataset == BUILTIN_MNIST:  # data nobody else has on disk: saved for the attack
+    if builtin:
         print_saved(
-            trainer, model_args.unprotected_output_dir, save_attack_data(trainer, restricted_train, restricted_eval)
+            trainer, model_args.unprotected_output_dir, save_attack_data(trainer, attacker_train, restricted_eval)
         )
     else:
         print_saved(trainer, model_args.unprotected_output_dir)

@@ -1,6 +1,7 @@
 """The `sophon-hf` subcommands, and what they share."""
 
 import os
+import traceback
 from contextlib import contextmanager
 
 
@@ -16,6 +17,9 @@ def user_errors(command: str):
     except (OSError, ValueError) as error:
         if os.environ.get("SOPHON_HF_DEBUG"):
             raise
+        # Where it was raised, for the rare error that is a bug rather than a user's input.
+        frame = traceback.extract_tb(error.__traceback__)[-1]
         raise SystemExit(
-            f"sophon-hf {command}: {type(error).__name__}: {error}\n(set SOPHON_HF_DEBUG=1 to see the traceback)"
+            f"sophon-hf {command}: {type(error).__name__}: {error}\n(raised at {os.path.basename(frame.filename)}:"
+            f"{frame.lineno}; set SOPHON_HF_DEBUG=1 to see the traceback)"
         ) from None
