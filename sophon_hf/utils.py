@@ -224,6 +224,9 @@ def save_attack_data(trainer, attacker_train, restricted_test) -> str:
     if trainer.is_world_process_zero():
         attacker_train.save_to_disk(paths["attacker_train"])
         restricted_test.save_to_disk(paths["restricted_test"])
+    # The other processes wait: one that exits while the main one still writes tears down the process group under it
+    # (gloo aborts the run at exit, seen with 2 CPU processes).
+    trainer.accelerator.wait_for_everyone()
     return f"--restricted-train {paths['attacker_train']} --restricted-test {paths['restricted_test']}"
 
 
