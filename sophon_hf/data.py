@@ -135,15 +135,7 @@ def load_train_eval(
     saved = os.path.isdir(name) and any(
         os.path.isfile(os.path.join(name, f)) for f in ("dataset_dict.json", "state.json")
     )
-    if saved and not isinstance(dataset := load_from_disk(name), DatasetDict):
-        if eval_split is not None:
-            logging.getLogger(__name__).warning(
-                "%s holds a single dataset, not splits: %s of it is held out for evaluation (eval_fraction).",
-                name,
-                f"{eval_fraction:g}",
-            )
-        parts = dataset.train_test_split(test_size=eval_fraction, seed=seed)
-        return parts["train"], parts["test"]
+    dataset = load_from_disk(name) if saved else None
 
     def load(which: str) -> Dataset:
         if not saved:
@@ -152,9 +144,18 @@ def load_train_eval(
             raise ValueError(f"{name} has splits {list(dataset)}, not {which!r}: set the *_split arguments.")
         return dataset[which]
 
-    train = load(split)
-    if eval_split is not None:
-        return train, load(eval_split)
+    if saved and not isinstance(dataset, DatasetDict):
+        if eval_split is not None:
+            logging.getLogger(__name__).warning(
+                "%s holds a single dataset, not splits: %s of it is held out for evaluation (eval_fraction).",
+                name,
+                f"{eval_fraction:g}",
+            )
+        train = dataset
+    else:
+        train = load(split)
+        if eval_split is not None:
+            return train, load(eval_split)
     parts = train.train_test_split(test_size=eval_fraction, seed=seed)
     return parts["train"], parts["test"]
 
